@@ -1,0 +1,3 @@
+"""fedkd: federated and multi-teacher knowledge distillation on Flower."""
+
+__version__ = "0.1.0"
