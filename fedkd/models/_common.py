@@ -1,0 +1,68 @@
+"""Shape and hyperparameter checks shared by the model families."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from numbers import Integral
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedkd.errors import ConfigError
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def as_shape(input_shape: Sequence[int], family: str, ranks: tuple[int, ...], needs: str) -> tuple[int, ...]:
+    """Return ``input_shape`` as a tuple of positive ints, checking its rank.
+
+    Parameters
+    ----------
+    input_shape : sequence of int
+        Shape of one example, without the batch dimension.
+    family : str
+        Model family name, used in the error message.
+    ranks : tuple of int
+        Allowed ranks; an empty tuple allows any rank >= 1.
+    needs : str
+        Human description of the allowed shapes, e.g. ``"(C, H, W) or (H, W)"``.
+    """
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Iterable):
+        raise ConfigError(f"{family}: input_shape {input_shape!r} is not a shape; it needs {needs}")
+    shape = tuple(input_shape)
+    ok_rank = bool(shape) and (not ranks or len(shape) in ranks)
+    if not ok_rank or not all(_is_int(d) and d >= 1 for d in shape):
+        raise ConfigError(f"{family}: input_shape {shape} is not allowed; it needs {needs} with positive int sizes")
+    return tuple(int(d) for d in shape)
+
+
+def positive_ints(values: Sequence[int], family: str, name: str, allow_empty: bool = False) -> tuple[int, ...]:
+    """Return ``values`` as a tuple of positive ints or raise ConfigError naming ``family: name``."""
+    allowed = f"a {'' if allow_empty else 'non-empty '}list of positive ints"
+    is_list = isinstance(values, Sequence) and not isinstance(values, (str, bytes))
+    if not is_list or (not values and not allow_empty) or not all(_is_int(v) and v >= 1 for v in values):
+        raise ConfigError(f"{family}: {name}={values!r} must be {allowed}")
+    return tuple(int(v) for v in values)
+
+
+def check_num_classes(num_classes: int, family: str) -> int:
+    """Return ``num_classes`` as an int >= 1 or raise ConfigError."""
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ConfigError(f"{family}: num_classes={num_classes!r} must be a positive int")
+    return int(num_classes)
+
+
+def pool_here(size: int, head_pool: int) -> bool:
+    """Whether a stride-2 max pool fits: the pooled size stays >= ``head_pool``."""
+    return size // 2 >= head_pool
+
+
+def plain_mapping(value: Any, what: str) -> dict:
+    """A plain-dict copy of a mapping or DictConfig (interpolations resolved); ConfigError naming ``what``."""
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{what}={value!r} must be a mapping")
+    return dict(value)

@@ -1,0 +1,90 @@
+"""build_model: specs to models, and refusal of anything outside fedkd.models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fedkd.errors import ConfigError
+from fedkd.models import CNN2d, MLP, build_model, count_parameters
+
+
+def test_builds_spec_and_drops_name() -> None:
+    # Prepare
+    spec = {"_target_": "fedkd.models.CNN2d", "channels": [8, 16], "name": "cnn_small"}
+    # Execute
+    model = build_model(spec, (1, 8, 8), 10)
+    # Assert
+    assert isinstance(model, CNN2d)
+    assert count_parameters(model) == 1466  # see test_families.test_parameter_counts
+    assert spec["name"] == "cnn_small"  # the caller's spec is not modified
+
+
+def test_accepts_dictconfig_and_module_path() -> None:
+    spec = OmegaConf.create({"_target_": "fedkd.models.mlp.MLP", "hidden": [32]})
+    model = build_model(spec, (64,), 3)
+    assert isinstance(model, MLP)
+    assert count_parameters(model) == 64 * 32 + 32 + 32 * 3 + 3
+
+
+def test_same_seed_same_weights_as_direct_construction() -> None:
+    torch.manual_seed(0)
+    built = build_model({"_target_": "fedkd.models.CNN2d", "channels": [8, 16]}, (1, 8, 8), 10)
+    torch.manual_seed(0)
+    direct = CNN2d((1, 8, 8), 10, channels=(8, 16))
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in direct.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "os.system",
+        "builtins.eval",
+        "subprocess.Popen",
+        "fedkd.models.build.hydra.utils.instantiate",  # walking through an imported module
+        "fedkd.models.build.importlib.import_module",
+        "fedkd.models.build.nn.Linear",  # a torch module, not a fedkd model
+        "fedkd.models.build_model",  # a function, not a model class
+        "fedkd.models.build.ConfigError",  # a class, but not an nn.Module
+        "fedkd.models.nothere.Model",
+        "fedkd.modelsX.MLP",
+        None,
+    ],
+)
+def test_refuses_targets_outside_fedkd_models(target) -> None:
+    with pytest.raises(ConfigError, match="_target_"):
+        build_model({"_target_": target}, (64,), 10)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"_target_": "fedkd.models.MLP", "hidden": {"_target_": "os.system", "_args_": ["echo hi"]}},
+        {"_target_": "fedkd.models.MLP", "_args_": [[64]]},
+        {"_target_": "fedkd.models.MLP", "_partial_": True},
+        {"_target_": "fedkd.models.MLP", "_recursive_": True},
+    ],
+)
+def test_refuses_hydra_control_keys(spec) -> None:
+    with pytest.raises(ConfigError, match="not allowed"):
+        build_model(spec, (64,), 10)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"_target_": "fedkd.models.MLP", "width": 64},  # unknown argument
+        {"_target_": "fedkd.models.MLP", "num_classes": 3},  # clashes with the positional argument
+        {"_target_": "fedkd.models.CNN2d", "channels": [0]},  # the family's own check
+        "fedkd.models.MLP",  # not a mapping
+    ],
+)
+def test_constructor_errors_become_config_errors_naming_the_spec(spec) -> None:
+    with pytest.raises(ConfigError, match="model spec"):
+        build_model(spec, (64,), 10)
+
+
+def test_wrong_rank_message_names_family_and_shape() -> None:
+    with pytest.raises(ConfigError, match=r"CNN1d.*\(1, 8, 8\)"):
+        build_model({"_target_": "fedkd.models.CNN1d"}, (1, 8, 8), 10)
