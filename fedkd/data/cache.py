@@ -1,0 +1,137 @@
+"""The on-disk form of prepared data: :class:`DataInfo`, atomic writes and the loaders.
+
+A cache directory holds ``public.npz`` (inputs only: no public labels anywhere),
+``test.npz``, ``client_<i>.npz`` and ``meta.json`` (the :class:`DataInfo`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedkd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What every node needs to know about the prepared data (JSON-serialisable)."""
+
+    cache_dir: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    public_fingerprint: str
+    partition_hash: str
+    num_public: int
+    num_test: int
+    client_sizes: tuple[int, ...]
+    class_histograms: tuple[tuple[int, ...], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with lists instead of tuples."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataInfo:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            cache_dir=str(data["cache_dir"]),
+            num_classes=int(data["num_classes"]),
+            input_shape=tuple(int(d) for d in data["input_shape"]),
+            public_fingerprint=str(data["public_fingerprint"]),
+            partition_hash=str(data["partition_hash"]),
+            num_public=int(data["num_public"]),
+            num_test=int(data["num_test"]),
+            client_sizes=tuple(int(n) for n in data["client_sizes"]),
+            class_histograms=tuple(tuple(int(c) for c in row) for row in data["class_histograms"]),
+        )
+
+
+def fingerprint(x: np.ndarray) -> str:
+    """SHA-256 of the shape and float32 C-contiguous bytes of ``x``, first 16 hex characters."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    digest = hashlib.sha256(str(tuple(x.shape)).encode())
+    digest.update(x.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_public(cache_dir: str | Path) -> np.ndarray:
+    """The public (unlabelled) inputs."""
+    return _load(Path(cache_dir) / "public.npz")["x"]
+
+
+def load_test(cache_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The test inputs and labels."""
+    data = _load(Path(cache_dir) / "test.npz")
+    return data["x"], data["y"]
+
+
+def load_client(cache_dir: str | Path, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """One client's private inputs and labels."""
+    file = Path(cache_dir) / f"client_{partition_id}.npz"
+    if not file.is_file():
+        num_clients = len(read_meta(Path(cache_dir)).client_sizes)
+        raise ConfigError(
+            f"partition_id={partition_id} is out of range: the data in {cache_dir} has "
+            f"clients 0..{num_clients - 1}"
+        )
+    data = _load(file)
+    return data["x"], data["y"]
+
+
+def load_private_pool(cache_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """All clients' private rows concatenated in client order (centralised baseline)."""
+    num_clients = len(read_meta(Path(cache_dir)).client_sizes)
+    parts = [load_client(cache_dir, i) for i in range(num_clients)]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def write_atomically(
+    cache_dir: Path, arrays: Mapping[str, Mapping[str, np.ndarray]], info: DataInfo
+) -> None:
+    """Write into a temporary sibling directory, then rename it into place."""
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
+    try:
+        for name, content in arrays.items():
+            np.savez(tmp / name, **content)
+        (tmp / META).write_text(json.dumps(info.to_dict(), indent=2))
+        if cache_dir.exists() and not (cache_dir / META).is_file():
+            log.warning("Removing incomplete cache directory %s", cache_dir)
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        try:
+            os.rename(tmp, cache_dir)
+        except OSError:
+            if not (cache_dir / META).is_file():
+                raise
+            log.info("Another process prepared %s first; using its files", cache_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_meta(cache_dir: Path) -> DataInfo:
+    file = cache_dir / META
+    if not file.is_file():
+        raise ConfigError(f"no prepared data in '{cache_dir}' ({META} missing)")
+    info = DataInfo.from_dict(json.loads(file.read_text()))
+    return replace(info, cache_dir=str(cache_dir))
+
+
+def _load(file: Path) -> dict[str, np.ndarray]:
+    if not file.is_file():
+        raise ConfigError(f"prepared data file '{file}' is missing; run prepare_data first")
+    with np.load(file, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
