@@ -1,0 +1,114 @@
+"""The fedkd ClientApp (Flower Message API).
+
+Handlers
+- ``train.distill``: one fused KD round: digest the soft targets, revisit the private data,
+  answer with logits on the next transfer batch, evaluate when due.
+- ``train`` / ``evaluate``: parameter exchange for Flower's own strategies (FedAvg baseline).
+Only logits, weights (for parameter strategies) and metrics leave the client.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedkd.client.data import client_data, partition_id_of
+from fedkd.client.settings import ClientSettings
+from fedkd.client.state import Student
+from fedkd.client.work import digest, evaluate, predict_logits, revisit, round_generator
+from fedkd.losses import distill_loss
+from fedkd.protocol import CONFIG, LOGITS, METRICS, NEXT, TARGETS, TRANSFER, rows_from
+
+app = ClientApp()
+
+
+def _round_of(msg: Message) -> int:
+    return int(msg.content[CONFIG].get("server-round", 0))
+
+
+def _eval_due(settings: ClientSettings, server_round: int) -> bool:
+    every = settings.train.eval_every
+    return server_round % every == 0 or server_round >= settings.num_rounds
+
+
+@app.train("distill")
+def distill(msg: Message, context: Context) -> Message:
+    """One fused KD round."""
+    torch.set_num_threads(1)
+    settings = ClientSettings.from_config(msg.content[CONFIG])
+    train = settings.train
+    pid = partition_id_of(context)
+    server_round = _round_of(msg)
+    data = client_data(context, settings)
+    student = Student.restore(context, settings, pid)
+    gen = round_generator(settings.seed, pid, server_round)
+    transfer = msg.content.array_records.get(TRANSFER, ArrayRecord())
+    metrics: dict[str, float | int] = {"partition-id": pid, "num-examples": len(data.x)}
+
+    target_x = rows_from(transfer, TARGETS, data.public_x)
+    if target_x is not None:
+        soft = torch.from_numpy(transfer[f"{TARGETS}.probs"].numpy().astype("float32"))
+        if soft.shape != (len(target_x), int(settings.data["num_classes"])):
+            raise ValueError(f"soft targets have shape {tuple(soft.shape)}, inputs {len(target_x)}")
+        metrics["digest-loss"] = digest(
+            student.model, student.optimizer, target_x, soft, data.x, data.y,
+            loss=distill_loss(train.alpha, train.temperature), epochs=train.digest_epochs,
+            batch_size=train.batch_size, gen=gen,
+        )
+    epochs = train.warmup_epochs if student.rounds_done == 0 else train.local_epochs
+    metrics["train-loss"] = revisit(
+        student.model, student.optimizer, data.x, data.y,
+        epochs=epochs, batch_size=train.batch_size, gen=gen,
+    )
+    student.rounds_done += 1
+
+    content = RecordDict()
+    next_x = rows_from(transfer, NEXT, data.public_x)
+    if next_x is not None:
+        content[LOGITS] = ArrayRecord({LOGITS: Array(predict_logits(student.model, next_x))})
+    if _eval_due(settings, server_round):
+        metrics["test-accuracy"], metrics["test-loss"] = evaluate(
+            student.model, data.test_x, data.test_y
+        )
+    student.save(context)
+    content[METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Parameter exchange (FedAvg-style): load the global weights, train, send them back."""
+    torch.set_num_threads(1)
+    settings = ClientSettings.from_config(msg.content[CONFIG])
+    pid = partition_id_of(context)
+    data = client_data(context, settings)
+    student = Student.restore(context, settings, pid)
+    student.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    loss = revisit(
+        student.model, student.optimizer, data.x, data.y,
+        epochs=settings.train.local_epochs, batch_size=settings.train.batch_size,
+        gen=round_generator(settings.seed, pid, _round_of(msg)),
+    )
+    student.rounds_done += 1
+    student.save(context)
+    content = RecordDict({
+        "arrays": ArrayRecord(student.model.state_dict()),
+        METRICS: MetricRecord({"partition-id": pid, "num-examples": len(data.x), "train-loss": loss}),
+    })
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Evaluate the received global weights on the common test set."""
+    torch.set_num_threads(1)
+    settings = ClientSettings.from_config(msg.content[CONFIG])
+    pid = partition_id_of(context)
+    data = client_data(context, settings)
+    student = Student.restore(context, settings, pid)
+    student.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    acc, loss = evaluate(student.model, data.test_x, data.test_y)
+    metrics = {"partition-id": pid, "num-examples": len(data.test_y), "test-accuracy": acc,
+               "test-loss": loss}
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,72 @@
+"""Where a client's data comes from, and the check that its public set is the shared one.
+
+In simulation each client reads its partition from the prepared cache (a folder on disk, keyed
+by the data config hash). The arrays are memoised per process: a cache, not state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import Context
+
+from fedkd.client.settings import ClientSettings
+from fedkd.data import fingerprint, load_client, load_public, load_test
+
+
+class PublicSetMismatch(ValueError):
+    """This node's public transfer set differs from the one the server announced."""
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """Tensors a client trains and evaluates on."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    public_x: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+@lru_cache(maxsize=8)
+def _public(cache_dir: str) -> tuple[torch.Tensor, str]:
+    x = load_public(cache_dir)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), fingerprint(x)
+
+
+@lru_cache(maxsize=8)
+def _test(cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_test(cache_dir)
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+
+
+@lru_cache(maxsize=64)
+def _private(cache_dir: str, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_client(cache_dir, partition_id)
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+
+
+def partition_id_of(context: Context) -> int:
+    """The node's partition id (simulation sets it; deployment passes it as node config)."""
+    if "partition-id" not in context.node_config:
+        raise KeyError("node config has no 'partition-id'")
+    return int(context.node_config["partition-id"])
+
+
+def client_data(context: Context, settings: ClientSettings) -> ClientData:
+    """Load this node's private, public and test data and check the public fingerprint."""
+    cache_dir = str(settings.data["cache_dir"])
+    public_x, digest = _public(cache_dir)
+    expected = settings.data["public_fingerprint"]
+    if digest != expected:
+        raise PublicSetMismatch(
+            f"public transfer set fingerprint mismatch: this node holds {digest}, the server "
+            f"announced {expected}; refusing to distil on a different public set"
+        )
+    x, y = _private(cache_dir, partition_id_of(context))
+    test_x, test_y = _test(cache_dir)
+    return ClientData(x=x, y=y, public_x=public_x, test_x=test_x, test_y=test_y)

@@ -1,0 +1,55 @@
+"""A client's student, its optimizer and counters, kept in Flower's `Context.state`.
+
+`Context.state` persists per node across rounds (in simulation and in deployment) and is
+transactional: if a handler raises, nothing written here is kept.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import hydra.utils
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from torch import nn
+
+from fedkd.client.settings import ClientSettings
+from fedkd.models import build_model
+
+STUDENT, OPTIMIZER, PROGRESS = "fedkd.student", "fedkd.optimizer", "fedkd.progress"
+
+
+@dataclass
+class Student:
+    """A client's model and optimizer, and how many rounds it has trained."""
+
+    arch: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    rounds_done: int = 0
+
+    @classmethod
+    def restore(cls, context: Context, settings: ClientSettings, partition_id: int) -> Student:
+        """Rebuild the student from `context.state`, or create it (seeded) on first use."""
+        arch, spec = settings.arch_of(partition_id)
+        data = settings.data
+        torch.manual_seed(settings.seed + partition_id)
+        model = build_model(spec, tuple(data["input_shape"]), int(data["num_classes"]))
+        optimizer = hydra.utils.instantiate(settings.train.optimizer, params=model.parameters())
+        student = cls(arch=arch, model=model, optimizer=optimizer)
+        state = context.state
+        if STUDENT in state:
+            model.load_state_dict(state[STUDENT].to_torch_state_dict())
+            buffer = io.BytesIO(state[OPTIMIZER]["state"])
+            optimizer.load_state_dict(torch.load(buffer, weights_only=True))
+            student.rounds_done = int(state[PROGRESS]["rounds-done"])
+        return student
+
+    def save(self, context: Context) -> None:
+        """Write the model, the optimizer state and the counters to `context.state`."""
+        buffer = io.BytesIO()
+        torch.save(self.optimizer.state_dict(), buffer)
+        context.state[STUDENT] = ArrayRecord(self.model.state_dict())
+        context.state[OPTIMIZER] = ConfigRecord({"state": buffer.getvalue()})
+        context.state[PROGRESS] = MetricRecord({"rounds-done": self.rounds_done})

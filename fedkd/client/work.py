@@ -1,0 +1,104 @@
+"""A client's work in plain PyTorch: revisit, digest, logits, evaluate.
+
+These functions know nothing of Flower; the ClientApp and the plain-PyTorch benchmark loop both
+call them, so the simulation and the reference do exactly the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedkd.losses import CELoss, KDLoss, WeightedSum
+
+
+def round_generator(seed: int, partition_id: int, server_round: int) -> torch.Generator:
+    """A torch Generator seeded from (seed, partition id, round): shuffles never share a stream."""
+    state = np.random.SeedSequence([seed, partition_id, server_round]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    return list(torch.randperm(n, generator=gen).split(batch_size))
+
+
+def revisit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    gen: torch.Generator,
+) -> float:
+    """Train on private data with cross-entropy for `epochs`; return the mean batch loss."""
+    ce = CELoss()
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        for idx in _batches(len(x), batch_size, gen):
+            loss = ce(model(x[idx]), labels=y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def digest(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    transfer_x: torch.Tensor,
+    soft_targets: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss: WeightedSum,
+    epochs: int,
+    batch_size: int,
+    gen: torch.Generator,
+) -> float:
+    """Distil on soft targets, mixed with CE on private batches; return the mean batch loss.
+
+    One step per transfer mini-batch: the KD term runs on the transfer batch, the CE term on a
+    private batch of the same size drawn at random. A term of weight 0 is not even evaluated, so
+    `alpha=0` is plain CE training and `alpha=1` pure distillation.
+    """
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        for idx in _batches(len(transfer_x), batch_size, gen):
+            values = []
+            for _weight, term in loss.active_terms():
+                if isinstance(term, KDLoss):
+                    values.append(term(model(transfer_x[idx]), soft_targets=soft_targets[idx]))
+                else:
+                    pidx = torch.randint(len(x), (len(idx),), generator=gen)
+                    values.append(term(model(x[pidx]), labels=y[pidx]))
+            if not values:
+                continue
+            total = loss.combine(values)
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            losses.append(total.item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    """Logits of the model in eval mode, float32 [N, C]."""
+    model.eval()
+    out = [model(chunk) for chunk in x.split(batch_size)]
+    return torch.cat(out).float().numpy()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy on (x, y)."""
+    logits = torch.from_numpy(predict_logits(model, x))
+    loss = nn.functional.cross_entropy(logits, y).item()
+    acc = (logits.argmax(1) == y).float().mean().item()
+    return acc, loss

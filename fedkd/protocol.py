@@ -1,0 +1,82 @@
+"""The fused KD message: record names and keys shared by the server strategies and the ClientApp.
+
+Request (server -> client, message type ``train.distill``)
+    ``config``   ConfigRecord: ``fedkd.settings`` (JSON, see `fedkd.client.settings`), ``server-round``
+    ``transfer`` ArrayRecord, every key optional:
+        ``targets.probs``   soft targets [N, C] from the previous round
+        ``targets.indices`` rows of the public set they belong to [N], or
+        ``targets.inputs``  the (synthetic) inputs they belong to [N, ...]
+        ``next.indices``    rows of the public set to return logits on [M], or
+        ``next.inputs``     (synthetic) inputs to return logits on [M, ...]
+Reply (client -> server)
+    ``logits``   ArrayRecord ``logits`` [M, C] float32 (absent when nothing was asked)
+    ``metrics``  MetricRecord: ``partition-id``, ``num-examples``, ``train-loss``, ``digest-loss``,
+                 ``test-accuracy`` and ``test-loss`` when the student was evaluated this round.
+Nothing else leaves a client.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message
+
+MESSAGE_TYPE = "train.distill"
+CONFIG, TRANSFER, LOGITS, METRICS = "config", "transfer", "logits", "metrics"
+TARGETS, NEXT = "targets", "next"
+
+
+def transfer_record(
+    soft_targets: np.ndarray | None = None,
+    target_rows: np.ndarray | None = None,
+    next_rows: np.ndarray | None = None,
+) -> ArrayRecord:
+    """Build the ``transfer`` record; row arrays of integers are indices, others inputs."""
+    record = ArrayRecord()
+    if soft_targets is not None:
+        record[f"{TARGETS}.probs"] = Array(np.asarray(soft_targets, dtype=np.float32))
+        record[_rows_key(TARGETS, target_rows)] = Array(np.asarray(target_rows))
+    if next_rows is not None:
+        record[_rows_key(NEXT, next_rows)] = Array(np.asarray(next_rows))
+    return record
+
+
+def _rows_key(prefix: str, rows: np.ndarray | None) -> str:
+    if rows is None:
+        raise ValueError(f"{prefix} rows are required")
+    kind = "indices" if np.issubdtype(np.asarray(rows).dtype, np.integer) else "inputs"
+    return f"{prefix}.{kind}"
+
+
+def rows_from(record: ArrayRecord, prefix: str, public_x: torch.Tensor) -> torch.Tensor | None:
+    """Inputs named by ``<prefix>.indices`` (rows of `public_x`) or ``<prefix>.inputs``."""
+    if f"{prefix}.indices" in record:
+        idx = record[f"{prefix}.indices"].numpy().astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(public_x)):
+            raise ValueError(
+                f"{prefix}.indices reach outside the public set of {len(public_x)} rows"
+            )
+        return public_x[torch.from_numpy(idx)]
+    if f"{prefix}.inputs" in record:
+        inputs = record[f"{prefix}.inputs"].numpy().astype(np.float32)
+        if inputs.shape[1:] != tuple(public_x.shape[1:]):
+            raise ValueError(
+                f"{prefix}.inputs have shape {inputs.shape[1:]}, the data has {tuple(public_x.shape[1:])}"
+            )
+        return torch.from_numpy(inputs)
+    return None
+
+
+def reply_logits(reply: Message, rows: int, num_classes: int) -> np.ndarray:
+    """Validated logits of a reply: float32 [rows, num_classes], all finite.
+
+    Raises ValueError naming what is wrong for a malformed (or malicious) reply.
+    """
+    if LOGITS not in reply.content or LOGITS not in reply.content[LOGITS]:
+        raise ValueError("reply carries no logits")
+    logits = reply.content[LOGITS][LOGITS].numpy()
+    if logits.shape != (rows, num_classes):
+        raise ValueError(f"logits have shape {logits.shape}, expected {(rows, num_classes)}")
+    if not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
+        raise ValueError("logits must be finite floating-point numbers")
+    return logits.astype(np.float32)

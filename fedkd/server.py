@@ -1,0 +1,160 @@
+"""The fedkd ServerApp: prepare a run from a resolved config, then let the strategy drive it.
+
+`prepare_run` turns a Hydra config into what a run needs (data on disk, architectures, client
+settings). `run_strategy` wraps the Grid in a `WireGrid` and calls the strategy's `start(...)`:
+the round loop is Flower's. `app` is the ServerApp that `flwr run .` starts; the simulation
+harness builds its own with `make_server_app` so that results land in its output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+
+from fedkd.client.settings import ClientSettings, TrainSettings
+from fedkd.data import DataInfo, prepare_data
+from fedkd.errors import ConfigError
+from fedkd.models import assign_models, build_model, count_parameters
+from fedkd.wire import ReplyObserver, WireGrid
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class PreparedRun:
+    """A resolved config plus what was derived from it once, on the server."""
+
+    cfg: DictConfig
+    data: DataInfo
+    settings: ClientSettings
+    param_counts: dict[str, int]
+
+    @property
+    def archs(self) -> list[str]:
+        """Architecture name per partition id."""
+        return list(self.settings.assignment)
+
+
+def prepare_run(cfg: DictConfig) -> PreparedRun:
+    """Prepare data, assign architectures and build the client settings of a run."""
+    if cfg.num_clients < 1 or cfg.num_rounds < 1:
+        raise ConfigError(
+            f"num_clients and num_rounds must be >= 1, got {cfg.num_clients} and {cfg.num_rounds}"
+        )
+    data = prepare_data(
+        OmegaConf.to_container(cfg.dataset, resolve=True),
+        OmegaConf.to_container(cfg.partition.partitioner, resolve=True),
+        num_clients=int(cfg.num_clients),
+        partition_seed=int(cfg.partition_seed),
+        cache_root=str(cfg.simulation.cache_dir),
+    )
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    homogeneous = bool(cfg.strategy.get("homogeneous", False))
+    assignment = assign_models(model_cfg, int(cfg.num_clients), homogeneous=homogeneous)
+    archs = {name: dict(spec) for name, spec in assignment}
+    counts = {}
+    for name, spec in archs.items():
+        model = build_model(spec, tuple(data.input_shape), data.num_classes)
+        counts[name] = count_parameters(model)
+        users = [i for i, (n, _) in enumerate(assignment) if n == name]
+        log.info("architecture %s: %s parameters, clients %s", name, f"{counts[name]:,}", users)
+    train_cfg = OmegaConf.to_container(cfg.distill, resolve=True)
+    try:
+        train = TrainSettings(**train_cfg)
+    except TypeError as err:
+        allowed = sorted(TrainSettings.__dataclass_fields__)
+        raise ConfigError(f"distill: {err}; allowed keys are {allowed}") from err
+    settings = ClientSettings(
+        data=data.to_dict(), archs=archs, assignment=[name for name, _ in assignment],
+        train=train, seed=int(cfg.seed), num_rounds=int(cfg.num_rounds),
+    )
+    return PreparedRun(cfg=cfg, data=data, settings=settings, param_counts=counts)
+
+
+def initial_arrays(run: PreparedRun) -> ArrayRecord:
+    """Global initial weights for parameter-exchange strategies (one architecture), else empty."""
+    if not run.cfg.strategy.get("homogeneous", False):
+        return ArrayRecord()
+    name, spec = run.settings.arch_of(0)
+    torch.manual_seed(run.settings.seed)
+    model = build_model(spec, tuple(run.data.input_shape), run.data.num_classes)
+    return ArrayRecord(model.state_dict())
+
+
+def run_strategy(grid: Grid, run: PreparedRun, observers: list[ReplyObserver]) -> WireGrid:
+    """Instantiate the configured strategy and run all rounds on `grid`; return the wire."""
+    cfg = run.cfg
+    wire = WireGrid(grid, poll_interval=float(cfg.simulation.poll_interval))
+    wire.observers.extend(observers)
+    strategy = hydra.utils.instantiate(cfg.strategy.flower)
+    random.seed(int(cfg.seed))  # Flower's own strategies sample nodes with the global RNG
+    config = run.settings.to_config()
+    strategy.start(
+        grid=wire,
+        initial_arrays=initial_arrays(run),
+        num_rounds=int(cfg.num_rounds),
+        timeout=float(cfg.simulation.round_timeout),
+        train_config=config,
+        evaluate_config=run.settings.to_config(),
+    )
+    return wire
+
+
+def make_server_app(run: PreparedRun, observers: list[ReplyObserver]) -> ServerApp:
+    """A ServerApp that runs the prepared run and reports every reply to `observers`."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:  # noqa: ARG001
+        run_strategy(grid, run, observers)
+
+    return app
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose fedkd's Hydra config from `conf/` with command-line style overrides."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+app = ServerApp()
+
+
+@app.main()
+def _flwr_run_main(grid: Grid, context: Context) -> None:
+    """Entry point of `flwr run .`: run-config key `overrides` holds Hydra overrides."""
+    from simulations.results import Recorder
+
+    overrides = str(context.run_config.get("overrides", "")).split()
+    cfg = compose_config(overrides)
+    out_dir = Path(str(context.run_config.get("output-dir", "outputs/flwr"))) / str(grid.run.run_id)
+    run = prepare_run(cfg)
+    recorder = Recorder.for_run(run, out_dir)
+    try:
+        run_strategy(grid, run, [recorder.on_replies])
+    finally:
+        recorder.finish()
+    log.info("results written to %s", out_dir.resolve())
+
+
+def describe(run: PreparedRun) -> dict[str, Any]:
+    """Facts about a run for its summary."""
+    return {
+        "partition_hash": run.data.partition_hash,
+        "public_fingerprint": run.data.public_fingerprint,
+        "param_counts": run.param_counts,
+        "archs": run.archs,
+    }

@@ -1,0 +1,47 @@
+"""`fedkd-sim`: the Hydra command line. It composes the config and calls `run(cfg)`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from fedkd.errors import ConfigError
+from fedkd.server import CONF_DIR
+from simulations.run import run
+
+log = logging.getLogger("fedkd")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Run one experiment; bad config values exit with status 2 and one clear message."""
+    try:
+        summary = run(cfg, HydraConfig.get().runtime.output_dir)
+    except Exception as err:
+        cause = config_cause(err)
+        if cause is None:
+            raise
+        log.error("configuration error: %s", cause)
+        sys.exit(2)
+    return summary["final_mean_accuracy"]
+
+
+def config_cause(err: BaseException) -> BaseException | None:
+    """The ConfigError (or OmegaConf error) behind `err`, if any, following the cause chain."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConfigError | OmegaConfBaseException):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+if __name__ == "__main__":
+    main()

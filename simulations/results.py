@@ -1,0 +1,155 @@
+"""Results of one run: tidy metric rows, a summary and a plot, written as the run goes.
+
+`Recorder.on_replies` observes every wave on the wire (see `fedkd.wire.WireGrid`), turns reply
+metrics into rows ``round, client, model, metric, value``, logs progress once a round's
+accuracies are in, and rewrites ``metrics.parquet`` so a crash late in a run loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from flwr.app import Message
+
+from fedkd.wire import WireStats
+
+log = logging.getLogger("fedkd.progress")
+
+RECORDED = ("test-accuracy", "test-loss", "train-loss", "digest-loss")
+COLUMNS = ["round", "client", "model", "metric", "value"]
+WIRE = -1  # client id of the rows that describe traffic
+
+
+class Recorder:
+    """Collects metric rows of a run and writes ``metrics.parquet``, ``summary.json``, a plot."""
+
+    def __init__(self, out_dir: Path, archs: list[str], info: dict[str, Any]) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.archs = archs
+        self.info = info
+        self.rows: list[tuple[int, int, str, str, float]] = []
+        self.bytes_up = self.bytes_down = 0
+        self.replies: dict[int, tuple[int, int, int]] = {}  # round -> (ok, asked, errors)
+        self.first_error: str | None = None
+        self._t0 = time.monotonic()
+
+    @classmethod
+    def for_run(cls, run: Any, out_dir: Path) -> Recorder:
+        """A recorder for a `fedkd.server.PreparedRun`."""
+        from fedkd.server import describe
+
+        cfg = run.cfg
+        info = {
+            "strategy": str(cfg.strategy.name),
+            "aggregator": _aggregator_name(cfg),
+            "dataset": str(cfg.dataset.name),
+            "partition": str(cfg.partition.name),
+            "num_clients": int(cfg.num_clients),
+            "num_rounds": int(cfg.num_rounds),
+            "seed": int(cfg.seed),
+            "partition_seed": int(cfg.partition_seed),
+            **describe(run),
+        }
+        return cls(out_dir, run.archs, info)
+
+    # --- collecting -----------------------------------------------------------------------
+    def record(self, server_round: int, client: int, metric: str, value: float) -> None:
+        """Add one tidy row (client -1 means the wire)."""
+        model = self.archs[client] if 0 <= client < len(self.archs) else "wire"
+        self.rows.append((int(server_round), int(client), model, metric, float(value)))
+
+    def on_replies(self, server_round: int, replies: list[Message], stats: WireStats) -> None:
+        """Observer of `WireGrid`: traffic, reply metrics, progress."""
+        self.bytes_up += stats.bytes_up
+        self.bytes_down += stats.bytes_down
+        self.record(server_round, WIRE, "bytes_up", stats.bytes_up)
+        self.record(server_round, WIRE, "bytes_down", stats.bytes_down)
+        if stats.message_type.startswith("train"):
+            asked = stats.sent + stats.skipped_busy
+            self.replies[server_round] = (stats.replied - stats.errors, asked, stats.errors)
+        got_accuracy = False
+        for reply in replies:
+            if reply.has_error():
+                self.first_error = self.first_error or reply.error.reason
+                continue
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is None or "partition-id" not in metrics:
+                continue
+            client = int(metrics["partition-id"])
+            for key in RECORDED:
+                if key in metrics:
+                    self.record(server_round, client, key, float(metrics[key]))
+            got_accuracy |= "test-accuracy" in metrics
+        if got_accuracy:
+            self.end_round(server_round)
+
+    def end_round(self, server_round: int) -> None:
+        """Log one progress line for the round and flush the rows to disk."""
+        acc = [v for r, c, _, m, v in self.rows if r == server_round and m == "test-accuracy"]
+        ok, asked, errors = self.replies.get(server_round, (len(acc), len(acc), 0))
+        err = f" ({errors} errors)" if errors else ""
+        log.info("round %d/%d | replies %d/%d%s | accuracy mean %.3f min %.3f max %.3f | %.1f s",
+                 server_round, self.info["num_rounds"], ok, asked, err, np.mean(acc), np.min(acc),
+                 np.max(acc), time.monotonic() - self._t0)
+        self.frame().to_parquet(self.out_dir / "metrics.parquet", index=False)
+
+    # --- reporting ------------------------------------------------------------------------
+    def frame(self) -> pd.DataFrame:
+        """All rows as a tidy DataFrame."""
+        return pd.DataFrame(self.rows, columns=COLUMNS)
+
+    def final_accuracies(self) -> dict[int, float]:
+        """Each client's last reported test accuracy."""
+        last: dict[int, tuple[int, float]] = {}
+        for r, c, _, m, v in self.rows:
+            if m == "test-accuracy" and (c not in last or r >= last[c][0]):
+                last[c] = (r, v)
+        return {c: v for c, (_, v) in sorted(last.items())}
+
+    def finish(self, status: str = "ok", error: str | None = None) -> dict[str, Any]:
+        """Write metrics.parquet, summary.json and accuracy.png; return the summary."""
+        frame = self.frame()
+        frame.to_parquet(self.out_dir / "metrics.parquet", index=False)
+        final = self.final_accuracies()
+        values = list(final.values())
+        by_arch: dict[str, list[float]] = {}
+        for client, value in final.items():
+            by_arch.setdefault(self.archs[client], []).append(value)
+        summary = {
+            **self.info,
+            "status": status,
+            "error": error or (None if values else self.first_error),
+            "final_mean_accuracy": float(np.mean(values)) if values else None,
+            "final_min_accuracy": float(np.min(values)) if values else None,
+            "final_max_accuracy": float(np.max(values)) if values else None,
+            "final_accuracy_by_arch": {k: float(np.mean(v)) for k, v in sorted(by_arch.items())},
+            "final_accuracy_by_client": {str(k): v for k, v in final.items()},
+            "bytes_up": int(self.bytes_up),
+            "bytes_down": int(self.bytes_down),
+            "wall_time_s": round(time.monotonic() - self._t0, 3),
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if values:
+            from simulations.plots import plot_accuracy
+
+            plot_accuracy(frame, self.out_dir / "accuracy.png", title=_title(self.info))
+        return summary
+
+
+def _aggregator_name(cfg: Any) -> str | None:
+    """Name of the aggregator the strategy uses (the function named by its `_target_`)."""
+    flower = cfg.strategy.get("flower") or {}
+    node = flower.get("aggregator") if hasattr(flower, "get") else None
+    return str(node["_target_"]).rsplit(".", 1)[-1] if node else None
+
+
+def _title(info: dict[str, Any]) -> str:
+    return (f"{info['strategy']} on {info['dataset']} ({info['partition']}), "
+            f"{info['num_clients']} clients, seed {info['seed']}")

@@ -1,0 +1,209 @@
+"""The shared base of fedkd's logit-exchange strategies: one fused message per client per round.
+
+Flower's `Strategy.start` runs the round loop; this base only fills its hooks:
+
+- `configure_train` sends each sampled node the previous round's soft targets plus the next
+  transfer batch (indices into the public set) and the client settings;
+- `aggregate_train` validates the returned logits, sorts them by partition id, hands them to the
+  aggregator and returns the soft targets as the ArrayRecord that `start` passes to the next round;
+- evaluation is fused into the train reply, so `configure_evaluate` sends nothing.
+
+Subclasses override `transfer_rows` (what to ask logits on) or `aggregate_logits`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedkd.aggregation import TeacherMeta
+from fedkd.client.settings import ClientSettings
+from fedkd.errors import ConfigError
+from fedkd.protocol import CONFIG, MESSAGE_TYPE, METRICS, TARGETS, TRANSFER, reply_logits
+from fedkd.protocol import transfer_record
+
+log = logging.getLogger(__name__)
+
+Aggregator = Callable[..., np.ndarray]
+
+
+class KDStrategy(Strategy):
+    """Logit exchange on a public transfer set, with a pluggable aggregator.
+
+    Parameters
+    ----------
+    aggregator : callable or None
+        ``f(logits [K, N, C], meta, temperature=T) -> soft targets [N, C]``; None exchanges nothing
+        (each client trains alone).
+    fraction_train : float
+        Fraction of connected nodes sampled each round.
+    min_train_nodes : int
+        Sample at least this many nodes.
+    min_available_nodes : int
+        Wait for this many connected nodes before sampling (at most `wait_for_nodes_s`).
+    min_replies : int
+        Fewer valid replies than this leave the soft targets of the previous round in place.
+    transfer_size : int or None
+        Public rows per round (a fresh seeded sample each round); None uses the whole public set.
+    temperature : float
+        Temperature at which soft targets are formed (the clients distil at the same one).
+    seed : int
+        Seeds node sampling and the transfer batches.
+    wait_for_nodes_s : float
+        Longest wait for `min_available_nodes`; then the round goes on with those connected.
+    """
+
+    def __init__(
+        self,
+        aggregator: Aggregator | None = None,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        min_replies: int = 1,
+        transfer_size: int | None = None,
+        temperature: float = 1.0,
+        seed: int = 0,
+        wait_for_nodes_s: float = 60.0,
+    ) -> None:
+        if not 0.0 < fraction_train <= 1.0:
+            raise ConfigError(f"strategy.fraction_train must be in (0, 1], got {fraction_train}")
+        if min_replies < 1:
+            raise ConfigError(f"strategy.min_replies must be >= 1, got {min_replies}")
+        if transfer_size is not None and transfer_size < 1:
+            raise ConfigError(f"strategy.transfer_size must be >= 1 or null, got {transfer_size}")
+        self.aggregator = aggregator
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
+        self.min_replies = min_replies
+        self.transfer_size = transfer_size
+        self.temperature = temperature
+        self.seed = seed
+        self.wait_for_nodes_s = wait_for_nodes_s
+        self._rng = random.Random(seed)
+        self._asked: dict[int, tuple[np.ndarray, int]] = {}  # round -> (rows, num_classes)
+
+    # --- hooks subclasses may override ------------------------------------------------------
+    def transfer_rows(self, server_round: int, settings: ClientSettings) -> np.ndarray | None:
+        """Public-set rows to ask logits on this round (None: ask nothing)."""
+        if self.aggregator is None:
+            return None
+        num_public = int(settings.data["num_public"])
+        if self.transfer_size is None or self.transfer_size >= num_public:
+            return np.arange(num_public, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, server_round])
+        return np.sort(rng.choice(num_public, self.transfer_size, replace=False)).astype(np.int64)
+
+    def aggregate_logits(self, logits: np.ndarray, meta: TeacherMeta) -> np.ndarray:
+        """Soft targets [N, C] from the teachers' logits [K, N, C]."""
+        assert self.aggregator is not None
+        return self.aggregator(logits, meta, temperature=self.temperature)
+
+    # --- Flower hooks -------------------------------------------------------------------------
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        name = getattr(self.aggregator, "func", self.aggregator)
+        log.info("%s: aggregator=%s fraction_train=%s min_replies=%d transfer_size=%s T=%s",
+                 type(self).__name__, getattr(name, "__name__", name), self.fraction_train,
+                 self.min_replies, self.transfer_size, self.temperature)
+
+    def sample(self, grid: Grid) -> list[int]:
+        """Sample nodes among the connected ones that owe no reply."""
+        wait = getattr(grid, "wait_for_nodes", None)
+        nodes = (wait(self.min_available_nodes, self.wait_for_nodes_s) if wait
+                 else list(grid.get_node_ids()))
+        busy = grid.busy_node_ids() if hasattr(grid, "busy_node_ids") else set()
+        free = sorted(set(nodes) - busy)
+        size = min(len(free), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
+        return sorted(self._rng.sample(free, size))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per sampled node: previous soft targets + next transfer rows + settings."""
+        settings = ClientSettings.from_config(config)
+        rows = self.transfer_rows(server_round, settings)
+        if rows is not None:
+            self._asked[server_round] = (rows, int(settings.data["num_classes"]))
+        has_targets = f"{TARGETS}.probs" in arrays
+        transfer = transfer_record(
+            soft_targets=arrays[f"{TARGETS}.probs"].numpy() if has_targets else None,
+            target_rows=_target_rows(arrays) if has_targets else None,
+            next_rows=rows,
+        )
+        round_config = ConfigRecord({**config, "server-round": server_round})
+        content = RecordDict({CONFIG: round_config, TRANSFER: transfer})
+        nodes = self.sample(grid)
+        log.debug("round %d: sending to %d node(s)", server_round, len(nodes))
+        return [
+            Message(content, dst_node_id=node, message_type=MESSAGE_TYPE, group_id=str(server_round))
+            for node in nodes
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, sort by partition id and aggregate the logits into soft targets."""
+        replies = [r for r in replies if not r.has_error()]
+        metrics = _mean_metrics(replies)
+        if server_round not in self._asked:
+            return None, metrics
+        rows, num_classes = self._asked.pop(server_round)
+        valid, meta_rows = [], []
+        for reply in sorted(replies, key=_partition_id):
+            try:
+                valid.append(reply_logits(reply, len(rows), num_classes))
+                meta_rows.append(reply.content[METRICS])
+            except (ValueError, KeyError) as err:
+                log.warning("round %d: reply from node %s dropped: %s", server_round,
+                            reply.metadata.src_node_id, err)
+        if len(valid) < self.min_replies:
+            log.warning("round %d: %d valid replies < min_replies=%d; keeping previous targets",
+                        server_round, len(valid), self.min_replies)
+            return None, metrics
+        meta = TeacherMeta(
+            num_examples=np.array([m["num-examples"] for m in meta_rows], dtype=np.float64),
+            partition_ids=np.array([m["partition-id"] for m in meta_rows], dtype=np.int64),
+        )
+        soft = self.aggregate_logits(np.stack(valid), meta)
+        return transfer_record(soft_targets=soft, target_rows=rows), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluation is fused into the train reply: nothing to send."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate (see `configure_evaluate`)."""
+        return None
+
+
+def _target_rows(arrays: ArrayRecord) -> np.ndarray:
+    key = f"{TARGETS}.indices" if f"{TARGETS}.indices" in arrays else f"{TARGETS}.inputs"
+    return arrays[key].numpy()
+
+
+def _partition_id(reply: Message) -> int:
+    try:
+        return int(reply.content[METRICS]["partition-id"])
+    except (KeyError, TypeError, ValueError):
+        return 1 << 62
+
+
+def _mean_metrics(replies: list[Message]) -> MetricRecord | None:
+    """Unweighted mean of every numeric metric over the replies."""
+    values: dict[str, list[float]] = {}
+    for reply in replies:
+        for key, value in reply.content.metric_records.get(METRICS, {}).items():
+            if isinstance(value, int | float) and key != "partition-id":
+                values.setdefault(key, []).append(float(value))
+    return MetricRecord({k: float(np.mean(v)) for k, v in values.items()}) if values else None
