@@ -95,9 +95,11 @@ class Recorder:
         acc = [v for r, c, _, m, v in self.rows if r == server_round and m == "test-accuracy"]
         ok, asked, errors = self.replies.get(server_round, (len(acc), len(acc), 0))
         err = f" ({errors} errors)" if errors else ""
+        elapsed = time.monotonic() - self._t0
+        self.record(server_round, WIRE, "elapsed_s", elapsed)
         log.info("round %d/%d | replies %d/%d%s | accuracy mean %.3f min %.3f max %.3f | %.1f s",
                  server_round, self.info["num_rounds"], ok, asked, err, np.mean(acc), np.min(acc),
-                 np.max(acc), time.monotonic() - self._t0)
+                 np.max(acc), elapsed)
         self.frame().to_parquet(self.out_dir / "metrics.parquet", index=False)
 
     # --- reporting ------------------------------------------------------------------------
