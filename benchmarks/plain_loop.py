@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import hydra.utils
 import numpy as np
@@ -25,8 +26,13 @@ from fedkd.server import PreparedRun
 log = logging.getLogger(__name__)
 
 
-def run_plain(run: PreparedRun) -> dict[int, dict[int, float]]:
-    """Run all rounds sequentially; return test accuracy per round and partition id."""
+def run_plain(
+    run: PreparedRun, on_round: Callable[[int], None] | None = None
+) -> dict[int, dict[int, float]]:
+    """Run all rounds sequentially; return test accuracy per round and partition id.
+
+    `on_round(rnd)` is called at the end of each round (the benchmark's per-round timings).
+    """
     torch.set_num_threads(1)
     s, info, cfg = run.settings, run.data, run.cfg
     t = s.train
@@ -71,6 +77,8 @@ def run_plain(run: PreparedRun) -> dict[int, dict[int, float]]:
             acc = list(history[rnd].values())
             log.info("plain round %d: accuracy mean %.3f min %.3f max %.3f", rnd, np.mean(acc),
                      min(acc), max(acc))
+        if on_round is not None:
+            on_round(rnd)
     return history
 
 

@@ -1,0 +1,111 @@
+"""The ClientApp handlers, called directly: what they compute and what leaves the client."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from fedkd.client import app as client_app
+from fedkd.client.data import PublicSetMismatch
+from fedkd.client.settings import ClientSettings
+from fedkd.client.state import PROGRESS
+from fedkd.data import load_client
+from fedkd.protocol import transfer_record
+from tests.conftest import request
+
+ALLOWED_METRICS = {"partition-id", "num-examples", "train-loss", "digest-loss", "test-accuracy",
+                   "test-loss"}
+
+
+def _context(pid: int) -> Context:
+    return Context(run_id=1, node_id=100 + pid, node_config={"partition-id": pid},
+                   state=RecordDict(), run_config={})
+
+
+def _msg(settings: ClientSettings, server_round: int, transfer: ArrayRecord, pid: int):
+    config = ConfigRecord({**settings.to_config(), "server-round": server_round})
+    return request(RecordDict({"config": config, "transfer": transfer}), dst=100 + pid,
+                   server_round=server_round)
+
+
+def test_fused_rounds_reply_only_logits_and_metrics(flower_ids, small_run):
+    settings, info = small_run.settings, small_run.data
+    ctx = _context(1)
+    rows = np.arange(info.num_public)
+    out1 = client_app.distill(_msg(settings, 1, transfer_record(next_rows=rows), 1), ctx)
+    assert set(out1.content.keys()) == {"logits", "metrics"}
+    assert list(out1.content["logits"].keys()) == ["logits"]
+    logits = out1.content["logits"]["logits"].numpy()
+    assert logits.shape == (info.num_public, info.num_classes) and logits.dtype == np.float32
+    metrics = out1.content["metrics"]
+    assert set(metrics) <= ALLOWED_METRICS and "digest-loss" not in metrics
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    assert metrics["num-examples"] == info.client_sizes[1]
+    assert ctx.state[PROGRESS]["rounds-done"] == 1
+
+    soft = np.full((len(rows), info.num_classes), 1.0 / info.num_classes, dtype=np.float32)
+    out2 = client_app.distill(_msg(settings, 2, transfer_record(soft, rows, rows), 1), ctx)
+    assert "digest-loss" in out2.content["metrics"]
+    assert ctx.state[PROGRESS]["rounds-done"] == 2
+    assert not np.array_equal(out2.content["logits"]["logits"].numpy(), logits)
+
+
+def test_nothing_private_leaves_the_client(flower_ids, small_run):
+    settings, info = small_run.settings, small_run.data
+    x, y = load_client(info.cache_dir, 0)
+    out = client_app.distill(
+        _msg(settings, 1, transfer_record(next_rows=np.arange(info.num_public)), 0), _context(0))
+    # Exactly two records: the logits on the public rows, and scalar metrics from an allowlist.
+    assert set(out.content.keys()) == {"logits", "metrics"}
+    logits = out.content["logits"]["logits"].numpy()
+    assert logits.shape == (info.num_public, info.num_classes)
+    assert set(out.content["metrics"]) <= ALLOWED_METRICS
+    assert all(np.isscalar(v) for v in out.content["metrics"].values())
+    # No private input row and no label vector hides in the payload.
+    sent = logits.astype(np.float32).tobytes()
+    assert all(row.tobytes() not in sent for row in x.astype(np.float32).reshape(len(x), -1))
+    assert y.astype(np.int64).tobytes() not in sent and y.astype(np.float32).tobytes() not in sent
+
+
+def test_a_different_public_set_is_refused(flower_ids, small_run):
+    data = {**small_run.settings.data, "public_fingerprint": "0000000000000000"}
+    settings = dataclasses.replace(small_run.settings, data=data)
+    msg = _msg(settings, 1, transfer_record(next_rows=np.arange(3)), 0)
+    with pytest.raises(PublicSetMismatch, match="fingerprint mismatch"):
+        client_app.distill(msg, _context(0))
+
+
+def test_indices_outside_the_public_set_are_refused(flower_ids, small_run):
+    n = small_run.data.num_public
+    msg = _msg(small_run.settings, 1, transfer_record(next_rows=np.array([0, n])), 0)
+    with pytest.raises(ValueError, match="outside the public set"):
+        client_app.distill(msg, _context(0))
+
+
+def test_synthetic_inputs_are_answered_with_logits(flower_ids, small_run):
+    info = small_run.data
+    inputs = np.random.default_rng(0).random((6, *info.input_shape)).astype(np.float32)
+    out = client_app.distill(_msg(small_run.settings, 1, transfer_record(next_rows=inputs), 0),
+                             _context(0))
+    assert out.content["logits"]["logits"].numpy().shape == (6, info.num_classes)
+
+
+def test_parameter_exchange_handlers(flower_ids, small_run):
+    from fedkd.server import initial_arrays
+
+    settings = dataclasses.replace(small_run.settings, assignment=["cnn_small"] * 4)
+    run = dataclasses.replace(small_run, settings=settings, cfg=copy.deepcopy(small_run.cfg))
+    run.cfg.strategy.homogeneous = True
+    arrays = initial_arrays(run)
+    config = ConfigRecord({**settings.to_config(), "server-round": 1})
+    content = RecordDict({"arrays": arrays, "config": config})
+    out = client_app.train(request(content, dst=100, message_type="train"), _context(0))
+    assert set(out.content["arrays"].keys()) == set(arrays.keys())
+    assert out.content["metrics"]["num-examples"] == small_run.data.client_sizes[0]
+    ev = client_app.evaluate_global(request(content, dst=100, message_type="evaluate"), _context(0))
+    assert 0.0 <= ev.content["metrics"]["test-accuracy"] <= 1.0
+    assert ev.content["metrics"]["num-examples"] == small_run.data.num_test
