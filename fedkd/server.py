@@ -136,18 +136,19 @@ app = ServerApp()
 @app.main()
 def _flwr_run_main(grid: Grid, context: Context) -> None:
     """Entry point of `flwr run .`: run-config key `overrides` holds Hydra overrides."""
-    from simulations.results import Recorder
+    from simulations.run import run
 
-    overrides = str(context.run_config.get("overrides", "")).split()
-    cfg = compose_config(overrides)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    for name in ("fedkd", "strategies", "simulations"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+    cfg = compose_config(str(context.run_config.get("overrides", "")).split())
     out_dir = Path(str(context.run_config.get("output-dir", "outputs/flwr"))) / str(grid.run.run_id)
-    run = prepare_run(cfg)
-    recorder = Recorder.for_run(run, out_dir)
-    try:
-        run_strategy(grid, run, [recorder.on_replies])
-    finally:
-        recorder.finish()
-    log.info("results written to %s", out_dir.resolve())
+    run(cfg, out_dir, runner=lambda prepared, recorder: run_strategy(
+        grid, prepared, [recorder.on_replies]))
 
 
 def describe(run: PreparedRun) -> dict[str, Any]:

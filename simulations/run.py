@@ -3,30 +3,35 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra.utils
 from omegaconf import DictConfig, OmegaConf
 
-from fedkd.server import prepare_run
+from fedkd.server import PreparedRun, prepare_run
 from simulations.results import Recorder
+
+Runner = Callable[[PreparedRun, Recorder], None]
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+def run(cfg: DictConfig, out_dir: str | Path, runner: Runner | None = None) -> dict[str, Any]:
     """Prepare the data, run the configured strategy, write the results to `out_dir`.
 
-    Returns the summary (also written to ``summary.json``). Results written before a failure
-    stay on disk, and the summary says ``status: failed``.
+    `runner` defaults to the config's `strategy.runner` (the simulation engine, or the pooled
+    baseline); `flwr run .` passes one that drives the Grid it was given. Returns the summary
+    (also written to ``summary.json``). Results written before a failure stay on disk, and the
+    summary says ``status: failed``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     prepared = prepare_run(cfg)
     recorder = Recorder.for_run(prepared, out_dir)
-    runner = hydra.utils.instantiate(cfg.strategy.runner)
+    runner = runner or hydra.utils.instantiate(cfg.strategy.runner)
     status, error = "failed", None
     try:
         runner(prepared, recorder)
