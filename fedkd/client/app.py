@@ -13,7 +13,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedkd.client.data import client_data, partition_id_of
+from fedkd.client.data import ClientData, client_data, partition_id_of
 from fedkd.client.settings import ClientSettings
 from fedkd.client.state import Student
 from fedkd.client.work import digest, evaluate, predict_logits, revisit, round_generator
@@ -27,6 +27,15 @@ def _round_of(msg: Message) -> int:
     return int(msg.content[CONFIG].get("server-round", 0))
 
 
+def _open(msg: Message, context: Context) -> tuple[ClientSettings, int, ClientData, Student]:
+    """What every handler starts with: settings, partition id, data, the restored student."""
+    torch.set_num_threads(1)
+    settings = ClientSettings.from_config(msg.content[CONFIG])
+    pid = partition_id_of(context)
+    data = client_data(context, settings)
+    return settings, pid, data, Student.restore(context, settings, pid)
+
+
 def _eval_due(settings: ClientSettings, server_round: int) -> bool:
     every = settings.train.eval_every
     return server_round % every == 0 or server_round >= settings.num_rounds
@@ -35,13 +44,9 @@ def _eval_due(settings: ClientSettings, server_round: int) -> bool:
 @app.train("distill")
 def distill(msg: Message, context: Context) -> Message:
     """One fused KD round."""
-    torch.set_num_threads(1)
-    settings = ClientSettings.from_config(msg.content[CONFIG])
+    settings, pid, data, student = _open(msg, context)
     train = settings.train
-    pid = partition_id_of(context)
     server_round = _round_of(msg)
-    data = client_data(context, settings)
-    student = Student.restore(context, settings, pid)
     gen = round_generator(settings.seed, pid, server_round)
     transfer = msg.content.array_records.get(TRANSFER, ArrayRecord())
     metrics: dict[str, float | int] = {"partition-id": pid, "num-examples": len(data.x)}
@@ -79,11 +84,7 @@ def distill(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Parameter exchange (FedAvg-style): load the global weights, train, send them back."""
-    torch.set_num_threads(1)
-    settings = ClientSettings.from_config(msg.content[CONFIG])
-    pid = partition_id_of(context)
-    data = client_data(context, settings)
-    student = Student.restore(context, settings, pid)
+    settings, pid, data, student = _open(msg, context)
     student.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     loss = revisit(
         student.model, student.optimizer, data.x, data.y,
@@ -102,11 +103,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the received global weights on the common test set."""
-    torch.set_num_threads(1)
-    settings = ClientSettings.from_config(msg.content[CONFIG])
-    pid = partition_id_of(context)
-    data = client_data(context, settings)
-    student = Student.restore(context, settings, pid)
+    _, pid, data, student = _open(msg, context)
     student.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     acc, loss = evaluate(student.model, data.test_x, data.test_y)
     metrics = {"partition-id": pid, "num-examples": len(data.test_y), "test-accuracy": acc,
