@@ -1,0 +1,124 @@
+"""`fedkd-sim` as users run it: bad values stop before Ray starts, with one clear message."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(sys.executable).with_name("fedkd-sim")
+COMMAND = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "simulations.main"]
+
+
+@dataclass(frozen=True)
+class Case:
+    overrides: tuple[str, ...]
+    expected: tuple[str, ...]
+    """Substrings of the output (the error line for configuration errors)."""
+    config_error: bool = True
+    """Caught by `fedkd-sim`: exit 2 and one 'configuration error: ...' line."""
+
+
+CASES = {
+    "negative alpha": Case(("partition.partitioner.alpha=-1",), ("alpha", "-1")),
+    "more clients than samples": Case(("num_clients=5000",), ("num_clients=5000", "private samples")),
+    "unknown dataset": Case(("dataset=nosuch",), ("nosuch",), config_error=False),
+    "missing file": Case(("dataset=files", "dataset.path=/nonexistent/x.npz"), ("/nonexistent/x.npz", "not found")),
+    "alpha above 1": Case(("distill.alpha=1.5",), ("distill.alpha", "1.5")),
+    "zero temperature": Case(("distill.temperature=0",), ("distill.temperature", "> 0")),
+    "files without path": Case(("dataset=files",), ("dataset.path", "Missing mandatory value")),
+}
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "RAY_"))}
+    env.update(
+        FEDKD_CACHE_DIR=str(root / "cache"),
+        RAY_TMPDIR=str(root / "ray"),  # a Ray start would create it
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@dataclass
+class Result:
+    returncode: int
+    output: str
+    seconds: float
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
+    """Run every case at once (they mostly wait on imports), then collect them all."""
+    started = {}
+    for name, case in CASES.items():
+        root = tmp_path_factory.mktemp(name.replace(" ", "_"))
+        proc = subprocess.Popen(
+            [*COMMAND, *case.overrides, f"hydra.run.dir={root / 'out'}"],
+            cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        started[name] = (proc, root, time.monotonic())
+    done = {}
+    for name, (proc, root, t0) in started.items():
+        try:
+            output, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        done[name] = Result(proc.returncode, output, time.monotonic() - t0, root)
+    return done
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_value_exits_with_one_clear_message(results: dict[str, Result], name: str) -> None:
+    case, result = CASES[name], results[name]
+    output = result.output
+
+    assert result.returncode != 0, output
+    assert not (result.root / "ray").exists(), f"Ray was started:\n{output}"
+    if not case.config_error:
+        assert all(text in output for text in case.expected), output
+        return
+    assert result.returncode == 2, output
+    assert "Traceback" not in output, output
+    errors = [i for i, line in enumerate(output.splitlines()) if "configuration error:" in line]
+    assert len(errors) == 1, output
+    line = output.splitlines()[errors[0]]
+    assert all(text in line for text in case.expected), line
+    if name != "files without path":  # OmegaConf adds full_key/object_type lines to its message
+        assert errors[0] == len(output.rstrip().splitlines()) - 1, f"message is not one line:\n{output}"
+
+
+RESULT_FILES = ("summary.json", "metrics.parquet", "accuracy.png", "config.yaml")
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_every_result(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    env = _env(tmp_path)
+    env.pop("RAY_TMPDIR")  # a deep pytest path can exceed the unix socket path limit
+
+    proc = subprocess.run(
+        [*COMMAND, "-m", "strategy=fedmd,fedavg,local", "seed=0,1", "num_clients=3", "num_rounds=2",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200,
+    )
+
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(runs) == 6, [p.name for p in runs]
+    for run in runs:
+        missing = [name for name in RESULT_FILES if not (run / name).is_file()]
+        assert not missing, f"{run.name} lacks {missing}"
+    assert {p.name for p in runs} == {
+        f"num_clients=3,num_rounds=2,seed={seed},strategy={strategy}"
+        for seed in (0, 1) for strategy in ("fedmd", "fedavg", "local")
+    }
