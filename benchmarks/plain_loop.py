@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedkd.aggregation import TeacherMeta
+from fedkd.client.state import new_optimizer
 from fedkd.client.work import digest, evaluate, predict_logits, revisit, round_generator
 from fedkd.data import load_client, load_public, load_test
 from fedkd.losses import distill_loss
@@ -47,7 +48,7 @@ def run_plain(
         _, spec = s.arch_of(pid)
         torch.manual_seed(s.seed + pid)
         model = build_model(spec, tuple(info.input_shape), info.num_classes)
-        opt = hydra.utils.instantiate(t.optimizer, params=model.parameters())
+        opt = new_optimizer(s, model)
         clients.append((model, opt, torch.from_numpy(x).float(), torch.from_numpy(y).long()))
     loss = distill_loss(t.alpha, t.temperature)
     soft = rows = None

@@ -69,7 +69,10 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         counts[name] = count_parameters(model)
         users = [i for i, (n, _) in enumerate(assignment) if n == name]
         log.info("architecture %s: %s parameters, clients %s", name, f"{counts[name]:,}", users)
-    train_cfg = OmegaConf.to_container(cfg.distill, resolve=True)
+    train_cfg = {  # a strategy may adjust client training (e.g. FedAvg's epochs per round)
+        **OmegaConf.to_container(cfg.distill, resolve=True),
+        **OmegaConf.to_container(cfg.strategy.get("client") or OmegaConf.create(), resolve=True),
+    }
     try:
         train = TrainSettings(**train_cfg)
     except TypeError as err:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 
-import hydra.utils
 import torch
 
+from fedkd.client.state import new_optimizer
 from fedkd.client.work import evaluate, revisit, round_generator
 from fedkd.data import load_private_pool, load_test
 from fedkd.models import build_model
@@ -32,7 +32,7 @@ def train_pooled(run: PreparedRun, recorder: Recorder, epochs_per_round: int = 5
     for arch, spec in settings.archs.items():
         torch.manual_seed(settings.seed)
         model = build_model(spec, tuple(data.input_shape), data.num_classes)
-        optimizer = hydra.utils.instantiate(settings.train.optimizer, params=model.parameters())
+        optimizer = new_optimizer(settings, model)
         for server_round in range(1, settings.num_rounds + 1):
             gen = round_generator(settings.seed, len(settings.assignment), server_round)
             loss = revisit(model, optimizer, x, y, epochs=epochs_per_round,

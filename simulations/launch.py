@@ -62,15 +62,15 @@ def backend_config(sim: Any) -> dict[str, Any]:
 
 def simulate(run: PreparedRun, recorder: Recorder) -> None:
     """Run the prepared run in Flower's Ray-backed simulation engine, one SuperNode per client."""
-    from flwr.simulation import run_simulation
-
-    from fedkd.client.app import app as client_app
-
     sim = run.cfg.simulation
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     server_app = make_server_app(run, [recorder.on_replies])
     with quiet_flower(bool(sim.verbose)):
+        from flwr.simulation import run_simulation  # its import logs through alembic
+
+        from fedkd.client.app import app as client_app
+
         run_simulation(
             server_app=server_app,
             client_app=client_app,

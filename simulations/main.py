@@ -26,9 +26,15 @@ def main(cfg: DictConfig) -> float | None:
         cause = config_cause(err)
         if cause is None:
             raise
-        log.error("configuration error: %s", cause)
+        log.error("configuration error: %s", one_line(cause))
         sys.exit(2)
     return summary["final_mean_accuracy"]
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error message (OmegaConf appends key and type details below)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def config_cause(err: BaseException) -> BaseException | None:

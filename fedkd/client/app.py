@@ -86,6 +86,7 @@ def train(msg: Message, context: Context) -> Message:
     """Parameter exchange (FedAvg-style): load the global weights, train, send them back."""
     settings, pid, data, student = _open(msg, context)
     student.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    student.reset_optimizer(settings)
     loss = revisit(
         student.model, student.optimizer, data.x, data.y,
         epochs=settings.train.local_epochs, batch_size=settings.train.batch_size,

@@ -31,11 +31,11 @@ class TrainSettings:
     """Epochs on the private data in every round after the first ("revisit")."""
     warmup_epochs: int = 20
     """Epochs on the private data in a client's first round."""
-    digest_epochs: int = 1
+    digest_epochs: int = 3
     """Epochs over the received soft targets ("digest")."""
     temperature: float = 3.0
     """Softmax temperature of the soft targets and the KD loss."""
-    alpha: float = 0.5
+    alpha: float = 0.8
     """Weight of the KD term while digesting; 1 - alpha weighs CE on private batches."""
     eval_every: int = 1
     """Evaluate the student on the test set every N rounds (and always in the last round)."""

@@ -36,15 +36,18 @@ class Student:
         data = settings.data
         torch.manual_seed(settings.seed + partition_id)
         model = build_model(spec, tuple(data["input_shape"]), int(data["num_classes"]))
-        optimizer = hydra.utils.instantiate(settings.train.optimizer, params=model.parameters())
-        student = cls(arch=arch, model=model, optimizer=optimizer)
+        student = cls(arch=arch, model=model, optimizer=new_optimizer(settings, model))
         state = context.state
         if STUDENT in state:
             model.load_state_dict(state[STUDENT].to_torch_state_dict())
             buffer = io.BytesIO(state[OPTIMIZER]["state"])
-            optimizer.load_state_dict(torch.load(buffer, weights_only=True))
+            student.optimizer.load_state_dict(torch.load(buffer, weights_only=True))
             student.rounds_done = int(state[PROGRESS]["rounds-done"])
         return student
+
+    def reset_optimizer(self, settings: ClientSettings) -> None:
+        """Start the optimizer afresh (parameter exchange: the weights were just replaced)."""
+        self.optimizer = new_optimizer(settings, self.model)
 
     def save(self, context: Context) -> None:
         """Write the model, the optimizer state and the counters to `context.state`."""
@@ -53,3 +56,8 @@ class Student:
         context.state[STUDENT] = ArrayRecord(self.model.state_dict())
         context.state[OPTIMIZER] = ConfigRecord({"state": buffer.getvalue()})
         context.state[PROGRESS] = MetricRecord({"rounds-done": self.rounds_done})
+
+
+def new_optimizer(settings: ClientSettings, model: nn.Module) -> torch.optim.Optimizer:
+    """The configured `torch.optim` optimizer over the model's parameters."""
+    return hydra.utils.instantiate(settings.train.optimizer, params=model.parameters())

@@ -129,7 +129,7 @@ def _check_alpha(alpha: Any) -> None:
     values = alpha if isinstance(alpha, (list, tuple)) else [alpha]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     if not values or not numeric or min(values) <= 0:
-        raise ConfigError(f"partition.alpha must be > 0, got {alpha!r}")
+        raise ConfigError(f"partition.partitioner.alpha must be > 0, got {alpha!r}")
 
 
 def _check_classes_per_partition(k: Any, num_classes: int | None) -> None:
@@ -139,7 +139,7 @@ def _check_classes_per_partition(k: Any, num_classes: int | None) -> None:
     if not _is_int(k) or not 1 <= k <= upper:
         allowed = f"1..{num_classes}" if num_classes is not None else ">= 1"
         raise ConfigError(
-            f"partition.num_classes_per_partition must be in {allowed}, got {k!r}"
+            f"partition.partitioner.num_classes_per_partition must be in {allowed}, got {k!r}"
         )
 
 
@@ -147,10 +147,10 @@ def _check_min_size(min_size: Any, num_partitions: int, num_samples: int) -> Non
     if min_size is None:
         return
     if not _is_int(min_size) or min_size < 0:
-        raise ConfigError(f"partition.min_partition_size must be an int >= 0, got {min_size!r}")
+        raise ConfigError(f"partition.partitioner.min_partition_size must be an int >= 0, got {min_size!r}")
     if min_size * num_partitions > num_samples:
         raise ConfigError(
-            f"partition.min_partition_size={min_size} x num_clients={num_partitions} exceeds "
+            f"partition.partitioner.min_partition_size={min_size} x num_clients={num_partitions} exceeds "
             f"the {num_samples} private samples"
         )
 

@@ -80,7 +80,7 @@ def test_given_seed_overrides_the_config_seed() -> None:
 BAD = {
     "too many clients": (IID, 601, None, r"num_clients=601 exceeds the 600 private samples"),
     "zero clients": (IID, 0, None, r"num_clients .* got 0"),
-    "alpha zero": ({**DIRICHLET, "alpha": 0}, 5, None, r"partition.alpha must be > 0, got 0"),
+    "alpha zero": ({**DIRICHLET, "alpha": 0}, 5, None, r"partition\.partitioner\.alpha must be > 0, got 0"),
     "alpha negative list": ({**DIRICHLET, "alpha": [1, -1, 1, 1, 1]}, 5, None, r"got \[1, -1"),
     "k too large": ({**PATHOLOGICAL, "num_classes_per_partition": 7}, 5, 6, r"in 1\.\.6, got 7"),
     "k zero": ({**PATHOLOGICAL, "num_classes_per_partition": 0}, 5, 6, r"got 0"),
