@@ -171,6 +171,9 @@ def test_prepare_fedavg_gives_everyone_one_arch(tmp_path: Path) -> None:
     _check_run(run, 10)
     assert set(run.archs) == {cfg.model.cycle[0]}
     assert len(run.settings.archs) == 1
+    # the strategy's `client` delta overrides distill.* for its clients only
+    assert run.settings.train.local_epochs == cfg.strategy.client.local_epochs == 4
+    assert prepare_run(compose(tmp_path)).settings.train.local_epochs == cfg.distill.local_epochs
 
 
 def test_prepare_files_npz_with_cnn(tmp_path: Path, npz_file: Path) -> None:
