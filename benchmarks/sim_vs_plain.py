@@ -1,0 +1,277 @@
+"""Time a fedkd run in Flower's Ray simulation against the same work in plain PyTorch.
+
+    python -m benchmarks.sim_vs_plain [--json PATH] [hydra overrides...]
+
+Prepares the run once (not timed in either arm), runs `benchmarks.plain_loop.run_plain`, then
+`simulations.run.run` in this process, samples the memory of the whole process tree in both
+arms, and splits the simulation's extra wall time into start-up, per-round overhead, teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pandas as pd
+
+import ray  # pinned by flwr[simulation]; importing it puts its vendored psutil on sys.path
+import psutil  # noqa: E402  (not a direct dependency of fedkd)
+
+import simulations.run as sim_run
+from benchmarks.plain_loop import run_plain
+from fedkd.server import compose_config, prepare_run
+from simulations.results import WIRE, Recorder
+
+GIB = 1024**3
+RAY_MARKERS = ("ray::", "raylet", "gcs_server")
+TOKEN = "FEDKD_BENCH_TOKEN"  # inherited by every process this one starts
+
+
+class TreeMemory:
+    """Peak memory of this process, its descendants and Ray processes created since `since`.
+
+    Ray processes outside the tree (re-parented) count only if they inherited this process's
+    `TOKEN` environment variable, so other people's Ray runs on the machine are left out.
+    RSS is sampled every `interval` s, PSS and USS (`memory_full_info`, slower) every `full_every`.
+    Summed RSS counts shared pages once per process; PSS splits them, USS leaves them out.
+    """
+
+    def __init__(self, since: float | None = None, interval: float = 0.2,
+                 full_every: float = 1.0) -> None:
+        self.root, self.token = psutil.Process(), os.environ.setdefault(TOKEN, uuid.uuid4().hex)
+        self.since = time.time() if since is None else since
+        self.interval, self.full_every = interval, full_every
+        self.peak: dict[str, float] = dict.fromkeys(("rss", "main_rss", "pss", "uss"), 0)
+        self.max_processes = self.samples = 0
+        self._ours: dict[tuple[int, float], bool] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def processes(self) -> list[psutil.Process]:
+        """This process, its descendants, and re-parented Ray processes that carry our token."""
+        procs = {p.pid: p for p in [self.root, *self.root.children(recursive=True)]}
+        for p in psutil.process_iter(["create_time", "cmdline"]):
+            key = (p.pid, p.info["create_time"] or 0.0)
+            if p.pid in procs or key[1] < self.since:
+                continue
+            if any(m in " ".join(p.info["cmdline"] or ()) for m in RAY_MARKERS):
+                if key not in self._ours:
+                    try:
+                        self._ours[key] = p.environ().get(TOKEN) == self.token
+                    except psutil.Error:
+                        continue
+                if self._ours[key]:
+                    procs[p.pid] = p
+        return list(procs.values())
+
+    def sample(self, full: bool = False) -> None:
+        """One sample; update the peaks."""
+        total, procs = dict.fromkeys(self.peak, 0), self.processes()
+        for p in procs:
+            try:
+                m = p.memory_full_info() if full else p.memory_info()
+            except psutil.Error:
+                continue
+            for k in ("rss", "pss", "uss"):
+                total[k] += getattr(m, k, 0)
+            if p is self.root:
+                total["main_rss"] = m.rss
+        self.peak = {k: max(v, total[k]) for k, v in self.peak.items()}
+        self.max_processes, self.samples = max(self.max_processes, len(procs)), self.samples + 1
+
+    def _loop(self) -> None:
+        next_full = 0.0
+        while not self._stop.is_set():
+            full, now = time.monotonic() >= next_full, time.monotonic()
+            next_full = now + self.full_every if full else next_full
+            self.sample(full)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict[str, Any]:
+        """Peaks in GiB (PSS/USS None when never sampled), samples and max process count."""
+        out = {f"peak_{k}_gib": round(v / GIB, 3) if v else None for k, v in self.peak.items()}
+        return {**out, "samples": self.samples, "max_processes": self.max_processes}
+
+
+def breakdown(elapsed: dict[int, float], plain_marks: dict[int, float], *, sim_wall: float,
+              recorder_at: float, finish_at: float) -> dict[str, float]:
+    """Where the simulation's extra time goes.
+
+    `elapsed`: round -> s since the Recorder started (metrics.parquet `elapsed_s`); `plain_marks`:
+    round -> s since `run_plain` started, at each round's end; `recorder_at`, `finish_at`: s since
+    `run()` started when the Recorder was created and when `finish()` was called.
+    """
+    first, last = min(elapsed), max(elapsed)
+    later = max(last - first, 1)
+    sim_later = (elapsed[last] - elapsed[first]) / later
+    plain_later = (plain_marks[last] - plain_marks[first]) / later
+    extra = {
+        "prepare_in_run_s": recorder_at,
+        "startup_extra_s": elapsed[first] - plain_marks[first],
+        "rounds_extra_s": (sim_later - plain_later) * (last - first),
+        "teardown_s": finish_at - recorder_at - elapsed[last],
+        "write_results_s": sim_wall - finish_at,
+    }
+    out = {"sim_first_round_s": elapsed[first], "plain_first_round_s": plain_marks[first],
+           "sim_later_round_mean_s": sim_later, "plain_later_round_mean_s": plain_later,
+           "per_round_extra_s": sim_later - plain_later, **extra,
+           "extra_total_s": sum(extra.values())}
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def elapsed_rounds(frame: pd.DataFrame) -> dict[int, float]:
+    """round -> `elapsed_s` from a metrics.parquet frame."""
+    rows = frame[(frame["client"] == WIRE) & (frame["metric"] == "elapsed_s")]
+    return {int(r): float(v) for r, v in zip(rows["round"], rows["value"])}
+
+
+def accuracy_history(frame: pd.DataFrame) -> dict[int, dict[int, float]]:
+    """round -> client -> test accuracy from a metrics.parquet frame (as `run_plain` returns)."""
+    rows, out = frame[frame["metric"] == "test-accuracy"], {}
+    for r, c, v in zip(rows["round"], rows["client"], rows["value"]):
+        out.setdefault(int(r), {})[int(c)] = float(v)
+    return out
+
+
+@contextmanager
+def timed_hooks(marks: dict[str, float]) -> Iterator[None]:
+    """Within the block note when `run()`'s Recorder starts and `finish()` is called (monotonic
+    times), and how long `ray.init` and `ray.shutdown` take."""
+
+    class Timed(Recorder):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            marks["recorder"] = time.monotonic()
+
+        def finish(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            marks["finish"] = time.monotonic()
+            return super().finish(*args, **kwargs)
+
+    def timed(fn: Any, key: str) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = time.monotonic()
+            out = fn(*args, **kwargs)
+            marks[key] = marks.get(key, 0.0) + time.monotonic() - t
+            return out
+        return wrapper
+
+    with mock.patch.object(sim_run, "Recorder", Timed), \
+            mock.patch.object(ray, "init", timed(ray.init, "ray_init_s")), \
+            mock.patch.object(ray, "shutdown", timed(ray.shutdown, "ray_shutdown_s")):
+        yield
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split argv into options (`--json PATH` or `--json=PATH`) and Hydra overrides."""
+    opts, overrides, it = {}, [], iter(argv)
+    for arg in it:
+        key, eq, value = arg[2:].partition("=")
+        if not arg.startswith("--"):
+            overrides.append(arg)
+        elif key != "json":
+            raise SystemExit(f"unknown option --{key}; usage: [--json PATH] [overrides...]")
+        else:
+            opts[key] = value if eq else next(it, "")
+    return opts, overrides
+
+
+def benchmark(overrides: list[str]) -> dict[str, Any]:
+    """Run both arms (plain first) and return all measurements."""
+    start, load_start = time.time(), os.getloadavg()[0]
+    cfg = compose_config(overrides)
+    t = time.monotonic()
+    prepared = prepare_run(cfg)
+    prepare_s = time.monotonic() - t
+    marks: dict[int, float] = {}
+    with TreeMemory(since=start) as plain_mem:
+        t = time.monotonic()
+        history = run_plain(prepared, on_round=lambda r: marks.__setitem__(r, time.monotonic() - t))
+        plain_wall = time.monotonic() - t
+    sim_marks: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp, timed_hooks(sim_marks), \
+            TreeMemory(since=start) as sim_mem:
+        t = time.monotonic()
+        summary = sim_run.run(cfg, tmp)
+        sim_wall = time.monotonic() - t
+        frame = pd.read_parquet(Path(tmp) / "metrics.parquet")
+    parts = breakdown(elapsed_rounds(frame), marks, sim_wall=sim_wall,
+                      recorder_at=sim_marks["recorder"] - t, finish_at=sim_marks["finish"] - t)
+    sim_final = {int(k): v for k, v in summary["final_accuracy_by_client"].items()}
+    history = {r: accs for r, accs in history.items() if accs}  # rounds without evaluation
+    return {
+        "overrides": overrides, "num_clients": int(cfg.num_clients),
+        "num_rounds": int(cfg.num_rounds), "prepare_s": round(prepare_s, 3),
+        "plain_wall_s": round(plain_wall, 3), "sim_wall_s": round(sim_wall, 3),
+        "ratio": round(sim_wall / plain_wall, 3), **parts,
+        **{k: round(sim_marks.get(k, float("nan")), 3) for k in ("ray_init_s", "ray_shutdown_s")},
+        "final_accuracies_identical": history[max(history)] == sim_final,
+        "all_rounds_identical": history == accuracy_history(frame),
+        "final_mean_accuracy": summary["final_mean_accuracy"],
+        "plain_memory": plain_mem.result(), "sim_memory": sim_mem.result(),
+        "loadavg_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "cpus": os.cpu_count(),
+    }
+
+
+def table(r: dict[str, Any]) -> str:
+    """The measurements as a small text table."""
+    pm, sm = r["plain_memory"], r["sim_memory"]
+    rows = [("", "plain", "simulation"),
+            ("wall s", r["plain_wall_s"], r["sim_wall_s"]),
+            ("first round s", r["plain_first_round_s"], r["sim_first_round_s"]),
+            ("later rounds mean s", r["plain_later_round_mean_s"], r["sim_later_round_mean_s"])]
+    rows += [(f"peak {k} GiB", pm[f"peak_{k}_gib"], sm[f"peak_{k}_gib"])
+             for k in ("rss", "main_rss", "pss", "uss")]
+    rows.append(("processes (max)", pm["max_processes"], sm["max_processes"]))
+    lines = [f"{r['num_clients']} clients, {r['num_rounds']} rounds; prepare (once, not timed) "
+             f"{r['prepare_s']} s; simulation / plain = {r['ratio']}"]
+    lines += [f"{a:<22}{b!s:>12}{c!s:>12}" for a, b, c in rows]
+    lines.append("extra time of the simulation:")
+    for key, label in [("prepare_in_run_s", "prepare again in run()"),
+                       ("startup_extra_s", "Ray + actor start (round 1)"),
+                       ("ray_init_s", "  of which ray.init"),
+                       ("rounds_extra_s", f"later rounds ({r['per_round_extra_s']:+.3f} s each)"),
+                       ("teardown_s", "teardown (Flower + Ray)"),
+                       ("ray_shutdown_s", "  of which ray.shutdown"),
+                       ("write_results_s", "summary + plot"),
+                       ("extra_total_s", "total")]:
+        lines.append(f"  {label:<32}{r[key]:>10.3f} s")
+    lines.append(f"accuracies identical: final {r['final_accuracies_identical']}, every round "
+                 f"{r['all_rounds_identical']}; 1-min load average {r['loadavg_1min'][0]} at "
+                 f"start, {r['loadavg_1min'][1]} at end ({r['cpus']} CPUs)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    opts, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("fedkd", "benchmarks", "simulations"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    result = benchmark(overrides)
+    print(table(result))
+    if opts.get("json"):
+        Path(opts["json"]).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""benchmarks.sim_vs_plain: the pure pieces (breakdown, argv, memory sampler), no simulation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from benchmarks import sim_vs_plain as svp
+
+
+def test_breakdown_adds_up_to_the_extra_wall_time() -> None:
+    elapsed = {1: 5.0, 2: 6.0, 3: 7.0}  # s since the Recorder started
+    plain = {1: 1.0, 2: 1.5, 3: 2.0}  # s since run_plain started, at each round's end
+    sim_wall = 0.3 + 7.0 + 1.2 + 0.5
+    parts = svp.breakdown(elapsed, plain, sim_wall=sim_wall, recorder_at=0.3, finish_at=8.5)
+    assert parts["startup_extra_s"] == pytest.approx(4.0)
+    assert parts["sim_later_round_mean_s"] == pytest.approx(1.0)
+    assert parts["plain_later_round_mean_s"] == pytest.approx(0.5)
+    assert parts["per_round_extra_s"] == pytest.approx(0.5)
+    assert parts["rounds_extra_s"] == pytest.approx(1.0)
+    assert parts["teardown_s"] == pytest.approx(1.2)
+    assert parts["write_results_s"] == pytest.approx(0.5)
+    assert parts["extra_total_s"] == pytest.approx(sim_wall - plain[3])
+
+
+def test_breakdown_with_sparse_evaluation_rounds() -> None:
+    elapsed = {2: 6.0, 4: 8.0}  # eval_every=2: elapsed rows only in rounds 2 and 4
+    plain = {1: 1.0, 2: 2.0, 3: 2.5, 4: 3.0}
+    parts = svp.breakdown(elapsed, plain, sim_wall=10.0, recorder_at=0.0, finish_at=9.0)
+    assert parts["startup_extra_s"] == pytest.approx(4.0)
+    assert parts["per_round_extra_s"] == pytest.approx(0.5)
+    assert parts["rounds_extra_s"] == pytest.approx(1.0)
+    assert parts["extra_total_s"] == pytest.approx(10.0 - plain[4])
+
+
+def test_elapsed_rounds_reads_only_the_wire_rows() -> None:
+    frame = pd.DataFrame(
+        [(1, -1, "wire", "elapsed_s", 4.0), (1, 0, "mlp", "test-accuracy", 0.5),
+         (1, -1, "wire", "bytes_up", 10.0), (2, -1, "wire", "elapsed_s", 4.5)],
+        columns=["round", "client", "model", "metric", "value"])
+    assert svp.elapsed_rounds(frame) == {1: 4.0, 2: 4.5}
+
+
+def test_parse_args_splits_options_and_overrides() -> None:
+    assert svp.parse_args(["num_rounds=3", "--json", "x.json", "seed=1"]) == (
+        {"json": "x.json"}, ["num_rounds=3", "seed=1"])
+    assert svp.parse_args(["--json=y.json"]) == ({"json": "y.json"}, [])
+    with pytest.raises(SystemExit):
+        svp.parse_args(["--nope"])
+
+
+def test_tree_memory_samples_this_process_and_its_children() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        with svp.TreeMemory(interval=0.05, full_every=0.2) as mem:
+            time.sleep(0.5)
+            assert child.pid in {p.pid for p in mem.processes()}
+    finally:
+        child.kill()
+        child.wait()
+    result = mem.result()
+    assert result["samples"] >= 3
+    assert result["max_processes"] >= 2
+    assert result["peak_rss_gib"] > 0
+    assert 0 < result["peak_main_rss_gib"] <= result["peak_rss_gib"]
+    if result["peak_uss_gib"] is not None:
+        assert result["peak_uss_gib"] <= result["peak_rss_gib"]
+
+
+def test_tree_memory_finds_reparented_ray_processes_by_token() -> None:
+    mem = svp.TreeMemory(since=time.time() - 1)
+    # the shell exits at once: its "raylet" child is re-parented, but inherits our token
+    script = f"{sys.executable} -c 'import time; time.sleep(3)' raylet >/dev/null 2>&1 & echo $!"
+    pid = int(subprocess.run(["sh", "-c", script], capture_output=True, text=True).stdout)
+    try:
+        time.sleep(0.2)
+        assert pid in {p.pid for p in mem.processes()}
+    finally:
+        svp.psutil.Process(pid).kill()
+
+
+def test_accuracy_history_matches_the_plain_loop_shape() -> None:
+    frame = pd.DataFrame(
+        [(1, 0, "a", "test-accuracy", 0.5), (1, 1, "b", "test-accuracy", 0.25),
+         (1, 0, "a", "train-loss", 2.0), (2, 0, "a", "test-accuracy", 0.75)],
+        columns=["round", "client", "model", "metric", "value"])
+    assert svp.accuracy_history(frame) == {1: {0: 0.5, 1: 0.25}, 2: {0: 0.75}}
