@@ -109,3 +109,15 @@ def test_parameter_exchange_handlers(flower_ids, small_run):
     ev = client_app.evaluate_global(request(content, dst=100, message_type="evaluate"), _context(0))
     assert 0.0 <= ev.content["metrics"]["test-accuracy"] <= 1.0
     assert ev.content["metrics"]["num-examples"] == small_run.data.num_test
+
+
+def test_evaluation_every_n_rounds_and_always_in_the_last(flower_ids, small_run):
+    train = dataclasses.replace(small_run.settings.train, eval_every=2)
+    settings = dataclasses.replace(small_run.settings, train=train, num_rounds=3)
+    ctx, rows = _context(0), np.arange(small_run.data.num_public)
+    evaluated = [
+        "test-accuracy" in client_app.distill(
+            _msg(settings, rnd, transfer_record(next_rows=rows), 0), ctx).content["metrics"]
+        for rnd in (1, 2, 3)
+    ]
+    assert evaluated == [False, True, True]
