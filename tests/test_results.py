@@ -1,0 +1,67 @@
+"""Recorder: tidy rows from replies, progress, files written as the run goes and after a failure."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from fedkd.wire import WireStats
+from simulations.results import Recorder
+from simulations.run import run
+from tests.conftest import SMALL, reply, request
+
+INFO = {"strategy": "fedmd", "dataset": "digits", "partition": "dirichlet", "num_clients": 3,
+        "num_rounds": 2, "seed": 0}
+
+
+def _wave(server_round, accuracies, errors=0):
+    msgs = [request(RecordDict({"config": ConfigRecord({})}), dst=10 + p, server_round=server_round)
+            for p in range(len(accuracies) + errors)]
+    replies = [reply(m, partition_id=p, **{"test-accuracy": a})
+               for p, (m, a) in enumerate(zip(msgs, accuracies))]
+    replies += [reply(m, error="ValueError: boom") for m in msgs[len(accuracies):]]
+    stats = WireStats(server_round, "train.distill", sent=len(msgs), replied=len(msgs),
+                      errors=errors, bytes_up=100, bytes_down=200)
+    return replies, stats
+
+
+def test_rows_progress_and_final_accuracy_per_client(flower_ids, tmp_path, caplog):
+    rec = Recorder(tmp_path, ["cnn", "mlp", "cnn"], dict(INFO))
+    caplog.set_level("INFO", logger="fedkd.progress")
+    rec.on_replies(1, *_wave(1, [0.5, 0.6, 0.7]))
+    assert "round 1/2 | replies 3/3 | accuracy mean 0.600 min 0.500 max 0.700" in caplog.text
+    assert len(pd.read_parquet(tmp_path / "metrics.parquet")) > 0  # flushed after the round
+    rec.on_replies(2, *_wave(2, [0.8, 0.9], errors=1))  # client 2 fails in round 2
+    assert "replies 2/3 (1 errors)" in caplog.text
+    summary = rec.finish()
+    # client 2 keeps its last reported accuracy (round 1)
+    assert summary["final_accuracy_by_client"] == pytest.approx({"0": 0.8, "1": 0.9, "2": 0.7})
+    assert summary["final_mean_accuracy"] == pytest.approx(0.8)
+    assert summary["final_accuracy_by_arch"] == pytest.approx({"cnn": 0.75, "mlp": 0.9})
+    assert summary["bytes_up"] == 200 and summary["bytes_down"] == 400
+    frame = pd.read_parquet(tmp_path / "metrics.parquet")
+    acc = frame[frame.metric == "test-accuracy"]
+    assert acc[(acc["round"] == 2)].client.tolist() == [0, 1]
+    assert set(frame[frame.client == -1].metric) == {"bytes_up", "bytes_down", "elapsed_s"}
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "ok"
+
+
+def test_a_failure_late_in_a_run_keeps_what_was_computed(tmp_path):
+    from fedkd.server import compose_config
+
+    cfg = compose_config([*SMALL, f"simulation.cache_dir={tmp_path / 'cache'}"])
+
+    def runner(prepared, recorder):
+        recorder.record(1, 0, "test-accuracy", 0.42)
+        recorder.end_round(1)
+        raise RuntimeError("node exploded in round 2")
+
+    with pytest.raises(RuntimeError, match="exploded"):
+        run(cfg, tmp_path / "out", runner=runner)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "exploded" in summary["error"]
+    assert summary["final_mean_accuracy"] == pytest.approx(0.42)
+    assert len(pd.read_parquet(tmp_path / "out" / "metrics.parquet")) >= 1
