@@ -147,7 +147,7 @@ class WireGrid(Grid):
             if not pending or time.monotonic() >= end:
                 break
             time.sleep(self.poll_interval)
-        replies.sort(key=_reply_order)  # arrival order varies; aggregation must not
+        replies.sort(key=reply_order)  # arrival order varies; aggregation must not
         self._stragglers.update(pending)
         stats.timed_out = len(pending)
         if pending:
@@ -177,7 +177,7 @@ def _round_of(message: Message) -> int:
     return int(config.get("server-round", 0))
 
 
-def _reply_order(reply: Message) -> tuple[int, int]:
+def reply_order(reply: Message) -> tuple[int, int]:
     """Sort key: the partition id a client reports in its metrics, then the node id."""
     partition = 1 << 62
     if not reply.has_error():

@@ -27,6 +27,7 @@ from fedkd.client.settings import ClientSettings
 from fedkd.errors import ConfigError
 from fedkd.protocol import CONFIG, MESSAGE_TYPE, METRICS, TARGETS, TRANSFER, reply_logits
 from fedkd.protocol import transfer_record
+from fedkd.wire import reply_order
 
 log = logging.getLogger(__name__)
 
@@ -155,22 +156,24 @@ class KDStrategy(Strategy):
         if server_round not in self._asked:
             return None, metrics
         rows, num_classes = self._asked.pop(server_round)
-        valid, meta_rows = [], []
-        for reply in sorted(replies, key=_partition_id):
+        valid, sizes, pids = [], [], []
+        for reply in sorted(replies, key=reply_order):
             try:
-                valid.append(reply_logits(reply, len(rows), num_classes))
-                meta_rows.append(reply.content[METRICS])
-            except (ValueError, KeyError) as err:
+                logits = reply_logits(reply, len(rows), num_classes)
+                size, pid = _teacher_facts(reply)
+            except (ValueError, KeyError, TypeError) as err:
                 log.warning("round %d: reply from node %s dropped: %s", server_round,
                             reply.metadata.src_node_id, err)
+                continue
+            valid.append(logits)
+            sizes.append(size)
+            pids.append(pid)
         if len(valid) < self.min_replies:
             log.warning("round %d: %d valid replies < min_replies=%d; keeping previous targets",
                         server_round, len(valid), self.min_replies)
             return None, metrics
-        meta = TeacherMeta(
-            num_examples=np.array([m["num-examples"] for m in meta_rows], dtype=np.float64),
-            partition_ids=np.array([m["partition-id"] for m in meta_rows], dtype=np.int64),
-        )
+        meta = TeacherMeta(num_examples=np.array(sizes, dtype=np.float64),
+                           partition_ids=np.array(pids, dtype=np.int64))
         soft = self.aggregate_logits(np.stack(valid), meta)
         return transfer_record(soft_targets=soft, target_rows=rows), metrics
 
@@ -192,11 +195,15 @@ def _target_rows(arrays: ArrayRecord) -> np.ndarray:
     return arrays[key].numpy()
 
 
-def _partition_id(reply: Message) -> int:
-    try:
-        return int(reply.content[METRICS]["partition-id"])
-    except (KeyError, TypeError, ValueError):
-        return 1 << 62
+def _teacher_facts(reply: Message) -> tuple[float, int]:
+    """A reply's private data size and partition id, checked (a reply may be malicious)."""
+    metrics = reply.content[METRICS]
+    size, pid = metrics["num-examples"], metrics["partition-id"]
+    if not isinstance(size, int | float) or not np.isfinite(size) or size < 0:
+        raise ValueError(f"num-examples must be a finite number >= 0, got {size!r}")
+    if not isinstance(pid, int) or pid < 0:
+        raise ValueError(f"partition-id must be an int >= 0, got {pid!r}")
+    return float(size), pid
 
 
 def _mean_metrics(replies: list[Message]) -> MetricRecord | None:

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedkd.aggregation import mean_logits, mean_probs, softmax
+from fedkd.aggregation import mean_logits, mean_probs, softmax, weighted
 from fedkd.errors import ConfigError
 from strategies.fedmd import FedMD
 from strategies.local import Local
@@ -89,18 +89,30 @@ def test_next_round_carries_the_soft_targets_back(flower_ids, small_run):
     np.testing.assert_allclose(transfer["targets.probs"].numpy(), np.full((n, c), 1.0 / c), rtol=1e-6)
 
 
-@pytest.mark.parametrize("bad", ["nan", "shape", "missing"])
+@pytest.mark.parametrize("bad", ["nan", "shape", "missing", "negative size", "no size"])
 def test_malformed_replies_are_dropped(flower_ids, small_run, bad):
     n, c = small_run.data.num_public, small_run.data.num_classes
     good = np.zeros((n, c), dtype=np.float32)
     broken = {"nan": np.full((n, c), np.nan, dtype=np.float32),
-              "shape": np.zeros((n - 1, c), dtype=np.float32), "missing": None}[bad]
-    strategy = FedMD(aggregator=mean_logits, min_available_nodes=1, min_replies=2)
-    arrays, _ = _round(strategy, small_run, {0: good, 1: broken, 2: good}, order=[0, 1, 2])
-    assert arrays is not None  # two valid replies remain
-    strategy = FedMD(aggregator=mean_logits, min_available_nodes=1, min_replies=3)
-    arrays, _ = _round(strategy, small_run, {0: good, 1: broken, 2: good}, order=[0, 1, 2])
-    assert arrays is None  # below the minimum: previous targets stay in place
+              "shape": np.zeros((n - 1, c), dtype=np.float32), "missing": None}.get(bad, good)
+    sizes = {"negative size": -5.0, "no size": None}
+
+    def attempt(min_replies):
+        strategy = FedMD(aggregator=weighted, min_available_nodes=1, min_replies=min_replies)
+        msgs = _configure(strategy, small_run, nodes=(100, 101, 102))
+        replies = [reply(msgs[0], logits=good, partition_id=0),
+                   reply(msgs[1], logits=broken, partition_id=1),
+                   reply(msgs[2], logits=good, partition_id=2)]
+        if bad in sizes:
+            metrics = replies[1].content["metrics"]
+            if sizes[bad] is None:
+                del metrics["num-examples"]
+            else:
+                metrics["num-examples"] = sizes[bad]
+        return strategy.aggregate_train(1, replies)[0]
+
+    assert attempt(2) is not None  # two valid replies remain
+    assert attempt(3) is None  # below the minimum: previous targets stay in place
 
 
 def test_error_replies_do_not_count(flower_ids, small_run):
