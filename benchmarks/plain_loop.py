@@ -62,8 +62,8 @@ def run_plain(
             if soft is not None:
                 digest(model, opt, public[rows], soft, x, y, loss=loss, epochs=t.digest_epochs,
                        batch_size=t.batch_size, gen=gen)
-            epochs = t.warmup_epochs if rnd == 1 else t.local_epochs
-            revisit(model, opt, x, y, epochs=epochs, batch_size=t.batch_size, gen=gen)
+            revisit(model, opt, x, y, batch_size=t.batch_size, gen=gen,
+                    **t.local_budget(first_round=rnd == 1))
             if next_rows is not None:
                 logits.append(predict_logits(model, public[torch.from_numpy(next_rows)]))
                 sizes.append(len(x))

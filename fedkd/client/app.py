@@ -61,10 +61,9 @@ def distill(msg: Message, context: Context) -> Message:
             loss=distill_loss(train.alpha, train.temperature), epochs=train.digest_epochs,
             batch_size=train.batch_size, gen=gen,
         )
-    epochs = train.warmup_epochs if student.rounds_done == 0 else train.local_epochs
     metrics["train-loss"] = revisit(
-        student.model, student.optimizer, data.x, data.y,
-        epochs=epochs, batch_size=train.batch_size, gen=gen,
+        student.model, student.optimizer, data.x, data.y, batch_size=train.batch_size, gen=gen,
+        **train.local_budget(first_round=student.rounds_done == 0),
     )
     student.rounds_done += 1
 
@@ -83,14 +82,20 @@ def distill(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Parameter exchange (FedAvg-style): load the global weights, train, send them back."""
+    """Parameter exchange: load the global weights (if any came), train, send them back.
+
+    Without weights in the message (FedDF's first round) the client trains its own model from its
+    warm-up budget; with them, the weights replace its model and the optimizer starts afresh.
+    """
     settings, pid, data, student = _open(msg, context)
-    student.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    student.reset_optimizer(settings)
+    arrays = msg.content.array_records.get("arrays")
+    if arrays:
+        student.model.load_state_dict(arrays.to_torch_state_dict())
+        student.reset_optimizer(settings)
+    budget = settings.train.local_budget(first_round=not arrays and student.rounds_done == 0)
     loss = revisit(
-        student.model, student.optimizer, data.x, data.y,
-        epochs=settings.train.local_epochs, batch_size=settings.train.batch_size,
-        gen=round_generator(settings.seed, pid, _round_of(msg)),
+        student.model, student.optimizer, data.x, data.y, batch_size=settings.train.batch_size,
+        gen=round_generator(settings.seed, pid, _round_of(msg)), **budget,
     )
     student.rounds_done += 1
     student.save(context)

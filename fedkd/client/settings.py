@@ -29,6 +29,8 @@ class TrainSettings:
     """Mini-batch size for private data and transfer batches."""
     local_epochs: int = 1
     """Epochs on the private data in every round after the first ("revisit")."""
+    local_steps: int | None = None
+    """If set, exactly this many private mini-batches per later round instead of local_epochs."""
     warmup_epochs: int = 20
     """Epochs on the private data in a client's first round."""
     digest_epochs: int = 3
@@ -40,10 +42,18 @@ class TrainSettings:
     eval_every: int = 1
     """Evaluate the student on the test set every N rounds (and always in the last round)."""
 
+    def local_budget(self, first_round: bool) -> dict[str, int | None]:
+        """`revisit` keyword arguments for a client's first round (warm-up) or a later one."""
+        if first_round:
+            return {"epochs": self.warmup_epochs, "steps": None}
+        return {"epochs": self.local_epochs, "steps": self.local_steps}
+
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
+        if self.local_steps is not None and self.local_steps < 1:
+            raise ConfigError(f"distill.local_steps must be >= 1 or null, got {self.local_steps}")
         for name in ("local_epochs", "warmup_epochs", "digest_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"distill.{name} must be >= 0, got {getattr(self, name)}")

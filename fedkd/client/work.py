@@ -6,6 +6,8 @@ call them, so the simulation and the reference do exactly the same arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
@@ -32,19 +34,39 @@ def revisit(
     epochs: int,
     batch_size: int,
     gen: torch.Generator,
+    steps: int | None = None,
 ) -> float:
-    """Train on private data with cross-entropy for `epochs`; return the mean batch loss."""
+    """Train on private data with cross-entropy; return the mean batch loss.
+
+    Runs `epochs` passes over the data, or exactly `steps` mini-batches when `steps` is given
+    (reshuffling at every pass), as in papers that count local steps instead of epochs.
+    """
     ce = CELoss()
     model.train()
     losses = []
-    for _ in range(epochs):
-        for idx in _batches(len(x), batch_size, gen):
-            loss = ce(model(x[idx]), labels=y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+    for idx in _private_batches(len(x), batch_size, gen, epochs, steps):
+        loss = ce(model(x[idx]), labels=y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def _private_batches(
+    n: int, batch_size: int, gen: torch.Generator, epochs: int, steps: int | None
+) -> Iterator[torch.Tensor]:
+    if steps is None:
+        for _ in range(epochs):
+            yield from _batches(n, batch_size, gen)
+        return
+    done = 0
+    while done < steps:
+        for idx in _batches(n, batch_size, gen):
+            yield idx
+            done += 1
+            if done == steps:
+                return
 
 
 def digest(

@@ -121,3 +121,23 @@ def test_evaluation_every_n_rounds_and_always_in_the_last(flower_ids, small_run)
         for rnd in (1, 2, 3)
     ]
     assert evaluated == [False, True, True]
+
+
+def test_local_steps_count_mini_batches_not_epochs():
+    import torch
+
+    from fedkd.client.work import _private_batches
+
+    gen = torch.Generator().manual_seed(0)
+    assert len(list(_private_batches(100, 32, gen, epochs=2, steps=None))) == 8  # 4 per epoch
+    batches = list(_private_batches(100, 32, gen, epochs=2, steps=11))
+    assert len(batches) == 11 and sum(len(b) for b in batches[:4]) == 100  # reshuffled passes
+
+
+def test_parameter_exchange_without_weights_trains_own_model(flower_ids, small_run):
+    config = ConfigRecord({**small_run.settings.to_config(), "server-round": 1})
+    ctx = _context(1)
+    out = client_app.train(request(RecordDict({"config": config}), dst=101, message_type="train"),
+                           ctx)
+    assert out.content["metrics"]["partition-id"] == 1
+    assert ctx.state[PROGRESS]["rounds-done"] == 1
