@@ -12,6 +12,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import hydra.utils
@@ -23,12 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from fedkd.client.settings import ClientSettings, TrainSettings
 from fedkd.data import DataInfo, prepare_data
 from fedkd.errors import ConfigError
-from fedkd.models import assign_models, build_model, count_parameters
+from fedkd.models import assign_models, assign_roles, build_model, count_parameters
 from fedkd.wire import ReplyObserver, WireGrid
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+ServerMetricSink = Callable[[int, Mapping[str, float]], None]
 
 
 @dataclass
@@ -78,9 +81,12 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     except TypeError as err:
         allowed = sorted(TrainSettings.__dataclass_fields__)
         raise ConfigError(f"distill: {err}; allowed keys are {allowed}") from err
+    roles = assign_roles(model_cfg, int(cfg.num_clients))
+    if "teacher" in roles:
+        log.info("teachers (never taught): clients %s", [i for i, r in enumerate(roles) if r == "teacher"])
     settings = ClientSettings(
         data=data.to_dict(), archs=archs, assignment=[name for name, _ in assignment],
-        train=train, seed=int(cfg.seed), num_rounds=int(cfg.num_rounds),
+        train=train, seed=int(cfg.seed), num_rounds=int(cfg.num_rounds), roles=roles,
     )
     return PreparedRun(cfg=cfg, data=data, settings=settings, param_counts=counts)
 
@@ -95,12 +101,23 @@ def initial_arrays(run: PreparedRun) -> ArrayRecord:
     return ArrayRecord(model.state_dict())
 
 
-def run_strategy(grid: Grid, run: PreparedRun, observers: list[ReplyObserver]) -> WireGrid:
-    """Instantiate the configured strategy and run all rounds on `grid`; return the wire."""
+def run_strategy(
+    grid: Grid,
+    run: PreparedRun,
+    observers: list[ReplyObserver],
+    on_server_metrics: ServerMetricSink | None = None,
+) -> WireGrid:
+    """Instantiate the configured strategy and run all rounds on `grid`; return the wire.
+
+    `observers` see every wave on the wire; `on_server_metrics` receives what a strategy computes
+    on the server each round (e.g. the privacy spent by a noisy aggregator), if it reports any.
+    """
     cfg = run.cfg
     wire = WireGrid(grid, poll_interval=float(cfg.simulation.poll_interval))
     wire.observers.extend(observers)
     strategy = hydra.utils.instantiate(cfg.strategy.flower)
+    if on_server_metrics is not None and hasattr(strategy, "server_metric_sinks"):
+        strategy.server_metric_sinks.append(on_server_metrics)
     random.seed(int(cfg.seed))  # Flower's own strategies sample nodes with the global RNG
     config = run.settings.to_config()
     strategy.start(
@@ -114,13 +131,15 @@ def run_strategy(grid: Grid, run: PreparedRun, observers: list[ReplyObserver]) -
     return wire
 
 
-def make_server_app(run: PreparedRun, observers: list[ReplyObserver]) -> ServerApp:
+def make_server_app(
+    run: PreparedRun, observers: list[ReplyObserver], on_server_metrics: ServerMetricSink | None = None
+) -> ServerApp:
     """A ServerApp that runs the prepared run and reports every reply to `observers`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:  # noqa: ARG001
-        run_strategy(grid, run, observers)
+        run_strategy(grid, run, observers, on_server_metrics)
 
     return app
 
@@ -151,7 +170,7 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
     cfg = compose_config(str(context.run_config.get("overrides", "")).split())
     out_dir = Path(str(context.run_config.get("output-dir", "outputs/flwr"))) / str(grid.run.run_id)
     run(cfg, out_dir, runner=lambda prepared, recorder: run_strategy(
-        grid, prepared, [recorder.on_replies]))
+        grid, prepared, [recorder.on_replies], recorder.on_server_metrics))
 
 
 def describe(run: PreparedRun) -> dict[str, Any]:
@@ -161,4 +180,5 @@ def describe(run: PreparedRun) -> dict[str, Any]:
         "public_fingerprint": run.data.public_fingerprint,
         "param_counts": run.param_counts,
         "archs": run.archs,
+        "roles": list(run.settings.roles),
     }

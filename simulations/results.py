@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ class Recorder:
         self.bytes_up = self.bytes_down = 0
         self.replies: dict[int, tuple[int, int, int]] = {}  # round -> (ok, asked, errors)
         self.first_error: str | None = None
+        self.server_metrics: dict[str, float] = {}
         self._t0 = time.monotonic()
 
     @classmethod
@@ -60,10 +62,18 @@ class Recorder:
         return cls(out_dir, run.archs, info)
 
     # --- collecting -----------------------------------------------------------------------
-    def record(self, server_round: int, client: int, metric: str, value: float) -> None:
-        """Add one tidy row (client -1 means the wire)."""
-        model = self.archs[client] if 0 <= client < len(self.archs) else "wire"
+    def record(self, server_round: int, client: int, metric: str, value: float,
+               model: str | None = None) -> None:
+        """Add one tidy row (client -1: the wire or the server)."""
+        if model is None:
+            model = self.archs[client] if 0 <= client < len(self.archs) else "wire"
         self.rows.append((int(server_round), int(client), model, metric, float(value)))
+
+    def on_server_metrics(self, server_round: int, metrics: Mapping[str, float]) -> None:
+        """What the strategy computed on the server this round (e.g. privacy spent)."""
+        for key, value in metrics.items():
+            self.record(server_round, WIRE, key, value, model="server")
+        self.server_metrics.update(metrics)
 
     def on_replies(self, server_round: int, replies: list[Message], stats: WireStats) -> None:
         """Observer of `WireGrid`: traffic, reply metrics, progress."""
@@ -122,8 +132,11 @@ class Recorder:
         final = self.final_accuracies()
         values = list(final.values())
         by_arch: dict[str, list[float]] = {}
+        by_role: dict[str, list[float]] = {}
+        roles = self.info.get("roles") or ["student"] * len(self.archs)
         for client, value in final.items():
             by_arch.setdefault(self.archs[client], []).append(value)
+            by_role.setdefault(roles[client], []).append(value)
         summary = {
             **self.info,
             "status": status,
@@ -132,10 +145,12 @@ class Recorder:
             "final_min_accuracy": float(np.min(values)) if values else None,
             "final_max_accuracy": float(np.max(values)) if values else None,
             "final_accuracy_by_arch": {k: float(np.mean(v)) for k, v in sorted(by_arch.items())},
+            "final_accuracy_by_role": {k: float(np.mean(v)) for k, v in sorted(by_role.items())},
             "final_accuracy_by_client": {str(k): v for k, v in final.items()},
             "bytes_up": int(self.bytes_up),
             "bytes_down": int(self.bytes_down),
             "wall_time_s": round(time.monotonic() - self._t0, 3),
+            **self.server_metrics,
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if values:

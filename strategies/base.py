@@ -89,6 +89,7 @@ class KDStrategy(Strategy):
         self.wait_for_nodes_s = wait_for_nodes_s
         self._rng = random.Random(seed)
         self._asked: dict[int, tuple[np.ndarray, int]] = {}  # round -> (rows, num_classes)
+        self.server_metric_sinks: list[Callable[[int, dict[str, float]], None]] = []
 
     # --- hooks subclasses may override ------------------------------------------------------
     def transfer_rows(self, server_round: int, settings: ClientSettings) -> np.ndarray | None:
@@ -175,7 +176,17 @@ class KDStrategy(Strategy):
         meta = TeacherMeta(num_examples=np.array(sizes, dtype=np.float64),
                            partition_ids=np.array(pids, dtype=np.int64))
         soft = self.aggregate_logits(np.stack(valid), meta)
+        self.report_server_metrics(server_round)
         return transfer_record(soft_targets=soft, target_rows=rows), metrics
+
+    def report_server_metrics(self, server_round: int) -> None:
+        """Hand what the aggregator reports about itself (e.g. privacy spent) to the sinks."""
+        report = getattr(self.aggregator, "report", None)
+        if report is None:
+            return
+        values = {key: float(value) for key, value in report().items()}
+        for sink in self.server_metric_sinks:
+            sink(server_round, values)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

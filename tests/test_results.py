@@ -65,3 +65,15 @@ def test_a_failure_late_in_a_run_keeps_what_was_computed(tmp_path):
     assert summary["status"] == "failed" and "exploded" in summary["error"]
     assert summary["final_mean_accuracy"] == pytest.approx(0.42)
     assert len(pd.read_parquet(tmp_path / "out" / "metrics.parquet")) >= 1
+
+
+def test_server_metrics_become_rows_and_summary_keys(tmp_path):
+    rec = Recorder(tmp_path, ["cnn"], {**INFO, "roles": ["teacher"]})
+    rec.record(1, 0, "test-accuracy", 0.5)
+    rec.on_server_metrics(1, {"epsilon": 3.0, "epsilon-round": 3.0})
+    rec.on_server_metrics(2, {"epsilon": 5.5, "epsilon-round": 2.5})
+    summary = rec.finish()
+    assert summary["epsilon"] == 5.5 and summary["final_accuracy_by_role"] == {"teacher": 0.5}
+    frame = pd.read_parquet(tmp_path / "metrics.parquet")
+    eps = frame[frame.metric == "epsilon"]
+    assert eps["value"].tolist() == [3.0, 5.5] and set(eps.model) == {"server"}

@@ -52,7 +52,7 @@ def distill(msg: Message, context: Context) -> Message:
     metrics: dict[str, float | int] = {"partition-id": pid, "num-examples": len(data.x)}
 
     target_x = rows_from(transfer, TARGETS, data.public_x)
-    if target_x is not None:
+    if target_x is not None and settings.role_of(pid) == "student":  # teachers are never taught
         soft = torch.from_numpy(transfer[f"{TARGETS}.probs"].numpy().astype("float32"))
         if soft.shape != (len(target_x), int(settings.data["num_classes"])):
             raise ValueError(f"soft targets have shape {tuple(soft.shape)}, inputs {len(target_x)}")

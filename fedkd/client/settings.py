@@ -82,6 +82,12 @@ class ClientSettings:
     seed: int
     """Training seed; client `i` seeds with `seed + i`."""
     num_rounds: int
+    roles: list[str] = field(default_factory=list)
+    """Role per partition id (`student` or `teacher`); empty means every client is a student."""
+
+    def role_of(self, partition_id: int) -> str:
+        """A partition's role: teachers never digest soft targets."""
+        return self.roles[partition_id] if self.roles else "student"
 
     def arch_of(self, partition_id: int) -> tuple[str, dict[str, Any]]:
         """Architecture name and spec of a partition."""

@@ -18,9 +18,9 @@ def _partition_id(key: Any, num_clients: int) -> int:
     elif isinstance(key, str) and key.strip().lstrip("-").isdigit():
         pid = int(key)
     else:
-        raise ConfigError(f"model.clients key {key!r} must be a partition id (int)")
+        raise ConfigError(f"model.clients/roles key {key!r} must be a partition id (int)")
     if not 0 <= pid < num_clients:
-        raise ConfigError(f"model.clients key {key!r} is out of range: partition ids are 0..{num_clients - 1}")
+        raise ConfigError(f"model.clients/roles key {key!r} is out of range: partition ids are 0..{num_clients - 1}")
     return pid
 
 
@@ -60,3 +60,20 @@ def assign_models(model_cfg: Mapping, num_clients: int, homogeneous: bool = Fals
             raise ConfigError(f"model arch {name!r} is unknown; known archs: {known}")
     names = [cycle[0] if homogeneous else overrides.get(pid, cycle[pid % len(cycle)]) for pid in range(num_clients)]
     return [(name, copy.deepcopy(archs[name])) for name in names]
+
+
+ROLES = ("student", "teacher")
+
+
+def assign_roles(model_cfg: Mapping, num_clients: int) -> list[str]:
+    """Role per partition id from ``model.roles`` (partition id -> role); default ``student``.
+
+    A ``teacher`` trains on its private data and answers logits but never digests soft targets
+    (the "big teacher, small student" setting); a ``student`` does both.
+    """
+    roles = ["student"] * num_clients
+    for key, role in dict(model_cfg.get("roles") or {}).items():
+        if role not in ROLES:
+            raise ConfigError(f"model.roles.{key}={role!r} is not a role; allowed: {list(ROLES)}")
+        roles[_partition_id(key, num_clients)] = role
+    return roles

@@ -141,3 +141,15 @@ def test_parameter_exchange_without_weights_trains_own_model(flower_ids, small_r
                            ctx)
     assert out.content["metrics"]["partition-id"] == 1
     assert ctx.state[PROGRESS]["rounds-done"] == 1
+
+
+def test_teachers_are_never_taught(flower_ids, small_run):
+    rows = np.arange(small_run.data.num_public)
+    soft = np.full((len(rows), small_run.data.num_classes), 0.1, dtype=np.float32)
+    for role, digests in (("teacher", False), ("student", True)):
+        settings = dataclasses.replace(small_run.settings, roles=[role] * 4)
+        ctx = _context(2)
+        client_app.distill(_msg(settings, 1, transfer_record(next_rows=rows), 2), ctx)
+        out = client_app.distill(_msg(settings, 2, transfer_record(soft, rows, rows), 2), ctx)
+        assert ("digest-loss" in out.content["metrics"]) is digests
+        assert "logits" in out.content  # teachers still teach

@@ -137,3 +137,23 @@ def test_bad_strategy_values_are_named(kwargs):
     key = next(iter(kwargs))
     with pytest.raises(ConfigError, match=key):
         FedMD(**kwargs)
+
+
+def test_aggregator_reports_reach_the_server_metric_sinks(flower_ids, small_run):
+    class Reporting:
+        calls = 0
+
+        def __call__(self, logits, meta, temperature):
+            self.calls += 1
+            return mean_probs(logits, meta, temperature=temperature)
+
+        def report(self):
+            return {"epsilon": 1.5 * self.calls}
+
+    n, c = small_run.data.num_public, small_run.data.num_classes
+    strategy = FedMD(aggregator=Reporting(), min_available_nodes=1)
+    seen = []
+    strategy.server_metric_sinks.append(lambda rnd, values: seen.append((rnd, values)))
+    _round(strategy, small_run, {0: np.zeros((n, c), np.float32), 1: np.ones((n, c), np.float32)},
+           order=[1, 0])
+    assert seen == [(1, {"epsilon": 1.5})]
