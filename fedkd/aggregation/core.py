@@ -1,19 +1,13 @@
-"""Aggregators: teachers' logits ``[K, N, C]`` (+ metadata) -> soft targets ``[N, C]``.
+"""Shared pieces of the aggregators: teacher metadata, input checks, softmax, weighted means.
 
-Every aggregator has the same signature, so Hydra can select one (``conf/aggregator/*.yaml`` with
-``_partial_: true``) and the server calls it as ``aggregator(logits, meta, temperature=T)``::
-
-    def aggregator(logits: np.ndarray, meta: TeacherMeta | None = None, *, temperature: float = 1.0) -> np.ndarray
-
-The result is float32 probabilities at temperature T whose rows sum to 1. Logits come from clients and are
-untrusted: shapes and finiteness are checked before any arithmetic.
+Logits come from clients and are untrusted: shapes and finiteness are checked before any arithmetic.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 
@@ -32,11 +26,17 @@ class TeacherMeta:
         ``[K]`` partition id of each teacher (used in error messages and by per-client aggregators).
     class_counts : np.ndarray or None
         ``[K, C]`` private examples per class of each teacher, when clients report them.
+    server_round : int
+        The round these logits belong to (>= 0); with ``seed`` it keys the noise of stochastic aggregators.
+    seed : int
+        The run's seed (>= 0). Stochastic aggregators draw from ``noise_rng(meta)``, so reruns repeat.
     """
 
     num_examples: np.ndarray
     partition_ids: np.ndarray
     class_counts: np.ndarray | None = None
+    server_round: int = 0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         fields = {"num_examples": self.num_examples, "partition_ids": self.partition_ids}
@@ -54,18 +54,44 @@ class TeacherMeta:
             )
         if self.class_counts is not None and (self.class_counts.ndim != 2 or self.class_counts.shape[0] != k[0]):
             raise ValueError(f"TeacherMeta: class_counts {self.class_counts.shape} must be [K={k[0]}, C]")
+        for name in ("server_round", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+                raise ValueError(f"TeacherMeta: {name}={value!r} must be an integer >= 0")
+            object.__setattr__(self, name, int(value))
 
     def __len__(self) -> int:
         return len(self.num_examples)
 
 
+def noise_rng(meta: TeacherMeta | None, *extra: int) -> np.random.Generator:
+    """``np.random.default_rng([seed, server_round, *extra])`` from ``meta`` (seed 0, round 0 without one)."""
+    seed, server_round = (0, 0) if meta is None else (meta.seed, meta.server_round)
+    return np.random.default_rng([seed, server_round, *extra])
+
+
+def check_number(name: str, value: float, *, low: float, high: float = math.inf,
+                 low_open: bool = True, high_open: bool = True) -> float:
+    """Return hyper-parameter ``value`` as a float, or raise ConfigError naming ``name`` and the allowed range.
+
+    The range is ``(low, high)``; ``low_open=False`` / ``high_open=False`` include that end.
+    """
+    if math.isinf(high):
+        allowed = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number {allowed}")
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        raise ConfigError(f"{name}={value!r} must be {allowed}")
+    return float(value)
+
+
 def check_temperature(temperature: float) -> float:
     """Return ``temperature`` as a float, or raise ConfigError unless it is finite and > 0."""
-    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not math.isfinite(temperature):
-        raise ConfigError(f"temperature={temperature!r} must be a finite number > 0")
-    if temperature <= 0:
-        raise ConfigError(f"temperature={temperature!r} must be > 0")
-    return float(temperature)
+    return check_number("temperature", temperature, low=0.0)
 
 
 def _teacher_name(k: int, meta: TeacherMeta | None) -> str:
@@ -104,6 +130,13 @@ def softmax(x: np.ndarray, temperature: float = 1.0, axis: int = -1) -> np.ndarr
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def log_softmax(x: np.ndarray, temperature: float = 1.0, axis: int = -1) -> np.ndarray:
+    """Numerically stable ``log softmax(x / temperature)`` along ``axis``, in float64 (finite everywhere)."""
+    z = np.asarray(x, dtype=np.float64) / check_temperature(temperature)
+    z = z - z.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
 def as_soft_targets(probs: np.ndarray) -> np.ndarray:
     """Renormalize ``[N, C]`` probabilities and cast them to float32: the aggregators' output format."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -120,29 +153,3 @@ def weighted_mean_probs(logits: np.ndarray, weights: np.ndarray, temperature: fl
     if (total <= 0).any():
         raise ValueError("teacher weights sum to 0 for some sample; at least one teacher needs a positive weight")
     return as_soft_targets((w * softmax(logits, temperature)).sum(axis=0) / total)
-
-
-def mean_logits(logits: np.ndarray, meta: TeacherMeta | None = None, *, temperature: float = 1.0) -> np.ndarray:
-    """``softmax(mean_k logits_k / T)``: average the teachers' logits, then soften."""
-    array = check_logits(logits, meta)
-    return as_soft_targets(softmax(array.mean(axis=0), temperature))
-
-
-def mean_probs(logits: np.ndarray, meta: TeacherMeta | None = None, *, temperature: float = 1.0) -> np.ndarray:
-    """``mean_k softmax(logits_k / T)``: soften each teacher, then average the probabilities."""
-    array = check_logits(logits, meta)
-    return weighted_mean_probs(array, np.ones(array.shape[0]), temperature)
-
-
-def weighted(logits: np.ndarray, meta: TeacherMeta | None = None, *, temperature: float = 1.0) -> np.ndarray:
-    """Mean of ``softmax(logits_k / T)`` weighted by ``meta.num_examples`` (data-size weighting).
-
-    Raises
-    ------
-    ConfigError
-        ``meta`` is missing: this aggregator needs each teacher's number of examples.
-    """
-    if meta is None:
-        raise ConfigError("aggregator 'weighted' needs meta (TeacherMeta with num_examples); got meta=None")
-    array = check_logits(logits, meta)
-    return weighted_mean_probs(array, meta.num_examples, temperature)
