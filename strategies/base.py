@@ -174,7 +174,8 @@ class KDStrategy(Strategy):
                         server_round, len(valid), self.min_replies)
             return None, metrics
         meta = TeacherMeta(num_examples=np.array(sizes, dtype=np.float64),
-                           partition_ids=np.array(pids, dtype=np.int64))
+                           partition_ids=np.array(pids, dtype=np.int64),
+                           server_round=server_round, seed=self.seed)
         soft = self.aggregate_logits(np.stack(valid), meta)
         self.report_server_metrics(server_round)
         return transfer_record(soft_targets=soft, target_rows=rows), metrics

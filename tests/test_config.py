@@ -19,7 +19,8 @@ from fedkd.errors import ConfigError
 from fedkd.models import build_model
 from fedkd.server import CONF_DIR, PreparedRun, compose_config, prepare_run
 
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))
+                and p.name != "experiment")  # presets (`+experiment=...`): tests/test_presets.py
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
 
 
@@ -35,6 +36,7 @@ MODEL_DATASETS = {
     "hetero": ["digits"],
     "mlp": ["digits", "mnist1d"],
     "hetero1d": ["mnist1d"],
+    "teachers": ["digits"],
 }
 """Model option -> the data sets its architectures are meant for."""
 
