@@ -1,0 +1,151 @@
+"""FD / FedDistill (Jeong et al. 2018): clients exchange per-class mean logits, no transfer set.
+
+Each round every sampled client trains on its private data, regularized toward the global mean
+logit vector of each sample's class, and replies with its own per-class mean logits [C, C] and
+class counts [C]. The server forms the count-weighted mean per class (`class_weighted_mean`) and
+sends it with the next round's message (type ``train.fd``, handled by `fedkd.client.fd.fd_round`).
+Only C * (C + 1) numbers per client and round cross the wire, whatever the model.
+
+The round loop, node sampling and the settings message are `KDStrategy`'s: `configure_train`
+calls ``super()`` and swaps in the class targets and the message type; `aggregate_train` calls
+``super()`` for the metrics (with no transfer rows asked it aggregates nothing) and then combines
+the class logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedkd.client.fd import CLASS_COUNTS, CLASS_LOGITS, FD_MESSAGE_TYPE
+from fedkd.client.settings import ClientSettings
+from fedkd.protocol import LOGITS, TARGETS, TRANSFER
+from fedkd.wire import reply_order
+from strategies.base import KDStrategy
+
+log = logging.getLogger(__name__)
+
+TARGET_LOGITS, TARGET_COUNTS = f"{TARGETS}.{CLASS_LOGITS}", f"{TARGETS}.{CLASS_COUNTS}"
+
+
+def class_weighted_mean(
+    class_logits: np.ndarray, class_counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Count-weighted mean logit vector per class over clients.
+
+    Parameters
+    ----------
+    class_logits : np.ndarray
+        [K, C, C]: client k's mean logits over its rows of class c in ``[k, c]``.
+    class_counts : np.ndarray
+        [K, C]: client k's number of rows of class c (>= 0).
+
+    Returns
+    -------
+    global_logits : np.ndarray
+        float32 [C, C]; row c = ``sum_k n_kc * logits_kc / sum_k n_kc``, zeros where no client
+        holds class c.
+    total_counts : np.ndarray
+        int64 [C]: ``sum_k n_kc``.
+    """
+    logits = np.asarray(class_logits, dtype=np.float64)
+    counts = np.asarray(class_counts, dtype=np.float64)
+    total = counts.sum(axis=0)
+    sums = np.einsum("kc,kcd->cd", counts, logits)
+    mean = np.divide(sums, total[:, None], out=np.zeros_like(sums), where=total[:, None] > 0)
+    return mean.astype(np.float32), np.rint(total).astype(np.int64)
+
+
+def reply_class_logits(reply: Message, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validated class logits [C, C] and counts [C] of a reply.
+
+    Raises ValueError naming what is wrong for a malformed (or malicious) reply: a missing
+    record, wrong shapes, non-finite logits, or counts that are not whole numbers >= 0.
+    """
+    record = reply.content.array_records.get(LOGITS)
+    if record is None or CLASS_LOGITS not in record or CLASS_COUNTS not in record:
+        raise ValueError(f"reply carries no {CLASS_LOGITS} / {CLASS_COUNTS}")
+    logits, counts = record[CLASS_LOGITS].numpy(), record[CLASS_COUNTS].numpy()
+    if logits.shape != (num_classes, num_classes):
+        raise ValueError(f"{CLASS_LOGITS} have shape {logits.shape}, expected "
+                         f"{(num_classes, num_classes)}")
+    if counts.shape != (num_classes,):
+        raise ValueError(f"{CLASS_COUNTS} have shape {counts.shape}, expected {(num_classes,)}")
+    if not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
+        raise ValueError(f"{CLASS_LOGITS} must be finite floating-point numbers")
+    if (not np.issubdtype(counts.dtype, np.number) or not np.isfinite(counts).all()
+            or (counts < 0).any() or (counts != np.rint(counts)).any()):
+        raise ValueError(f"{CLASS_COUNTS} must be whole numbers >= 0")
+    return logits.astype(np.float32), counts.astype(np.int64)
+
+
+class FD(KDStrategy):
+    """FD / FedDistill on Flower's Message API.
+
+    Takes `KDStrategy`'s parameters except `aggregator` and `transfer_size` (there is no
+    transfer set); `temperature` is only logged (the clients soften the class logits at
+    ``distill.temperature``), `min_replies` keeps the previous class targets when fewer valid
+    replies arrive.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        for unused in ("aggregator", "transfer_size"):
+            kwargs.pop(unused, None)
+        super().__init__(aggregator=None, **kwargs)
+        self._num_classes: dict[int, int] = {}  # round -> C
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        log.info("FD: per-class mean logits, fraction_train=%s min_replies=%d T=%s",
+                 self.fraction_train, self.min_replies, self.temperature)
+
+    def transfer_rows(self, server_round: int, settings: ClientSettings) -> np.ndarray | None:
+        """No transfer set: nothing is asked on inputs."""
+        return None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """`KDStrategy`'s messages, retyped ``train.fd``, carrying last round's class targets."""
+        settings = ClientSettings.from_config(config)
+        self._num_classes[server_round] = int(settings.data["num_classes"])
+        targets = ArrayRecord()
+        if TARGET_LOGITS in arrays:
+            targets[TARGET_LOGITS] = arrays[TARGET_LOGITS]
+            targets[TARGET_COUNTS] = arrays[TARGET_COUNTS]
+        messages = list(super().configure_train(server_round, ArrayRecord(), config, grid))
+        for message in messages:
+            message.metadata.message_type = FD_MESSAGE_TYPE
+            message.content[TRANSFER] = targets
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate the replies and combine their class logits, count-weighted, per class."""
+        replies = [r for r in replies if not r.has_error()]
+        _, metrics = super().aggregate_train(server_round, replies)
+        num_classes = self._num_classes.pop(server_round, None)
+        if num_classes is None:
+            return None, metrics
+        logits, counts = [], []
+        for reply in sorted(replies, key=reply_order):
+            try:
+                reply_logits, reply_counts = reply_class_logits(reply, num_classes)
+            except (ValueError, KeyError, TypeError) as err:
+                log.warning("round %d: reply from node %s dropped: %s", server_round,
+                            reply.metadata.src_node_id, err)
+                continue
+            logits.append(reply_logits)
+            counts.append(reply_counts)
+        if len(logits) < self.min_replies:
+            log.warning("round %d: %d valid replies < min_replies=%d; keeping previous targets",
+                        server_round, len(logits), self.min_replies)
+            return None, metrics
+        mean, total = class_weighted_mean(np.stack(logits), np.stack(counts))
+        log.debug("round %d: class counts %s", server_round, total.tolist())
+        return ArrayRecord({TARGET_LOGITS: Array(mean), TARGET_COUNTS: Array(total)}), metrics
