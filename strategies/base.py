@@ -37,6 +37,9 @@ Aggregator = Callable[..., np.ndarray]
 class KDStrategy(Strategy):
     """Logit exchange on a public transfer set, with a pluggable aggregator.
 
+    Subclasses change what travels by overriding `message_type`, `build_transfer` (what the
+    server sends) and `aggregate_replies` (how the valid replies become the next round's record).
+
     Parameters
     ----------
     aggregator : callable or None
@@ -59,6 +62,8 @@ class KDStrategy(Strategy):
     wait_for_nodes_s : float
         Longest wait for `min_available_nodes`; then the round goes on with those connected.
     """
+
+    message_type = MESSAGE_TYPE
 
     def __init__(
         self,
@@ -125,40 +130,53 @@ class KDStrategy(Strategy):
         size = min(len(free), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
         return sorted(self._rng.sample(free, size))
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """One message per sampled node: previous soft targets + next transfer rows + settings."""
-        settings = ClientSettings.from_config(config)
+    def build_transfer(
+        self, server_round: int, arrays: ArrayRecord, settings: ClientSettings
+    ) -> ArrayRecord:
+        """The ``transfer`` record: last round's soft targets and this round's transfer rows."""
         rows = self.transfer_rows(server_round, settings)
         if rows is not None:
             self._asked[server_round] = (rows, int(settings.data["num_classes"]))
         has_targets = f"{TARGETS}.probs" in arrays
-        transfer = transfer_record(
+        return transfer_record(
             soft_targets=arrays[f"{TARGETS}.probs"].numpy() if has_targets else None,
             target_rows=_target_rows(arrays) if has_targets else None,
             next_rows=rows,
         )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per sampled node: the transfer record plus the settings."""
+        settings = ClientSettings.from_config(config)
+        transfer = self.build_transfer(server_round, arrays, settings)
         round_config = ConfigRecord({**config, "server-round": server_round})
         content = RecordDict({CONFIG: round_config, TRANSFER: transfer})
         nodes = self.sample(grid)
         log.debug("round %d: sending to %d node(s)", server_round, len(nodes))
         return [
-            Message(content, dst_node_id=node, message_type=MESSAGE_TYPE, group_id=str(server_round))
+            Message(content, dst_node_id=node, message_type=self.message_type,
+                    group_id=str(server_round))
             for node in nodes
         ]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, sort by partition id and aggregate the logits into soft targets."""
-        replies = [r for r in replies if not r.has_error()]
-        metrics = _mean_metrics(replies)
+        """Drop error replies, average their metrics, aggregate the rest (`aggregate_replies`)."""
+        replies = sorted((r for r in replies if not r.has_error()), key=reply_order)
+        record = self.aggregate_replies(server_round, replies)
+        if record is not None:
+            self.report_server_metrics(server_round)
+        return record, _mean_metrics(replies)
+
+    def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+        """Soft targets from the valid logits (sorted by partition id); None keeps the old ones."""
         if server_round not in self._asked:
-            return None, metrics
+            return None
         rows, num_classes = self._asked.pop(server_round)
         valid, sizes, pids = [], [], []
-        for reply in sorted(replies, key=reply_order):
+        for reply in replies:
             try:
                 logits = reply_logits(reply, len(rows), num_classes)
                 size, pid = _teacher_facts(reply)
@@ -169,16 +187,21 @@ class KDStrategy(Strategy):
             valid.append(logits)
             sizes.append(size)
             pids.append(pid)
-        if len(valid) < self.min_replies:
-            log.warning("round %d: %d valid replies < min_replies=%d; keeping previous targets",
-                        server_round, len(valid), self.min_replies)
-            return None, metrics
+        if not self.enough(server_round, len(valid)):
+            return None
         meta = TeacherMeta(num_examples=np.array(sizes, dtype=np.float64),
                            partition_ids=np.array(pids, dtype=np.int64),
                            server_round=server_round, seed=self.seed)
         soft = self.aggregate_logits(np.stack(valid), meta)
-        self.report_server_metrics(server_round)
-        return transfer_record(soft_targets=soft, target_rows=rows), metrics
+        return transfer_record(soft_targets=soft, target_rows=rows)
+
+    def enough(self, server_round: int, valid: int) -> bool:
+        """Whether `valid` replies meet `min_replies` (else the previous record stays)."""
+        if valid < self.min_replies:
+            log.warning("round %d: %d valid replies < min_replies=%d; keeping previous targets",
+                        server_round, valid, self.min_replies)
+            return False
+        return True
 
     def report_server_metrics(self, server_round: int) -> None:
         """Hand what the aggregator reports about itself (e.g. privacy spent) to the sinks."""

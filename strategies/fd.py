@@ -6,25 +6,20 @@ class counts [C]. The server forms the count-weighted mean per class (`class_wei
 sends it with the next round's message (type ``train.fd``, handled by `fedkd.client.fd.fd_round`).
 Only C * (C + 1) numbers per client and round cross the wire, whatever the model.
 
-The round loop, node sampling and the settings message are `KDStrategy`'s: `configure_train`
-calls ``super()`` and swaps in the class targets and the message type; `aggregate_train` calls
-``super()`` for the metrics (with no transfer rows asked it aggregates nothing) and then combines
-the class logits.
+The round loop, node sampling, the settings message and the reply metrics are `KDStrategy`'s;
+FD overrides only `message_type`, `build_transfer` (the class targets) and `aggregate_replies`
+(the count-weighted class means).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, Message
 
 from fedkd.client.fd import CLASS_COUNTS, CLASS_LOGITS, FD_MESSAGE_TYPE
 from fedkd.client.settings import ClientSettings
-from fedkd.protocol import LOGITS, TARGETS, TRANSFER
-from fedkd.wire import reply_order
+from fedkd.protocol import LOGITS, TARGETS
 from strategies.base import KDStrategy
 
 log = logging.getLogger(__name__)
@@ -92,6 +87,8 @@ class FD(KDStrategy):
     replies arrive.
     """
 
+    message_type = FD_MESSAGE_TYPE
+
     def __init__(self, **kwargs) -> None:
         for unused in ("aggregator", "transfer_size"):
             kwargs.pop(unused, None)
@@ -103,37 +100,24 @@ class FD(KDStrategy):
         log.info("FD: per-class mean logits, fraction_train=%s min_replies=%d T=%s",
                  self.fraction_train, self.min_replies, self.temperature)
 
-    def transfer_rows(self, server_round: int, settings: ClientSettings) -> np.ndarray | None:
-        """No transfer set: nothing is asked on inputs."""
-        return None
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """`KDStrategy`'s messages, retyped ``train.fd``, carrying last round's class targets."""
-        settings = ClientSettings.from_config(config)
+    def build_transfer(
+        self, server_round: int, arrays: ArrayRecord, settings: ClientSettings
+    ) -> ArrayRecord:
+        """Last round's global class logits and counts (nothing in round 1); no transfer set."""
         self._num_classes[server_round] = int(settings.data["num_classes"])
         targets = ArrayRecord()
         if TARGET_LOGITS in arrays:
             targets[TARGET_LOGITS] = arrays[TARGET_LOGITS]
             targets[TARGET_COUNTS] = arrays[TARGET_COUNTS]
-        messages = list(super().configure_train(server_round, ArrayRecord(), config, grid))
-        for message in messages:
-            message.metadata.message_type = FD_MESSAGE_TYPE
-            message.content[TRANSFER] = targets
-        return messages
+        return targets
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         """Validate the replies and combine their class logits, count-weighted, per class."""
-        replies = [r for r in replies if not r.has_error()]
-        _, metrics = super().aggregate_train(server_round, replies)
         num_classes = self._num_classes.pop(server_round, None)
         if num_classes is None:
-            return None, metrics
+            return None
         logits, counts = [], []
-        for reply in sorted(replies, key=reply_order):
+        for reply in replies:
             try:
                 reply_logits, reply_counts = reply_class_logits(reply, num_classes)
             except (ValueError, KeyError, TypeError) as err:
@@ -142,10 +126,8 @@ class FD(KDStrategy):
                 continue
             logits.append(reply_logits)
             counts.append(reply_counts)
-        if len(logits) < self.min_replies:
-            log.warning("round %d: %d valid replies < min_replies=%d; keeping previous targets",
-                        server_round, len(logits), self.min_replies)
-            return None, metrics
+        if not self.enough(server_round, len(logits)):
+            return None
         mean, total = class_weighted_mean(np.stack(logits), np.stack(counts))
         log.debug("round %d: class counts %s", server_round, total.tolist())
-        return ArrayRecord({TARGET_LOGITS: Array(mean), TARGET_COUNTS: Array(total)}), metrics
+        return ArrayRecord({TARGET_LOGITS: Array(mean), TARGET_COUNTS: Array(total)})

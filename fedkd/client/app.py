@@ -13,6 +13,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedkd.client.fd import fd_round
 from fedkd.client.data import ClientData, client_data, partition_id_of
 from fedkd.client.settings import ClientSettings
 from fedkd.client.state import Student
@@ -21,6 +22,7 @@ from fedkd.losses import distill_loss
 from fedkd.protocol import CONFIG, LOGITS, METRICS, NEXT, TARGETS, TRANSFER, rows_from
 
 app = ClientApp()
+app.train("fd")(fd_round)  # FD / FedDistill: per-class mean logits (fedkd.client.fd)
 
 
 def _round_of(msg: Message) -> int:
