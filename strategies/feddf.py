@@ -1,0 +1,254 @@
+"""FedDF (Lin et al. 2020): average weights per architecture, then distil the ensemble into each.
+
+Clients upload their full weights (message type ``train``, handled by the ClientApp's parameter
+exchange handler). Flower's `Strategy.start` runs the round loop; FedDF fills its hooks:
+
+- `configure_train` sends each sampled node the global model of its architecture. In round 1 the
+  server knows no node's architecture (node ids are random; the partition id arrives in the reply),
+  so it sends no weights: every client trains its own model with its warm-up budget.
+- `aggregate_train` checks each reply's weights against its architecture, averages them within
+  each architecture (weighted by the number of private examples), forms soft targets from the
+  ensemble of all K client models on the public set (the configured aggregator), and distils them
+  into every architecture's average (KD, no labels). The result is one ArrayRecord with keys
+  ``"<arch>/<state-dict key>"`` that `start` hands to the next round.
+- `configure_evaluate` sends each known node its architecture's distilled model; the ClientApp's
+  ``evaluate`` handler reports test accuracy per partition.
+
+Clients with the role ``teacher`` (``model.roles``) are never taught: they get no global weights,
+their models join the ensemble but not the averages, and they are evaluated on their own upload.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from torch import nn
+
+from fedkd.aggregation import TeacherMeta, mean_logits
+from fedkd.client.settings import ClientSettings
+from fedkd.data import load_public
+from fedkd.errors import ConfigError
+from fedkd.models import build_model
+from fedkd.protocol import CONFIG
+from fedkd.server_distill import (
+    StateDict, average_states, checked_state, distill, join_models, kd_divergence, split_models,
+    teacher_logits,
+)
+from fedkd.wire import reply_order
+from strategies.base import Aggregator, KDStrategy, _mean_metrics, _teacher_facts
+
+log = logging.getLogger(__name__)
+
+ARRAYS = "arrays"
+"""Record name of the weights in requests and replies (Flower's parameter-exchange convention)."""
+
+
+@dataclass
+class Teacher:
+    """One valid reply: the client's architecture, facts and trained model."""
+
+    arch: str
+    partition_id: int
+    num_examples: float
+    state: StateDict
+    model: nn.Module
+
+
+class FedDF(KDStrategy):
+    """Ensemble distillation for model fusion, with heterogeneous architectures.
+
+    Parameters
+    ----------
+    aggregator : callable
+        ``f(logits [K, N, C], meta, temperature=T) -> soft targets [N, C]`` over all K client models.
+    server_epochs : int
+        Passes over the transfer rows when distilling into each architecture's average.
+    server_lr : float
+        Learning rate of the server's Adam optimizer (a fresh one per architecture and round).
+    server_batch_size : int or None
+        Mini-batch size of server distillation; None uses the clients' ``distill.batch_size``.
+    **kwargs
+        `KDStrategy`'s parameters: fraction_train, min_train_nodes, min_available_nodes,
+        min_replies, transfer_size (public rows distilled on per round; None = all), temperature
+        (of the soft targets and the server's KD loss), seed (sampling, transfer rows and server
+        distillation, with the round), wait_for_nodes_s.
+    """
+
+    def __init__(
+        self,
+        aggregator: Aggregator | None = mean_logits,
+        server_epochs: int = 5,
+        server_lr: float = 1e-3,
+        server_batch_size: int | None = None,
+        **kwargs,
+    ) -> None:
+        if aggregator is None:
+            raise ConfigError("FedDF needs an aggregator to form the ensemble's soft targets")
+        if server_epochs < 0:
+            raise ConfigError(f"strategy.server_epochs must be >= 0, got {server_epochs}")
+        if not server_lr > 0:
+            raise ConfigError(f"strategy.server_lr must be > 0, got {server_lr}")
+        if server_batch_size is not None and server_batch_size < 1:
+            raise ConfigError(
+                f"strategy.server_batch_size must be >= 1 or null, got {server_batch_size}")
+        super().__init__(aggregator=aggregator, **kwargs)
+        self.server_epochs = server_epochs
+        self.server_lr = server_lr
+        self.server_batch_size = server_batch_size
+        self._partitions: dict[int, int] = {}  # node id -> partition id, learned from replies
+        self._models: dict[str, StateDict] = {}  # architecture -> distilled global model
+        self._own: dict[int, ArrayRecord] = {}  # teacher node id -> its last upload (evaluation)
+        self._settings: ClientSettings | None = None
+        self._public: torch.Tensor | None = None
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        super().summary()
+        log.info("FedDF server distillation: epochs=%d lr=%s batch=%s", self.server_epochs,
+                 self.server_lr, self.server_batch_size or "distill.batch_size")
+
+    def model_for(self, node_id: int, models: dict[str, ArrayRecord]) -> ArrayRecord | None:
+        """The global model a node gets: its architecture's if known (a teacher: None)."""
+        pid = self._partitions.get(node_id)
+        if pid is None or self._settings is None or self._settings.role_of(pid) == "teacher":
+            return None
+        return models.get(self._settings.arch_of(pid)[0])
+
+    # --- Flower hooks -------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One ``train`` message per sampled node, with its architecture's model when known."""
+        self._settings = ClientSettings.from_config(config)
+        models = split_models(arrays)
+        messages = self._per_node(server_round, config, self.sample(grid), "train",
+                                  lambda node: self.model_for(node, models), require_model=False)
+        log.debug("round %d: %d node(s), %d with weights", server_round, len(messages),
+                  sum(ARRAYS in m.content for m in messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check the weights, average them per architecture, distil the ensemble into each."""
+        replies = [r for r in replies if not r.has_error()]
+        metrics = _mean_metrics(replies)
+        if self._settings is None:
+            return None, metrics
+        teachers = []
+        for reply in sorted(replies, key=reply_order):
+            try:
+                teacher = self._teacher(reply, self._settings)
+            except (ValueError, KeyError, TypeError) as err:
+                log.warning("round %d: reply from node %s dropped: %s", server_round,
+                            reply.metadata.src_node_id, err)
+                continue
+            self._partitions[reply.metadata.src_node_id] = teacher.partition_id
+            if self._settings.role_of(teacher.partition_id) == "teacher":
+                self._own[reply.metadata.src_node_id] = reply.content[ARRAYS]
+            teachers.append(teacher)
+        if len(teachers) < self.min_replies:
+            log.warning("round %d: %d valid replies < min_replies=%d; keeping previous models",
+                        server_round, len(teachers), self.min_replies)
+            return None, metrics
+        losses = self._fuse(server_round, teachers)
+        for sink in self.server_metric_sinks:
+            sink(server_round, losses)
+        self.report_server_metrics(server_round)
+        metrics = MetricRecord({**(metrics or {}), **losses})
+        return join_models(self._models), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Each known, free node gets its architecture's distilled model (when evaluation is due)."""
+        settings = ClientSettings.from_config(config)
+        every = settings.train.eval_every
+        if server_round % every and server_round < settings.num_rounds:
+            return []
+        busy = grid.busy_node_ids() if hasattr(grid, "busy_node_ids") else set()
+        nodes = sorted(set(grid.get_node_ids()) - busy)
+        models = split_models(arrays)
+        return self._per_node(server_round, config, nodes, "evaluate",
+                              lambda node: self.model_for(node, models) or self._own.get(node),
+                              require_model=True)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Unweighted mean of the reported metrics (test accuracy and loss)."""
+        return _mean_metrics([r for r in replies if not r.has_error()])
+
+    # --- the pieces ---------------------------------------------------------------------------
+    def _per_node(self, server_round: int, config: ConfigRecord, nodes: list[int], message_type: str,
+                  model_of: Callable[[int], ArrayRecord | None], require_model: bool) -> list[Message]:
+        """Messages carrying the config and the node's model where it has one."""
+        round_config = ConfigRecord({**config, "server-round": server_round})
+        messages = []
+        for node in nodes:
+            content = RecordDict({CONFIG: round_config})
+            model = model_of(node)
+            if model is not None:
+                content[ARRAYS] = model
+            elif require_model:
+                continue
+            messages.append(Message(content, dst_node_id=node, message_type=message_type,
+                                    group_id=str(server_round)))
+        return messages
+
+    def _build(self, arch: str, settings: ClientSettings) -> nn.Module:
+        data = settings.data
+        return build_model(settings.archs[arch], tuple(data["input_shape"]), int(data["num_classes"]))
+
+    def _teacher(self, reply: Message, settings: ClientSettings) -> Teacher:
+        """A reply's architecture, size and weights, checked (a reply may be malicious)."""
+        size, pid = _teacher_facts(reply)
+        arch, _ = settings.arch_of(pid)
+        if ARRAYS not in reply.content.array_records:
+            raise ValueError("reply carries no arrays")
+        model = self._build(arch, settings)
+        state = checked_state(reply.content[ARRAYS], model.state_dict())
+        model.load_state_dict(state)
+        return Teacher(arch=arch, partition_id=pid, num_examples=size, state=state, model=model)
+
+    def _transfer_x(self, server_round: int, settings: ClientSettings) -> torch.Tensor:
+        """The public rows to distil on this round (all of them unless `transfer_size` is set)."""
+        if self._public is None:
+            public = load_public(str(settings.data["cache_dir"]))
+            self._public = torch.from_numpy(np.asarray(public, dtype=np.float32))
+        rows = self.transfer_rows(server_round, settings)
+        return self._public[torch.from_numpy(rows)]
+
+    def _fuse(self, server_round: int, teachers: list[Teacher]) -> dict[str, float]:
+        """Average per architecture, distil the ensemble into each; return KD losses before/after."""
+        settings = self._settings
+        assert settings is not None
+        x = self._transfer_x(server_round, settings)
+        meta = TeacherMeta(num_examples=np.array([t.num_examples for t in teachers]),
+                           partition_ids=np.array([t.partition_id for t in teachers]))
+        logits = teacher_logits([t.model for t in teachers], x)
+        soft = torch.from_numpy(self.aggregate_logits(logits, meta))
+        students = [t for t in teachers if settings.role_of(t.partition_id) == "student"]
+        before, after = [], []
+        for arch in sorted({t.arch for t in students}):
+            group = [t for t in students if t.arch == arch]
+            student = self._build(arch, settings)
+            student.load_state_dict(average_states([t.state for t in group],
+                                                   [t.num_examples for t in group]))
+            before.append(kd_divergence(student, x, soft, self.temperature))
+            distill(student, x, soft, temperature=self.temperature, epochs=self.server_epochs,
+                    lr=self.server_lr, batch_size=self.server_batch_size or settings.train.batch_size,
+                    seed=(self.seed, server_round, list(settings.archs).index(arch)))
+            after.append(kd_divergence(student, x, soft, self.temperature))
+            self._models[arch] = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            log.info("round %d: %s <- average of %d, ensemble of %d: KD %.3f -> %.3f",
+                     server_round, arch, len(group), len(teachers), before[-1], after[-1])
+        if not before:
+            return {}
+        return {"server-kd-before": float(np.mean(before)), "server-kd-after": float(np.mean(after))}
