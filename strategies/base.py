@@ -168,7 +168,7 @@ class KDStrategy(Strategy):
         record = self.aggregate_replies(server_round, replies)
         if record is not None:
             self.report_server_metrics(server_round)
-        return record, _mean_metrics(replies)
+        return record, mean_metrics(replies)
 
     def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         """Soft targets from the valid logits (sorted by partition id); None keeps the old ones."""
@@ -179,7 +179,7 @@ class KDStrategy(Strategy):
         for reply in replies:
             try:
                 logits = reply_logits(reply, len(rows), num_classes)
-                size, pid = _teacher_facts(reply)
+                size, pid = teacher_facts(reply)
             except (ValueError, KeyError, TypeError) as err:
                 log.warning("round %d: reply from node %s dropped: %s", server_round,
                             reply.metadata.src_node_id, err)
@@ -230,7 +230,7 @@ def _target_rows(arrays: ArrayRecord) -> np.ndarray:
     return arrays[key].numpy()
 
 
-def _teacher_facts(reply: Message) -> tuple[float, int]:
+def teacher_facts(reply: Message) -> tuple[float, int]:
     """A reply's private data size and partition id, checked (a reply may be malicious)."""
     metrics = reply.content[METRICS]
     size, pid = metrics["num-examples"], metrics["partition-id"]
@@ -241,7 +241,7 @@ def _teacher_facts(reply: Message) -> tuple[float, int]:
     return float(size), pid
 
 
-def _mean_metrics(replies: list[Message]) -> MetricRecord | None:
+def mean_metrics(replies: list[Message]) -> MetricRecord | None:
     """Unweighted mean of every numeric metric over the replies."""
     values: dict[str, list[float]] = {}
     for reply in replies:

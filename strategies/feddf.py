@@ -41,7 +41,7 @@ from fedkd.server_distill import (
     teacher_logits,
 )
 from fedkd.wire import reply_order
-from strategies.base import Aggregator, KDStrategy, _mean_metrics, _teacher_facts
+from strategies.base import Aggregator, KDStrategy, mean_metrics, teacher_facts
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class FedDF(KDStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check the weights, average them per architecture, distil the ensemble into each."""
         replies = [r for r in replies if not r.has_error()]
-        metrics = _mean_metrics(replies)
+        metrics = mean_metrics(replies)
         if self._settings is None:
             return None, metrics
         teachers = []
@@ -183,7 +183,7 @@ class FedDF(KDStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Unweighted mean of the reported metrics (test accuracy and loss)."""
-        return _mean_metrics([r for r in replies if not r.has_error()])
+        return mean_metrics([r for r in replies if not r.has_error()])
 
     # --- the pieces ---------------------------------------------------------------------------
     def _per_node(self, server_round: int, config: ConfigRecord, nodes: list[int], message_type: str,
@@ -208,7 +208,7 @@ class FedDF(KDStrategy):
 
     def _teacher(self, reply: Message, settings: ClientSettings) -> Teacher:
         """A reply's architecture, size and weights, checked (a reply may be malicious)."""
-        size, pid = _teacher_facts(reply)
+        size, pid = teacher_facts(reply)
         arch, _ = settings.arch_of(pid)
         if ARRAYS not in reply.content.array_records:
             raise ValueError("reply carries no arrays")
