@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -30,6 +31,7 @@ from fedkd.protocol import transfer_record
 from fedkd.wire import reply_order
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Aggregator = Callable[..., np.ndarray]
 
@@ -175,20 +177,11 @@ class KDStrategy(Strategy):
         if server_round not in self._asked:
             return None
         rows, num_classes = self._asked.pop(server_round)
-        valid, sizes, pids = [], [], []
-        for reply in replies:
-            try:
-                logits = reply_logits(reply, len(rows), num_classes)
-                size, pid = teacher_facts(reply)
-            except (ValueError, KeyError, TypeError) as err:
-                log.warning("round %d: reply from node %s dropped: %s", server_round,
-                            reply.metadata.src_node_id, err)
-                continue
-            valid.append(logits)
-            sizes.append(size)
-            pids.append(pid)
-        if not self.enough(server_round, len(valid)):
+        parsed = [facts for _, facts in parse_replies(
+            server_round, replies, lambda r: (reply_logits(r, len(rows), num_classes), *teacher_facts(r)))]
+        if not self.enough(server_round, len(parsed)):
             return None
+        valid, sizes, pids = zip(*parsed)
         meta = TeacherMeta(num_examples=np.array(sizes, dtype=np.float64),
                            partition_ids=np.array(pids, dtype=np.int64),
                            server_round=server_round, seed=self.seed)
@@ -198,7 +191,7 @@ class KDStrategy(Strategy):
     def enough(self, server_round: int, valid: int) -> bool:
         """Whether `valid` replies meet `min_replies` (else the previous record stays)."""
         if valid < self.min_replies:
-            log.warning("round %d: %d valid replies < min_replies=%d; keeping previous targets",
+            log.warning("round %d: %d valid replies < min_replies=%d; keeping the previous round's",
                         server_round, valid, self.min_replies)
             return False
         return True
@@ -223,6 +216,21 @@ class KDStrategy(Strategy):
     ) -> MetricRecord | None:
         """Nothing to aggregate (see `configure_evaluate`)."""
         return None
+
+
+def parse_replies(
+    server_round: int, replies: Iterable[Message], parse: Callable[[Message], T]
+) -> list[tuple[Message, T]]:
+    """`parse` every reply; a reply it rejects (ValueError, KeyError, TypeError) is dropped with a
+    warning naming the node, so a malformed or malicious reply never breaks the round."""
+    parsed = []
+    for reply in replies:
+        try:
+            parsed.append((reply, parse(reply)))
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("round %d: reply from node %s dropped: %s", server_round,
+                        reply.metadata.src_node_id, err)
+    return parsed
 
 
 def _target_rows(arrays: ArrayRecord) -> np.ndarray:

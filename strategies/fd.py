@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, Message
 from fedkd.client.fd import CLASS_COUNTS, CLASS_LOGITS, FD_MESSAGE_TYPE
 from fedkd.client.settings import ClientSettings
 from fedkd.protocol import LOGITS, TARGETS
-from strategies.base import KDStrategy
+from strategies.base import KDStrategy, parse_replies
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +116,11 @@ class FD(KDStrategy):
         num_classes = self._num_classes.pop(server_round, None)
         if num_classes is None:
             return None
-        logits, counts = [], []
-        for reply in replies:
-            try:
-                reply_logits, reply_counts = reply_class_logits(reply, num_classes)
-            except (ValueError, KeyError, TypeError) as err:
-                log.warning("round %d: reply from node %s dropped: %s", server_round,
-                            reply.metadata.src_node_id, err)
-                continue
-            logits.append(reply_logits)
-            counts.append(reply_counts)
-        if not self.enough(server_round, len(logits)):
+        parsed = [pair for _, pair in parse_replies(
+            server_round, replies, lambda r: reply_class_logits(r, num_classes))]
+        if not self.enough(server_round, len(parsed)):
             return None
+        logits, counts = zip(*parsed)
         mean, total = class_weighted_mean(np.stack(logits), np.stack(counts))
         log.debug("round %d: class counts %s", server_round, total.tolist())
         return ArrayRecord({TARGET_LOGITS: Array(mean), TARGET_COUNTS: Array(total)})

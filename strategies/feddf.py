@@ -40,8 +40,7 @@ from fedkd.server_distill import (
     StateDict, average_states, checked_state, distill, join_models, kd_divergence, split_models,
     teacher_logits,
 )
-from fedkd.wire import reply_order
-from strategies.base import Aggregator, KDStrategy, mean_metrics, teacher_facts
+from strategies.base import Aggregator, KDStrategy, mean_metrics, parse_replies, teacher_facts
 
 log = logging.getLogger(__name__)
 
@@ -133,36 +132,23 @@ class FedDF(KDStrategy):
                   sum(ARRAYS in m.content for m in messages))
         return messages
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         """Check the weights, average them per architecture, distil the ensemble into each."""
-        replies = [r for r in replies if not r.has_error()]
-        metrics = mean_metrics(replies)
         if self._settings is None:
-            return None, metrics
+            return None
         teachers = []
-        for reply in sorted(replies, key=reply_order):
-            try:
-                teacher = self._teacher(reply, self._settings)
-            except (ValueError, KeyError, TypeError) as err:
-                log.warning("round %d: reply from node %s dropped: %s", server_round,
-                            reply.metadata.src_node_id, err)
-                continue
+        for reply, teacher in parse_replies(server_round, replies,
+                                            lambda r: self._teacher(r, self._settings)):
             self._partitions[reply.metadata.src_node_id] = teacher.partition_id
             if self._settings.role_of(teacher.partition_id) == "teacher":
                 self._own[reply.metadata.src_node_id] = reply.content[ARRAYS]
             teachers.append(teacher)
-        if len(teachers) < self.min_replies:
-            log.warning("round %d: %d valid replies < min_replies=%d; keeping previous models",
-                        server_round, len(teachers), self.min_replies)
-            return None, metrics
+        if not self.enough(server_round, len(teachers)):
+            return None
         losses = self._fuse(server_round, teachers)
         for sink in self.server_metric_sinks:
             sink(server_round, losses)
-        self.report_server_metrics(server_round)
-        metrics = MetricRecord({**(metrics or {}), **losses})
-        return join_models(self._models), metrics
+        return join_models(self._models)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
