@@ -45,7 +45,7 @@ def _colours(order: Sequence[str]) -> dict[str, tuple[float, ...]]:
 def _finish(fig: plt.Figure, ax: plt.Axes, path: Path, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -67,7 +67,7 @@ def plot_accuracy_vs_round(curves: pd.DataFrame, path: Path, order: Sequence[str
         Draw a dashed line at this accuracy.
     """
     colours = _colours(order)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10.5, 4.8), dpi=120)
     for arm in order:
         rows = curves[(curves.arm == arm)].dropna(subset=["mean"])
         if rows.empty:
@@ -93,7 +93,7 @@ def plot_accuracy_vs_bytes(curves: pd.DataFrame, path: Path, order: Sequence[str
     accuracy is a dotted horizontal line instead. Parameters as in `plot_accuracy_vs_round`.
     """
     colours = _colours(order)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10.5, 4.8), dpi=120)
     silent = []
     for arm in order:
         rows = curves[(curves.arm == arm)].dropna(subset=["mean"])
