@@ -23,6 +23,7 @@ from fedkd.data import load_client, load_public, load_test
 from fedkd.losses import distill_loss
 from fedkd.models import build_model
 from fedkd.server import PreparedRun
+from fedkd.transfer import Public
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ def run_plain(
     t = s.train
     flower = cfg.strategy.flower
     aggregator = hydra.utils.instantiate(flower.aggregator) if "aggregator" in flower else None
+    transfer = (hydra.utils.instantiate(flower.transfer) if "transfer" in flower
+                else Public(flower.get("transfer_size"), int(cfg.seed)))
     public = torch.from_numpy(load_public(info.cache_dir)).float()
     test_x, test_y = (torch.from_numpy(a) for a in load_test(info.cache_dir))
     test_x, test_y = test_x.float(), test_y.long()
@@ -55,17 +58,19 @@ def run_plain(
     history: dict[int, dict[int, float]] = {}
     for rnd in range(1, s.num_rounds + 1):
         logits, sizes = [], []
-        next_rows = np.arange(len(public)) if aggregator is not None else None
+        next_rows = transfer.rows(rnd, s) if aggregator is not None else None
+        next_x = None if next_rows is None else _inputs(next_rows, public)
         history[rnd] = {}
+        target_x = None if rows is None else _inputs(rows, public)
         for pid, (model, opt, x, y) in enumerate(clients):
             gen = round_generator(s.seed, pid, rnd)
             if soft is not None:
-                digest(model, opt, public[rows], soft, x, y, loss=loss, epochs=t.digest_epochs,
+                digest(model, opt, target_x, soft, x, y, loss=loss, epochs=t.digest_epochs,
                        batch_size=t.batch_size, gen=gen)
             revisit(model, opt, x, y, batch_size=t.batch_size, gen=gen,
                     **t.local_budget(first_round=rnd == 1))
             if next_rows is not None:
-                logits.append(predict_logits(model, public[torch.from_numpy(next_rows)]))
+                logits.append(predict_logits(model, next_x))
                 sizes.append(len(x))
             if rnd % t.eval_every == 0 or rnd == s.num_rounds:
                 history[rnd][pid] = evaluate(model, test_x, test_y)[0]
@@ -81,6 +86,13 @@ def run_plain(
         if on_round is not None:
             on_round(rnd)
     return history
+
+
+def _inputs(rows: np.ndarray, public: torch.Tensor) -> torch.Tensor:
+    """Public rows for integer indices, else the (synthetic) inputs themselves."""
+    if np.issubdtype(rows.dtype, np.integer):
+        return public[torch.from_numpy(rows)]
+    return torch.from_numpy(rows)
 
 
 if __name__ == "__main__":

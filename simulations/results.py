@@ -50,7 +50,8 @@ class Recorder:
         cfg = run.cfg
         info = {
             "strategy": str(cfg.strategy.name),
-            "aggregator": _aggregator_name(cfg),
+            "aggregator": _component_name(cfg, "aggregator"),
+            "transfer": _component_name(cfg, "transfer"),
             "dataset": str(cfg.dataset.name),
             "partition": str(cfg.partition.name),
             "num_clients": int(cfg.num_clients),
@@ -160,10 +161,10 @@ class Recorder:
         return summary
 
 
-def _aggregator_name(cfg: Any) -> str | None:
-    """Name of the aggregator the strategy uses (the function named by its `_target_`)."""
+def _component_name(cfg: Any, key: str) -> str | None:
+    """Name of a part the strategy uses (aggregator, transfer): what its `_target_` names."""
     flower = cfg.strategy.get("flower") or {}
-    node = flower.get("aggregator") if hasattr(flower, "get") else None
+    node = flower.get(key) if hasattr(flower, "get") else None
     return str(node["_target_"]).rsplit(".", 1)[-1] if node else None
 
 

@@ -28,6 +28,7 @@ from fedkd.client.settings import ClientSettings
 from fedkd.errors import ConfigError
 from fedkd.protocol import CONFIG, MESSAGE_TYPE, METRICS, TARGETS, TRANSFER, reply_logits
 from fedkd.protocol import transfer_record
+from fedkd.transfer import Public, TransferSource
 from fedkd.wire import reply_order
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ class KDStrategy(Strategy):
         Fewer valid replies than this leave the soft targets of the previous round in place.
     transfer_size : int or None
         Public rows per round (a fresh seeded sample each round); None uses the whole public set.
+        Shorthand for ``transfer=fedkd.transfer.Public(transfer_size, seed)``.
+    transfer : TransferSource or None
+        What to ask logits on each round (`fedkd.transfer`: the public set, noise, ...); None uses
+        the public set as `transfer_size` says.
     temperature : float
         Temperature at which soft targets are formed (the clients distil at the same one).
     seed : int
@@ -75,6 +80,7 @@ class KDStrategy(Strategy):
         min_available_nodes: int = 2,
         min_replies: int = 1,
         transfer_size: int | None = None,
+        transfer: TransferSource | None = None,
         temperature: float = 1.0,
         seed: int = 0,
         wait_for_nodes_s: float = 60.0,
@@ -91,6 +97,7 @@ class KDStrategy(Strategy):
         self.min_available_nodes = min_available_nodes
         self.min_replies = min_replies
         self.transfer_size = transfer_size
+        self.transfer = transfer if transfer is not None else Public(transfer_size, seed)
         self.temperature = temperature
         self.seed = seed
         self.wait_for_nodes_s = wait_for_nodes_s
@@ -100,14 +107,10 @@ class KDStrategy(Strategy):
 
     # --- hooks subclasses may override ------------------------------------------------------
     def transfer_rows(self, server_round: int, settings: ClientSettings) -> np.ndarray | None:
-        """Public-set rows to ask logits on this round (None: ask nothing)."""
+        """Rows to ask logits on this round (None: ask nothing): the transfer source's choice."""
         if self.aggregator is None:
             return None
-        num_public = int(settings.data["num_public"])
-        if self.transfer_size is None or self.transfer_size >= num_public:
-            return np.arange(num_public, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, server_round])
-        return np.sort(rng.choice(num_public, self.transfer_size, replace=False)).astype(np.int64)
+        return self.transfer.rows(server_round, settings)
 
     def aggregate_logits(self, logits: np.ndarray, meta: TeacherMeta) -> np.ndarray:
         """Soft targets [N, C] from the teachers' logits [K, N, C]."""
@@ -118,9 +121,10 @@ class KDStrategy(Strategy):
     def summary(self) -> None:
         """Log the strategy's settings."""
         name = getattr(self.aggregator, "func", self.aggregator)
-        log.info("%s: aggregator=%s fraction_train=%s min_replies=%d transfer_size=%s T=%s",
-                 type(self).__name__, getattr(name, "__name__", name), self.fraction_train,
-                 self.min_replies, self.transfer_size, self.temperature)
+        log.info("%s: aggregator=%s transfer=%s fraction_train=%s min_replies=%d T=%s",
+                 type(self).__name__, getattr(name, "__name__", name),
+                 type(self.transfer).__name__, self.fraction_train, self.min_replies,
+                 self.temperature)
 
     def sample(self, grid: Grid) -> list[int]:
         """Sample nodes among the connected ones that owe no reply."""

@@ -1,0 +1,79 @@
+"""Transfer-set sources: what the server asks the teachers' logits on each round.
+
+A source returns either integer row indices into the public set every node holds (`Public`), or
+float inputs shaped like the data that the server made itself without any data (`UniformNoise`,
+`GaussianNoise`; generators plug in here later). `fedkd.protocol.transfer_record` names them
+``*.indices`` or ``*.inputs``; synthetic inputs travel as arrays and the wire counts their bytes.
+Every source is seeded from (seed, round), so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from fedkd.client.settings import ClientSettings
+from fedkd.errors import ConfigError
+
+
+class TransferSource(Protocol):
+    """Something that names this round's transfer rows."""
+
+    def rows(self, server_round: int, settings: ClientSettings) -> np.ndarray:
+        """Integer indices into the public set, or float inputs [M, *input_shape]."""
+
+
+def _check_size(size: int | None, allow_none: bool) -> None:
+    if size is None and allow_none:
+        return
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError(f"transfer.size must be an int >= 1{' or null' * allow_none}, got {size!r}")
+
+
+class Public:
+    """Rows of the shared public set: all of them, or a fresh seeded sample of `size` per round."""
+
+    def __init__(self, size: int | None = None, seed: int = 0) -> None:
+        _check_size(size, allow_none=True)
+        self.size, self.seed = size, seed
+
+    def rows(self, server_round: int, settings: ClientSettings) -> np.ndarray:
+        """Sorted indices into the public set."""
+        num_public = int(settings.data["num_public"])
+        if self.size is None or self.size >= num_public:
+            return np.arange(num_public, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, server_round])
+        return np.sort(rng.choice(num_public, self.size, replace=False)).astype(np.int64)
+
+
+class UniformNoise:
+    """`size` inputs drawn uniformly from [low, high] (match it to the data's normalised range)."""
+
+    def __init__(self, size: int = 400, low: float = 0.0, high: float = 1.0, seed: int = 0) -> None:
+        _check_size(size, allow_none=False)
+        if not high > low:
+            raise ConfigError(f"transfer.high must be > transfer.low, got low={low}, high={high}")
+        self.size, self.low, self.high, self.seed = size, low, high, seed
+
+    def rows(self, server_round: int, settings: ClientSettings) -> np.ndarray:
+        """Float32 inputs [size, *input_shape]."""
+        rng = np.random.default_rng([self.seed, server_round])
+        shape = (self.size, *settings.data["input_shape"])
+        return rng.uniform(self.low, self.high, size=shape).astype(np.float32)
+
+
+class GaussianNoise:
+    """`size` inputs drawn from N(mean, std^2) (match it to the data's normalised statistics)."""
+
+    def __init__(self, size: int = 400, mean: float = 0.0, std: float = 1.0, seed: int = 0) -> None:
+        _check_size(size, allow_none=False)
+        if not std > 0:
+            raise ConfigError(f"transfer.std must be > 0, got {std}")
+        self.size, self.mean, self.std, self.seed = size, mean, std, seed
+
+    def rows(self, server_round: int, settings: ClientSettings) -> np.ndarray:
+        """Float32 inputs [size, *input_shape]."""
+        rng = np.random.default_rng([self.seed, server_round])
+        shape = (self.size, *settings.data["input_shape"])
+        return rng.normal(self.mean, self.std, size=shape).astype(np.float32)
