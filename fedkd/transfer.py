@@ -9,6 +9,7 @@ Every source is seeded from (seed, round), so runs are reproducible.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Protocol
 
 import numpy as np
@@ -47,8 +48,24 @@ class Public:
         return np.sort(rng.choice(num_public, self.size, replace=False)).astype(np.int64)
 
 
-class UniformNoise:
-    """`size` inputs drawn uniformly from [low, high] (match it to the data's normalised range)."""
+class _Noise(ABC):
+    """`size` synthetic inputs shaped like the data, drawn afresh (seeded) every round."""
+
+    size: int
+    seed: int
+
+    def rows(self, server_round: int, settings: ClientSettings) -> np.ndarray:
+        """Float32 inputs [size, *input_shape]."""
+        rng = np.random.default_rng([self.seed, server_round])
+        return self.draw(rng, (self.size, *settings.data["input_shape"])).astype(np.float32)
+
+    @abstractmethod
+    def draw(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        """Samples of the given shape."""
+
+
+class UniformNoise(_Noise):
+    """Inputs drawn uniformly from [low, high] (match it to the data's normalised range)."""
 
     def __init__(self, size: int = 400, low: float = 0.0, high: float = 1.0, seed: int = 0) -> None:
         _check_size(size, allow_none=False)
@@ -56,15 +73,13 @@ class UniformNoise:
             raise ConfigError(f"transfer.high must be > transfer.low, got low={low}, high={high}")
         self.size, self.low, self.high, self.seed = size, low, high, seed
 
-    def rows(self, server_round: int, settings: ClientSettings) -> np.ndarray:
-        """Float32 inputs [size, *input_shape]."""
-        rng = np.random.default_rng([self.seed, server_round])
-        shape = (self.size, *settings.data["input_shape"])
-        return rng.uniform(self.low, self.high, size=shape).astype(np.float32)
+    def draw(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        """Uniform samples in [low, high]."""
+        return rng.uniform(self.low, self.high, size=shape)
 
 
-class GaussianNoise:
-    """`size` inputs drawn from N(mean, std^2) (match it to the data's normalised statistics)."""
+class GaussianNoise(_Noise):
+    """Inputs drawn from N(mean, std^2) (match it to the data's normalised statistics)."""
 
     def __init__(self, size: int = 400, mean: float = 0.0, std: float = 1.0, seed: int = 0) -> None:
         _check_size(size, allow_none=False)
@@ -72,8 +87,6 @@ class GaussianNoise:
             raise ConfigError(f"transfer.std must be > 0, got {std}")
         self.size, self.mean, self.std, self.seed = size, mean, std, seed
 
-    def rows(self, server_round: int, settings: ClientSettings) -> np.ndarray:
-        """Float32 inputs [size, *input_shape]."""
-        rng = np.random.default_rng([self.seed, server_round])
-        shape = (self.size, *settings.data["input_shape"])
-        return rng.normal(self.mean, self.std, size=shape).astype(np.float32)
+    def draw(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        """Gaussian samples with the given mean and std."""
+        return rng.normal(self.mean, self.std, size=shape)
