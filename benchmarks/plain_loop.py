@@ -22,6 +22,7 @@ from fedkd.client.work import digest, evaluate, predict_logits, revisit, round_g
 from fedkd.data import load_client, load_public, load_test
 from fedkd.losses import distill_loss
 from fedkd.models import build_model
+from fedkd.protocol import rows_to_inputs
 from fedkd.server import PreparedRun
 from fedkd.transfer import Public
 
@@ -59,9 +60,9 @@ def run_plain(
     for rnd in range(1, s.num_rounds + 1):
         logits, sizes = [], []
         next_rows = transfer.rows(rnd, s) if aggregator is not None else None
-        next_x = None if next_rows is None else _inputs(next_rows, public)
+        next_x = None if next_rows is None else rows_to_inputs(next_rows, public)
         history[rnd] = {}
-        target_x = None if rows is None else _inputs(rows, public)
+        target_x = None if rows is None else rows_to_inputs(rows, public)
         for pid, (model, opt, x, y) in enumerate(clients):
             gen = round_generator(s.seed, pid, rnd)
             if soft is not None:
@@ -86,13 +87,6 @@ def run_plain(
         if on_round is not None:
             on_round(rnd)
     return history
-
-
-def _inputs(rows: np.ndarray, public: torch.Tensor) -> torch.Tensor:
-    """Public rows for integer indices, else the (synthetic) inputs themselves."""
-    if np.issubdtype(rows.dtype, np.integer):
-        return public[torch.from_numpy(rows)]
-    return torch.from_numpy(rows)
 
 
 if __name__ == "__main__":

@@ -50,21 +50,29 @@ def _rows_key(prefix: str, rows: np.ndarray | None) -> str:
 
 def rows_from(record: ArrayRecord, prefix: str, public_x: torch.Tensor) -> torch.Tensor | None:
     """Inputs named by ``<prefix>.indices`` (rows of `public_x`) or ``<prefix>.inputs``."""
-    if f"{prefix}.indices" in record:
-        idx = record[f"{prefix}.indices"].numpy().astype(np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(public_x)):
-            raise ValueError(
-                f"{prefix}.indices reach outside the public set of {len(public_x)} rows"
-            )
-        return public_x[torch.from_numpy(idx)]
-    if f"{prefix}.inputs" in record:
-        inputs = record[f"{prefix}.inputs"].numpy().astype(np.float32)
-        if inputs.shape[1:] != tuple(public_x.shape[1:]):
-            raise ValueError(
-                f"{prefix}.inputs have shape {inputs.shape[1:]}, the data has {tuple(public_x.shape[1:])}"
-            )
-        return torch.from_numpy(inputs)
+    for kind in ("indices", "inputs"):
+        key = f"{prefix}.{kind}"
+        if key in record:
+            return rows_to_inputs(record[key].numpy(), public_x, prefix)
     return None
+
+
+def rows_to_inputs(rows: np.ndarray, public_x: torch.Tensor, name: str = "rows") -> torch.Tensor:
+    """Integer `rows` pick rows of the public set; float `rows` are (synthetic) inputs themselves.
+
+    Raises ValueError for indices outside the public set or inputs of another shape.
+    """
+    if np.issubdtype(rows.dtype, np.integer):
+        idx = rows.astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(public_x)):
+            raise ValueError(f"{name}.indices reach outside the public set of {len(public_x)} rows")
+        return public_x[torch.from_numpy(idx)]
+    inputs = rows.astype(np.float32)
+    if inputs.shape[1:] != tuple(public_x.shape[1:]):
+        raise ValueError(
+            f"{name}.inputs have shape {inputs.shape[1:]}, the data has {tuple(public_x.shape[1:])}"
+        )
+    return torch.from_numpy(inputs)
 
 
 def reply_logits(reply: Message, rows: int, num_classes: int) -> np.ndarray:

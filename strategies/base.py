@@ -3,12 +3,14 @@
 Flower's `Strategy.start` runs the round loop; this base only fills its hooks:
 
 - `configure_train` sends each sampled node the previous round's soft targets plus the next
-  transfer batch (indices into the public set) and the client settings;
+  transfer batch (indices into the public set, or synthetic inputs) and the client settings;
 - `aggregate_train` validates the returned logits, sorts them by partition id, hands them to the
   aggregator and returns the soft targets as the ArrayRecord that `start` passes to the next round;
 - evaluation is fused into the train reply, so `configure_evaluate` sends nothing.
 
-Subclasses override `transfer_rows` (what to ask logits on) or `aggregate_logits`.
+Subclasses override `message_type`, `build_transfer` (what the server sends),
+`aggregate_replies` (how valid replies become the next round's record) or `aggregate_logits`;
+what logits are asked on comes from the `transfer` source (`fedkd.transfer`).
 """
 
 from __future__ import annotations
@@ -96,7 +98,6 @@ class KDStrategy(Strategy):
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
         self.min_replies = min_replies
-        self.transfer_size = transfer_size
         self.transfer = transfer if transfer is not None else Public(transfer_size, seed)
         self.temperature = temperature
         self.seed = seed

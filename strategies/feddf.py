@@ -35,7 +35,7 @@ from fedkd.client.settings import ClientSettings
 from fedkd.data import load_public
 from fedkd.errors import ConfigError
 from fedkd.models import build_model
-from fedkd.protocol import CONFIG
+from fedkd.protocol import CONFIG, rows_to_inputs
 from fedkd.server_distill import (
     StateDict, average_states, checked_state, distill, join_models, kd_divergence, split_models,
     teacher_logits,
@@ -204,12 +204,12 @@ class FedDF(KDStrategy):
         return Teacher(arch=arch, partition_id=pid, num_examples=size, state=state, model=model)
 
     def _transfer_x(self, server_round: int, settings: ClientSettings) -> torch.Tensor:
-        """The public rows to distil on this round (all of them unless `transfer_size` is set)."""
+        """The inputs to distil on this round: the transfer source's public rows (all unless
+        `transfer_size` is set) or synthetic inputs."""
         if self._public is None:
             public = load_public(str(settings.data["cache_dir"]))
             self._public = torch.from_numpy(np.asarray(public, dtype=np.float32))
-        rows = self.transfer_rows(server_round, settings)
-        return self._public[torch.from_numpy(rows)]
+        return rows_to_inputs(self.transfer_rows(server_round, settings), self._public)
 
     def _fuse(self, server_round: int, teachers: list[Teacher]) -> dict[str, float]:
         """Average per architecture, distil the ensemble into each; return KD losses before/after."""

@@ -66,3 +66,20 @@ def test_fedmd_distils_on_noise_end_to_end(tmp_path):
                           f"simulation.cache_dir={tmp_path}"])
     history = run_plain(prepare_run(cfg))
     assert np.mean(list(history[3].values())) > 0.3  # chance is 0.1
+
+
+def test_rows_become_public_rows_or_stay_synthetic_inputs():
+    import torch
+
+    from fedkd.protocol import rows_to_inputs
+
+    public = torch.arange(12, dtype=torch.float32).reshape(4, 1, 3)
+    np.testing.assert_array_equal(rows_to_inputs(np.array([2, 0]), public).numpy(),
+                                  public[[2, 0]].numpy())
+    synthetic = np.ones((5, 1, 3), dtype=np.float64)
+    out = rows_to_inputs(synthetic, public)
+    assert out.dtype == torch.float32 and out.shape == (5, 1, 3)
+    with pytest.raises(ValueError, match="outside the public set"):
+        rows_to_inputs(np.array([4]), public, "next")
+    with pytest.raises(ValueError, match="next.inputs have shape"):
+        rows_to_inputs(np.ones((2, 3), dtype=np.float32), public, "next")
