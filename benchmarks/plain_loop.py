@@ -20,6 +20,8 @@ from fedkd.aggregation import TeacherMeta
 from fedkd.client.state import new_optimizer
 from fedkd.client.work import digest, evaluate, predict_logits, revisit, round_generator
 from fedkd.data import load_client, load_public, load_test
+from fedkd.generators import LogitGuided, ModelGuided
+from fedkd.generators.source import models_query
 from fedkd.losses import distill_loss
 from fedkd.models import build_model
 from fedkd.protocol import rows_to_inputs
@@ -43,6 +45,8 @@ def run_plain(
     aggregator = hydra.utils.instantiate(flower.aggregator) if "aggregator" in flower else None
     transfer = (hydra.utils.instantiate(flower.transfer) if "transfer" in flower
                 else Public(flower.get("transfer_size"), int(cfg.seed)))
+    if isinstance(transfer, ModelGuided):
+        raise ValueError("the plain loop runs logit-exchange strategies; a white-box generator needs feddf")
     public = torch.from_numpy(load_public(info.cache_dir)).float()
     test_x, test_y = (torch.from_numpy(a) for a in load_test(info.cache_dir))
     test_x, test_y = test_x.float(), test_y.long()
@@ -59,6 +63,8 @@ def run_plain(
     history: dict[int, dict[int, float]] = {}
     for rnd in range(1, s.num_rounds + 1):
         logits, sizes = [], []
+        if aggregator is not None and isinstance(transfer, LogitGuided):  # as the clients answer
+            transfer.fit_logits(rnd, s, models_query([c[0] for c in clients]))
         next_rows = transfer.rows(rnd, s) if aggregator is not None else None
         next_x = None if next_rows is None else rows_to_inputs(next_rows, public)
         history[rnd] = {}

@@ -13,6 +13,13 @@ Reply (client -> server)
     ``metrics``  MetricRecord: ``partition-id``, ``num-examples``, ``train-loss``, ``digest-loss``,
                  ``test-accuracy`` and ``test-loss`` when the student was evaluated this round.
 Nothing else leaves a client.
+
+Query (server -> client, message type ``query``; black-box generators, `fedkd.generators`)
+    ``config``   as above, plus ``query-seed``, ``query-directions`` Q and ``query-mu``
+    ``query``    ArrayRecord ``query.inputs`` [N, ...]
+    The client answers logits on `expand_query` (the inputs, then Q seeded perturbations of them):
+    ``logits`` [(1 + Q) * N, C] and ``metrics`` (``partition-id``, ``num-examples``); it trains
+    nothing and keeps no state.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from flwr.app import Array, ArrayRecord, Message
 MESSAGE_TYPE = "train.distill"
 CONFIG, TRANSFER, LOGITS, METRICS = "config", "transfer", "logits", "metrics"
 TARGETS, NEXT = "targets", "next"
+QUERY = "query"
 
 
 def transfer_record(
@@ -88,3 +96,20 @@ def reply_logits(reply: Message, rows: int, num_classes: int) -> np.ndarray:
     if not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
         raise ValueError("logits must be finite floating-point numbers")
     return logits.astype(np.float32)
+
+
+def query_directions(seed: int, directions: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The Q standard-normal directions ``[Q, *shape]`` that `seed` names (float32).
+
+    Server and client draw them alike, so only the seed travels, not Q copies of the inputs."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((directions, *shape), dtype=np.float32)
+
+
+def expand_query(inputs: np.ndarray, seed: int, directions: int, mu: float) -> np.ndarray:
+    """``[x, x + mu * u_1, ..., x + mu * u_Q]`` stacked along rows: ``[(1 + Q) * N, ...]``."""
+    x = np.asarray(inputs, dtype=np.float32)
+    if directions < 0 or not np.isfinite(mu):
+        raise ValueError(f"query-directions must be >= 0 and query-mu finite, got {directions}, {mu}")
+    u = query_directions(seed, directions, x.shape)
+    return np.concatenate([x[None], x[None] + np.float32(mu) * u]).reshape(-1, *x.shape[1:])

@@ -106,11 +106,13 @@ def run_strategy(
     run: PreparedRun,
     observers: list[ReplyObserver],
     on_server_metrics: ServerMetricSink | None = None,
+    out_dir: Path | None = None,
 ) -> WireGrid:
     """Instantiate the configured strategy and run all rounds on `grid`; return the wire.
 
     `observers` see every wave on the wire; `on_server_metrics` receives what a strategy computes
-    on the server each round (e.g. the privacy spent by a noisy aggregator), if it reports any.
+    on the server each round (e.g. the privacy spent by a noisy aggregator), if it reports any;
+    `out_dir` is where the strategy may keep artefacts (a generator's checkpoints and samples).
     """
     cfg = run.cfg
     wire = WireGrid(grid, poll_interval=float(cfg.simulation.poll_interval))
@@ -118,6 +120,8 @@ def run_strategy(
     strategy = hydra.utils.instantiate(cfg.strategy.flower)
     if on_server_metrics is not None and hasattr(strategy, "server_metric_sinks"):
         strategy.server_metric_sinks.append(on_server_metrics)
+    if out_dir is not None and hasattr(strategy, "set_output_dir"):
+        strategy.set_output_dir(out_dir)
     random.seed(int(cfg.seed))  # Flower's own strategies sample nodes with the global RNG
     config = run.settings.to_config()
     strategy.start(
@@ -132,14 +136,15 @@ def run_strategy(
 
 
 def make_server_app(
-    run: PreparedRun, observers: list[ReplyObserver], on_server_metrics: ServerMetricSink | None = None
+    run: PreparedRun, observers: list[ReplyObserver], on_server_metrics: ServerMetricSink | None = None,
+    out_dir: Path | None = None,
 ) -> ServerApp:
     """A ServerApp that runs the prepared run and reports every reply to `observers`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:  # noqa: ARG001
-        run_strategy(grid, run, observers, on_server_metrics)
+        run_strategy(grid, run, observers, on_server_metrics, out_dir)
 
     return app
 
@@ -170,7 +175,7 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
     cfg = compose_config(str(context.run_config.get("overrides", "")).split())
     out_dir = Path(str(context.run_config.get("output-dir", "outputs/flwr"))) / str(grid.run.run_id)
     run(cfg, out_dir, runner=lambda prepared, recorder: run_strategy(
-        grid, prepared, [recorder.on_replies], recorder.on_server_metrics))
+        grid, prepared, [recorder.on_replies], recorder.on_server_metrics, recorder.out_dir))
 
 
 def describe(run: PreparedRun) -> dict[str, Any]:

@@ -65,7 +65,8 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
     sim = run.cfg.simulation
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    server_app = make_server_app(run, [recorder.on_replies], recorder.on_server_metrics)
+    server_app = make_server_app(run, [recorder.on_replies], recorder.on_server_metrics,
+                                 recorder.out_dir)
     with quiet_flower(bool(sim.verbose)):
         from flwr.simulation import run_simulation  # its import logs through alembic
 

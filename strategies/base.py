@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import logging
 import random
+from functools import partial
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedkd.aggregation import TeacherMeta
 from fedkd.client.settings import ClientSettings
 from fedkd.errors import ConfigError
-from fedkd.protocol import CONFIG, MESSAGE_TYPE, METRICS, TARGETS, TRANSFER, reply_logits
+from fedkd.generators import LogitGuided, ModelGuided
+from fedkd.protocol import CONFIG, MESSAGE_TYPE, METRICS, QUERY, TARGETS, TRANSFER, reply_logits
 from fedkd.protocol import transfer_record
 from fedkd.transfer import Public, TransferSource
 from fedkd.wire import reply_order
@@ -73,6 +75,10 @@ class KDStrategy(Strategy):
     """
 
     message_type = MESSAGE_TYPE
+    holds_models = False
+    """Whether the server holds the teachers' models (white-box generators need them)."""
+    query_timeout_s = 120.0
+    """Longest wait for the answers to one query wave of a black-box generator."""
 
     def __init__(
         self,
@@ -99,6 +105,11 @@ class KDStrategy(Strategy):
         self.min_available_nodes = min_available_nodes
         self.min_replies = min_replies
         self.transfer = transfer if transfer is not None else Public(transfer_size, seed)
+        if isinstance(self.transfer, ModelGuided) and not self.holds_models:
+            raise ConfigError(
+                f"transfer {type(self.transfer).__name__} is fitted on the teachers' models, which "
+                f"{type(self).__name__} never sees (only logits leave its clients): use a strategy "
+                "that uploads weights (strategy=feddf) or transfer=generator_blackbox")
         self.temperature = temperature
         self.seed = seed
         self.wait_for_nodes_s = wait_for_nodes_s
@@ -112,6 +123,45 @@ class KDStrategy(Strategy):
         if self.aggregator is None:
             return None
         return self.transfer.rows(server_round, settings)
+
+    def fit_transfer(self, server_round: int, settings: ClientSettings, grid: Grid,
+                     config: ConfigRecord) -> None:
+        """Let a transfer source that learns from the teachers' logits (a black-box generator)
+        query the connected nodes before this round's transfer set is drawn."""
+        if self.aggregator is None or not isinstance(self.transfer, LogitGuided):
+            return
+        query = partial(self.query, grid, server_round, settings, config)
+        metrics = self.transfer.fit_logits(server_round, settings, query)
+        for sink in self.server_metric_sinks if metrics else ():
+            sink(server_round, metrics)
+
+    def query(self, grid: Grid, server_round: int, settings: ClientSettings, config: ConfigRecord,
+              inputs: np.ndarray, seed: int, directions: int, mu: float) -> np.ndarray | None:
+        """Logits ``[K, (1 + Q) * N, C]`` of every free node on `inputs` and their seeded
+        perturbations (`fedkd.protocol.expand_query`); None below `min_replies` valid answers."""
+        busy = grid.busy_node_ids() if hasattr(grid, "busy_node_ids") else set()
+        nodes = sorted(set(grid.get_node_ids()) - busy)
+        round_config = ConfigRecord({**config, "server-round": server_round, "query-seed": seed,
+                                     "query-directions": directions, "query-mu": float(mu)})
+        content = RecordDict({CONFIG: round_config,
+                              QUERY: ArrayRecord({f"{QUERY}.inputs": Array(inputs.astype(np.float32))})})
+        messages = [Message(content, dst_node_id=node, message_type=QUERY, group_id=str(server_round))
+                    for node in nodes]
+        replies = sorted((r for r in grid.send_and_receive(messages, timeout=self.query_timeout_s)
+                          if not r.has_error()), key=reply_order)
+        rows, classes = len(inputs) * (1 + directions), int(settings.data["num_classes"])
+        logits = [v for _, v in parse_replies(server_round, replies,
+                                              lambda r: reply_logits(r, rows, classes))]
+        if len(logits) < self.min_replies:
+            log.warning("round %d: %d valid query answers < min_replies=%d; the generator waits",
+                        server_round, len(logits), self.min_replies)
+            return None
+        return np.stack(logits)
+
+    def set_output_dir(self, path: str) -> None:
+        """Where the transfer source keeps its checkpoints and pictures (if it has any)."""
+        if hasattr(self.transfer, "set_output_dir"):
+            self.transfer.set_output_dir(path)
 
     def aggregate_logits(self, logits: np.ndarray, meta: TeacherMeta) -> np.ndarray:
         """Soft targets [N, C] from the teachers' logits [K, N, C]."""
@@ -156,6 +206,7 @@ class KDStrategy(Strategy):
     ) -> Iterable[Message]:
         """One message per sampled node: the transfer record plus the settings."""
         settings = ClientSettings.from_config(config)
+        self.fit_transfer(server_round, settings, grid, config)
         transfer = self.build_transfer(server_round, arrays, settings)
         round_config = ConfigRecord({**config, "server-round": server_round})
         content = RecordDict({CONFIG: round_config, TRANSFER: transfer})

@@ -34,6 +34,8 @@ from fedkd.aggregation import TeacherMeta, mean_logits
 from fedkd.client.settings import ClientSettings
 from fedkd.data import load_public
 from fedkd.errors import ConfigError
+from fedkd.generators import LogitGuided, ModelGuided
+from fedkd.generators.source import models_query
 from fedkd.models import build_model
 from fedkd.protocol import CONFIG, rows_to_inputs
 from fedkd.server_distill import (
@@ -78,6 +80,8 @@ class FedDF(KDStrategy):
         (of the soft targets and the server's KD loss), seed (sampling, transfer rows and server
         distillation, with the round), wait_for_nodes_s.
     """
+
+    holds_models = True
 
     def __init__(
         self,
@@ -212,29 +216,45 @@ class FedDF(KDStrategy):
         return rows_to_inputs(self.transfer_rows(server_round, settings), self._public)
 
     def _fuse(self, server_round: int, teachers: list[Teacher]) -> dict[str, float]:
-        """Average per architecture, distil the ensemble into each; return KD losses before/after."""
+        """Average per architecture, fit a generator source, distil the ensemble into each
+        average; return the KD losses before/after (and the generator's metrics)."""
         settings = self._settings
         assert settings is not None
+        averages, sizes = {}, {}
+        for arch in sorted({t.arch for t in teachers if settings.role_of(t.partition_id) == "student"}):
+            group = [t for t in teachers if t.arch == arch and settings.role_of(t.partition_id) == "student"]
+            averages[arch], sizes[arch] = self._build(arch, settings), len(group)
+            averages[arch].load_state_dict(average_states([t.state for t in group],
+                                                          [t.num_examples for t in group]))
+        metrics = self._fit_transfer(server_round, settings, teachers, list(averages.values()))
         x = self._transfer_x(server_round, settings)
         meta = TeacherMeta(num_examples=np.array([t.num_examples for t in teachers]),
-                           partition_ids=np.array([t.partition_id for t in teachers]))
+                           partition_ids=np.array([t.partition_id for t in teachers]),
+                           server_round=server_round, seed=self.seed)
         logits = teacher_logits([t.model for t in teachers], x)
         soft = torch.from_numpy(self.aggregate_logits(logits, meta))
-        students = [t for t in teachers if settings.role_of(t.partition_id) == "student"]
         before, after = [], []
-        for arch in sorted({t.arch for t in students}):
-            group = [t for t in students if t.arch == arch]
-            student = self._build(arch, settings)
-            student.load_state_dict(average_states([t.state for t in group],
-                                                   [t.num_examples for t in group]))
+        for arch, student in averages.items():
             before.append(kd_divergence(student, x, soft, self.temperature))
             distill(student, x, soft, temperature=self.temperature, epochs=self.server_epochs,
                     lr=self.server_lr, batch_size=self.server_batch_size or settings.train.batch_size,
                     seed=(self.seed, server_round, list(settings.archs).index(arch)))
             after.append(kd_divergence(student, x, soft, self.temperature))
             self._models[arch] = {k: v.detach().clone() for k, v in student.state_dict().items()}
-            log.info("round %d: %s <- average of %d, ensemble of %d: KD %.3f -> %.3f",
-                     server_round, arch, len(group), len(teachers), before[-1], after[-1])
-        if not before:
-            return {}
-        return {"server-kd-before": float(np.mean(before)), "server-kd-after": float(np.mean(after))}
+            log.info("round %d: %s <- average of %d, ensemble of %d: KD %.3f -> %.3f", server_round,
+                     arch, sizes[arch], len(teachers), before[-1], after[-1])
+        if before:
+            metrics.update({"server-kd-before": float(np.mean(before)),
+                            "server-kd-after": float(np.mean(after))})
+        return metrics
+
+    def _fit_transfer(self, server_round: int, settings: ClientSettings, teachers: list[Teacher],
+                      students: list[nn.Module]) -> dict[str, float]:
+        """Fit a generator source on the uploaded models (white-box), or on their logits alone
+        (black-box, answered here since the server holds the models); other sources: nothing."""
+        models = [t.model for t in teachers]
+        if isinstance(self.transfer, ModelGuided):
+            return self.transfer.fit_models(server_round, settings, models, students)
+        if isinstance(self.transfer, LogitGuided):
+            return self.transfer.fit_logits(server_round, settings, models_query(models))
+        return {}

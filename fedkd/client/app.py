@@ -3,6 +3,8 @@
 Handlers
 - ``train.distill``: one fused KD round: digest the soft targets, revisit the private data,
   answer with logits on the next transfer batch, evaluate when due.
+- ``query``: logits on inputs a black-box generator proposes (and seeded perturbations of them);
+  nothing is trained or kept.
 - ``train`` / ``evaluate``: parameter exchange for Flower's own strategies (FedAvg baseline).
 Only logits, weights (for parameter strategies) and metrics leave the client.
 """
@@ -19,7 +21,9 @@ from fedkd.client.settings import ClientSettings
 from fedkd.client.state import Student
 from fedkd.client.work import digest, evaluate, predict_logits, revisit, round_generator
 from fedkd.losses import distill_loss
-from fedkd.protocol import CONFIG, LOGITS, METRICS, NEXT, TARGETS, TRANSFER, rows_from
+from fedkd.protocol import (
+    CONFIG, LOGITS, METRICS, NEXT, QUERY, TARGETS, TRANSFER, expand_query, rows_from,
+)
 
 app = ClientApp()
 app.train("fd")(fd_round)  # FD / FedDistill: per-class mean logits (fedkd.client.fd)
@@ -79,6 +83,24 @@ def distill(msg: Message, context: Context) -> Message:
         )
     student.save(context)
     content[METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Logits of the current student on the queried inputs and their perturbations."""
+    settings, pid, data, student = _open(msg, context)
+    config = msg.content[CONFIG]
+    inputs = rows_from(msg.content[QUERY], QUERY, data.public_x)
+    if inputs is None:
+        raise ValueError(f"a query carries no {QUERY}.inputs")
+    expanded = expand_query(inputs.numpy(), int(config["query-seed"]),
+                            int(config["query-directions"]), float(config["query-mu"]))
+    logits = predict_logits(student.model, torch.from_numpy(expanded))
+    content = RecordDict({
+        LOGITS: ArrayRecord({LOGITS: Array(logits)}),
+        METRICS: MetricRecord({"partition-id": pid, "num-examples": len(data.x)}),
+    })
     return Message(content, reply_to=msg)
 
 

@@ -1,0 +1,323 @@
+"""Generator transfer sources: the server synthesises the transfer set it asks logits on.
+
+Both sources keep one conditional generator for the whole run (seeded), fit it a little every
+round and sample a class-balanced transfer set from it (seeded per round):
+
+- `WhiteBoxGenerator` (`ModelGuided`): for strategies that hold the teachers' models (FedDF);
+  fitted by backpropagation through the teachers, BatchNorm statistics included.
+- `BlackBoxGenerator` (`LogitGuided`): for logit-only strategies (FedMD, DS-FL); fitted from the
+  teachers' logits on queried inputs with zero-order gradient estimates, under a query budget.
+
+After each fit the generator is checkpointed (``generator.pt``) into the run's output folder when
+the strategy gives one (`set_output_dir`), and a sample grid (``generator_samples.png``) is drawn
+in the last round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedkd.client.settings import ClientSettings
+from fedkd.errors import ConfigError
+from fedkd.generators.model import ConditionalGenerator, balanced_labels
+from fedkd.generators.objectives import (
+    BatchNormStatistics, balance_loss, class_loss, disagreement, frozen, zo_input_gradient,
+)
+from fedkd.protocol import query_directions
+
+log = logging.getLogger(__name__)
+
+Query = Callable[[np.ndarray, int, int, float], np.ndarray | None]
+"""``query(inputs [N, ...], seed, directions Q, mu) -> logits [K, (1 + Q) * N, C]`` (None: no answer)."""
+
+CHECKPOINT, SAMPLES = "generator.pt", "generator_samples.png"
+
+
+@runtime_checkable
+class ModelGuided(Protocol):
+    """A transfer source fitted on the teachers' models (white-box)."""
+
+    def fit_models(self, server_round: int, settings: ClientSettings, teachers: Sequence[nn.Module],
+                   students: Sequence[nn.Module]) -> dict[str, float]:
+        """Fit on the teachers (and the students, for the adversarial term); return metrics."""
+
+
+@runtime_checkable
+class LogitGuided(Protocol):
+    """A transfer source fitted on the teachers' logits only (black-box)."""
+
+    def fit_logits(self, server_round: int, settings: ClientSettings, query: Query) -> dict[str, float]:
+        """Fit from logits on queried inputs; return metrics."""
+
+
+def models_query(models: Sequence[nn.Module]) -> Query:
+    """A `Query` answered by models in memory (what each client's ``query`` handler computes)."""
+    from fedkd.client.work import predict_logits
+    from fedkd.protocol import expand_query
+
+    def query(inputs: np.ndarray, seed: int, directions: int, mu: float) -> np.ndarray:
+        x = torch.from_numpy(expand_query(inputs, seed, directions, mu))
+        return np.stack([predict_logits(model, x) for model in models])
+
+    return query
+
+
+def _seed(*entropy: int) -> int:
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
+class _GeneratorSource:
+    """What both generator sources share: the generator, sampling, checkpoints, the sample grid."""
+
+    kind = "generator"
+
+    def __init__(self, size: int = 400, steps: int = 20, batch_size: int = 128, lr: float = 1e-3,
+                 z_dim: int = 32, hidden: int = 256, low: float = 0.0, high: float = 1.0,
+                 w_ce: float = 1.0, w_adv: float = 0.5, w_bal: float = 1.0,
+                 adv_temperature: float = 1.0, seed: int = 0) -> None:
+        for name, value in (("size", size), ("batch_size", batch_size), ("z_dim", z_dim),
+                            ("hidden", hidden)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"transfer.{name} must be an int >= 1, got {value!r}")
+        if not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"transfer.steps must be an int >= 0, got {steps!r}")
+        if not lr > 0 or not high > low or not adv_temperature > 0:
+            raise ConfigError(f"transfer needs lr > 0, high > low and adv_temperature > 0, got "
+                              f"lr={lr}, low={low}, high={high}, adv_temperature={adv_temperature}")
+        for name, value in (("w_ce", w_ce), ("w_adv", w_adv), ("w_bal", w_bal)):
+            if not value >= 0:
+                raise ConfigError(f"transfer.{name} must be >= 0, got {value}")
+        self.size, self.steps, self.batch_size, self.lr = size, steps, batch_size, lr
+        self.z_dim, self.hidden, self.low, self.high = z_dim, hidden, low, high
+        self.w_ce, self.w_adv, self.w_bal, self.adv_temperature = w_ce, w_adv, w_bal, adv_temperature
+        self.seed = seed
+        self.generator: ConditionalGenerator | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.steps_done = 0
+        self.output_dir: Path | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    # --- the generator ------------------------------------------------------------------------
+    def build(self, settings: ClientSettings) -> ConditionalGenerator:
+        """The generator (built, seeded, on first use from the data's shape and classes)."""
+        if self.generator is None:
+            data = settings.data
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed(self.seed, 0))
+                self.generator = ConditionalGenerator(
+                    tuple(data["input_shape"]), int(data["num_classes"]), z_dim=self.z_dim,
+                    hidden=self.hidden, low=self.low, high=self.high)
+            self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=(0.5, 0.999))
+        return self.generator
+
+    def draw(self, n: int, gen: torch.Generator, settings: ClientSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` class-balanced (noise, label) pairs from `gen`."""
+        generator = self.build(settings)
+        z = torch.randn(n, self.z_dim, generator=gen)
+        return z, balanced_labels(n, generator.num_classes, gen)
+
+    def sample(self, server_round: int, settings: ClientSettings) -> tuple[np.ndarray, np.ndarray]:
+        """This round's `size` generated inputs (float32) and the classes they were asked for."""
+        generator = self.build(settings)
+        z, y = self.draw(self.size, torch.Generator().manual_seed(_seed(self.seed, server_round, 1)),
+                         settings)
+        generator.eval()
+        with torch.no_grad():
+            return generator(z, y).numpy().astype(np.float32), y.numpy()
+
+    def rows(self, server_round: int, settings: ClientSettings) -> np.ndarray:
+        """This round's transfer set: `size` generated inputs, classes balanced (float32)."""
+        return self.sample(server_round, settings)[0]
+
+    def objective(self, ensemble: torch.Tensor, labels: torch.Tensor,
+                  members: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The shared objective terms (BatchNorm statistics are added by the white-box source)."""
+        ce, bal = class_loss(ensemble, labels), balance_loss(ensemble)
+        loss = self.w_ce * ce + self.w_bal * bal
+        terms = {"gen-ce": ce.item(), "gen-balance": bal.item(),
+                 "gen-agree": float((ensemble.argmax(1) == labels).float().mean())}
+        if members is not None and self.w_adv > 0:
+            adv = disagreement(ensemble, members, self.adv_temperature)
+            loss = loss - self.w_adv * adv
+            terms["gen-disagreement"] = adv.item()
+        return loss, terms
+
+    # --- after a fit: progress, checkpoint, picture ------------------------------------------
+    def finish_fit(self, server_round: int, settings: ClientSettings,
+                   history: list[dict[str, float]], extra: dict[str, float]) -> dict[str, float]:
+        """Average the steps' metrics, log progress, checkpoint, draw the grid in the last round."""
+        metrics = {k: float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}
+        metrics.update(extra)
+        metrics["gen-steps"] = float(self.steps_done)
+        self.last_metrics = metrics
+        log.info("round %d: %s generator, %d steps (%d in all) | %s", server_round, self.kind,
+                 len(history), self.steps_done,
+                 " ".join(f"{k[4:]} {v:.3g}" for k, v in metrics.items() if k != "gen-steps"))
+        if self.output_dir is not None:
+            self.save(self.output_dir / CHECKPOINT, server_round)
+            if server_round >= settings.num_rounds:
+                from fedkd.generators.grid import save_sample_grid
+
+                save_sample_grid(self, settings, self.output_dir / SAMPLES)
+        return metrics
+
+    def set_output_dir(self, path: str | Path) -> None:
+        """Where checkpoints and the sample grid go."""
+        self.output_dir = Path(path)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator and optimizer state plus counters."""
+        if self.generator is None or self.optimizer is None:
+            raise RuntimeError("the generator has not been built yet")
+        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "steps_done": self.steps_done, "extra": self.extra_state()}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Counters a subclass adds to the checkpoint."""
+        return {}
+
+    def save(self, path: Path, server_round: int) -> None:
+        """Write a checkpoint atomically (a crash mid-write keeps the previous one)."""
+        tmp = path.with_suffix(".tmp")
+        torch.save({**self.state_dict(), "round": server_round}, tmp)
+        tmp.replace(path)
+
+    def load(self, path: str | Path, settings: ClientSettings) -> int:
+        """Restore a checkpoint written by `save`; return its round."""
+        state = torch.load(path, weights_only=False)
+        self.build(settings).load_state_dict(state["generator"])
+        assert self.optimizer is not None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["steps_done"])
+        for key, value in state.get("extra", {}).items():
+            setattr(self, key, value)
+        return int(state["round"])
+
+    def report(self) -> dict[str, float]:
+        """The last fit's metrics (for the round's server metrics)."""
+        return dict(self.last_metrics)
+
+
+class WhiteBoxGenerator(_GeneratorSource):
+    """DENSE / DeepInversion-style generator fitted through the teachers' models.
+
+    Each round: `steps` Adam steps on batches of `batch_size` requested classes, minimising
+    ``w_ce * CE(ensemble, y) + w_bn * BatchNorm statistics - w_adv * KL(ensemble || students)
+    + w_bal * balance``. See `_GeneratorSource` for the shared parameters.
+    """
+
+    kind = "white-box"
+
+    def __init__(self, w_bn: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not w_bn >= 0:
+            raise ConfigError(f"transfer.w_bn must be >= 0, got {w_bn}")
+        self.w_bn = w_bn
+
+    def fit_models(self, server_round: int, settings: ClientSettings, teachers: Sequence[nn.Module],
+                   students: Sequence[nn.Module]) -> dict[str, float]:
+        """Fit the generator for `steps` steps against the teachers' ensemble."""
+        generator = self.build(settings)
+        assert self.optimizer is not None
+        gen = torch.Generator().manual_seed(_seed(self.seed, server_round, 2))
+        history = []
+        generator.train()
+        with frozen([*teachers, *students]):
+            for _ in range(self.steps):
+                z, y = self.draw(self.batch_size, gen, settings)
+                x = generator(z, y)
+                with BatchNormStatistics(teachers) as bn:
+                    ensemble = torch.stack([t(x) for t in teachers]).mean(0)
+                members = torch.stack([s(x) for s in students]) if students and self.w_adv else None
+                loss, terms = self.objective(ensemble, y, members)
+                loss = loss + self.w_bn * bn.loss
+                terms["gen-bn"] = bn.loss.item()
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+                self.steps_done += 1
+                history.append(terms)
+        return self.finish_fit(server_round, settings, history, {})
+
+
+class BlackBoxGenerator(_GeneratorSource):
+    """Generator fitted from the teachers' logits alone, with zero-order gradient estimates.
+
+    Each round (from `start_round` on, when the teachers have trained): up to `steps` query waves.
+    A wave sends `batch_size` generated inputs plus a seed; each teacher answers logits on them and
+    on `directions` seeded perturbations of them (step `mu`), so only the inputs travel. The
+    server estimates ``dL/dx`` (`zo_input_gradient`) and backpropagates it through the generator.
+    The adversarial term is the teachers' disagreement with their ensemble. At most
+    `query_budget` inputs are evaluated per teacher over the run (None: no limit).
+    """
+
+    kind = "black-box"
+
+    def __init__(self, directions: int = 16, mu: float = 0.05, query_budget: int | None = None,
+                 start_round: int = 2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(directions, int) or directions < 1:
+            raise ConfigError(f"transfer.directions must be an int >= 1, got {directions!r}")
+        if not mu > 0:
+            raise ConfigError(f"transfer.mu must be > 0, got {mu}")
+        if query_budget is not None and query_budget < 1:
+            raise ConfigError(f"transfer.query_budget must be >= 1 or null, got {query_budget}")
+        self.directions, self.mu, self.query_budget = directions, mu, query_budget
+        self.start_round = start_round
+        self.queries = 0  # inputs evaluated per teacher so far
+
+    def extra_state(self) -> dict[str, Any]:
+        """The query count travels with the checkpoint."""
+        return {"queries": self.queries}
+
+    def wave_cost(self) -> int:
+        """Inputs each teacher evaluates in one wave."""
+        return self.batch_size * (1 + self.directions)
+
+    def fit_logits(self, server_round: int, settings: ClientSettings, query: Query) -> dict[str, float]:
+        """Up to `steps` query waves and generator updates; nothing before `start_round`."""
+        if server_round < self.start_round:
+            return {}
+        generator = self.build(settings)
+        assert self.optimizer is not None
+        gen = torch.Generator().manual_seed(_seed(self.seed, server_round, 2))
+        history = []
+        generator.train()
+        for step in range(self.steps):
+            if self.query_budget is not None and self.queries + self.wave_cost() > self.query_budget:
+                log.info("round %d: query budget of %d inputs per teacher spent", server_round,
+                         self.query_budget)
+                break
+            z, y = self.draw(self.batch_size, gen, settings)
+            x = generator(z, y)
+            seed = _seed(self.seed, server_round, 3, step)
+            logits = query(x.detach().numpy(), seed, self.directions, self.mu)
+            if logits is None:
+                break
+            self.queries += self.wave_cost()
+            history.append(self._step(x, y, logits, seed))
+        return self.finish_fit(server_round, settings, history, {"gen-queries": float(self.queries)})
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, logits: np.ndarray, seed: int) -> dict[str, float]:
+        """One generator update from the teachers' logits ``[K, (1 + Q) * N, C]``."""
+        n, q = len(x), self.directions
+        k, _, c = logits.shape
+        blocks = logits.reshape(k, 1 + q, n, c)
+        base = torch.from_numpy(np.ascontiguousarray(blocks[:, 0])).requires_grad_(True)
+        loss, terms = self.objective(base.mean(0), y, base if self.w_adv else None)
+        (grad_logits,) = torch.autograd.grad(loss, base)
+        u = query_directions(seed, q, tuple(x.shape))
+        grad_x = zo_input_gradient(grad_logits.numpy(), blocks[:, 0], blocks[:, 1:], u, self.mu)
+        assert self.optimizer is not None
+        self.optimizer.zero_grad()
+        x.backward(torch.from_numpy(grad_x))
+        self.optimizer.step()
+        self.steps_done += 1
+        return terms
