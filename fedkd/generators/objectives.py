@@ -3,14 +3,17 @@
 White-box (the server holds the teachers' models) and black-box (it sees only their logits)
 generators minimise the same objective over generated inputs ``x = G(z, y)``:
 
-``w_ce * class_loss + w_bn * BatchNorm statistics - w_adv * disagreement + w_bal * balance_loss``
+``w_ce * class_loss + w_bn * BatchNorm statistics - w_adv * disagreement + w_bal * balance_loss
++ w_div * diversity_loss``
 
 - `class_loss`: cross-entropy of the ensemble (mean of the teachers' logits) to the requested class;
 - `bn_statistics_loss`: DeepInversion's match of a batch's feature statistics to the BatchNorm
   running statistics the teachers learnt on their private data (white-box only);
 - `disagreement`: KL between the ensemble and the students where they still agree on the class
   (DENSE's adversarial term: seek inputs where they disagree; it enters with a minus sign);
-- `balance_loss`: ``log C - H(mean prediction)``, 0 when the batch covers every class equally.
+- `balance_loss`: ``log C - H(mean prediction)``, 0 when the batch covers every class equally;
+- `diversity_loss`: mode seeking, so that one class does not collapse onto a single input (it
+  needs only the generator's outputs: exact in both settings).
 
 `zo_input_gradient` estimates ``dL/dx`` from logits alone (forward differences along random
 directions, chained through the exact gradient of L with respect to the logits).
@@ -62,6 +65,18 @@ def disagreement(ensemble_logits: torch.Tensor, member_logits: torch.Tensor,
     kl = (p * (log_p - log_q)).sum(-1)  # [S, N]
     agree = (member_logits.argmax(-1) == ensemble_logits.argmax(-1)).to(kl.dtype)
     return (kl * agree).mean()
+
+
+def diversity_loss(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mode seeking (MSGAN): minus the mean L1 distance of paired samples per unit of noise distance.
+
+    Rows ``i`` and ``i + N/2`` form the pairs (the sources draw them with the same class), so the
+    loss falls as samples of one class spread out instead of collapsing onto one input.
+    """
+    half = len(x) // 2
+    dx = (x[:half] - x[half:2 * half]).abs().flatten(1).mean(1)
+    dz = (z[:half] - z[half:2 * half]).abs().mean(1)
+    return -(dx / dz.clamp_min(1e-8)).mean()
 
 
 def bn_statistics_loss(features: torch.Tensor, running_mean: torch.Tensor,

@@ -11,7 +11,7 @@ from fedkd.client import app as client_app
 from fedkd.client.state import Student
 from fedkd.errors import ConfigError
 from fedkd.generators import BlackBoxGenerator, WhiteBoxGenerator
-from fedkd.generators.source import models_query
+from fedkd.generators.base import models_query
 from fedkd.protocol import query_directions
 from fedkd.wire import WireGrid
 from strategies.dsfl import DSFL

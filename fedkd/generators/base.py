@@ -1,5 +1,8 @@
 """Generator transfer sources: the server synthesises the transfer set it asks logits on.
 
+This module holds what both share; `fedkd.generators.whitebox` and `fedkd.generators.blackbox`
+hold the two sources.
+
 Both sources keep one conditional generator for the whole run (seeded), fit it a little every
 round and sample a class-balanced transfer set from it (seeded per round):
 
@@ -27,10 +30,7 @@ from torch import nn
 from fedkd.client.settings import ClientSettings
 from fedkd.errors import ConfigError
 from fedkd.generators.model import ConditionalGenerator, balanced_labels
-from fedkd.generators.objectives import (
-    BatchNormStatistics, balance_loss, class_loss, disagreement, frozen, zo_input_gradient,
-)
-from fedkd.protocol import query_directions
+from fedkd.generators.objectives import balance_loss, class_loss, disagreement, diversity_loss
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class _GeneratorSource:
 
     def __init__(self, size: int = 400, steps: int = 20, batch_size: int = 128, lr: float = 1e-3,
                  z_dim: int = 32, hidden: int = 256, low: float = 0.0, high: float = 1.0,
-                 w_ce: float = 1.0, w_adv: float = 0.5, w_bal: float = 1.0,
+                 w_ce: float = 1.0, w_adv: float = 0.5, w_bal: float = 1.0, w_div: float = 0.0,
                  adv_temperature: float = 1.0, seed: int = 0) -> None:
         for name, value in (("size", size), ("batch_size", batch_size), ("z_dim", z_dim),
                             ("hidden", hidden)):
@@ -91,12 +91,13 @@ class _GeneratorSource:
         if not lr > 0 or not high > low or not adv_temperature > 0:
             raise ConfigError(f"transfer needs lr > 0, high > low and adv_temperature > 0, got "
                               f"lr={lr}, low={low}, high={high}, adv_temperature={adv_temperature}")
-        for name, value in (("w_ce", w_ce), ("w_adv", w_adv), ("w_bal", w_bal)):
+        for name, value in (("w_ce", w_ce), ("w_adv", w_adv), ("w_bal", w_bal), ("w_div", w_div)):
             if not value >= 0:
                 raise ConfigError(f"transfer.{name} must be >= 0, got {value}")
         self.size, self.steps, self.batch_size, self.lr = size, steps, batch_size, lr
         self.z_dim, self.hidden, self.low, self.high = z_dim, hidden, low, high
         self.w_ce, self.w_adv, self.w_bal, self.adv_temperature = w_ce, w_adv, w_bal, adv_temperature
+        self.w_div = w_div
         self.seed = seed
         self.generator: ConditionalGenerator | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -123,6 +124,13 @@ class _GeneratorSource:
         z = torch.randn(n, self.z_dim, generator=gen)
         return z, balanced_labels(n, generator.num_classes, gen)
 
+    def draw_pairs(self, n: int, gen: torch.Generator,
+                   settings: ClientSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch: rows ``i`` and ``i + n // 2`` ask for the same class (`diversity_loss`)."""
+        z, y = self.draw(n, gen, settings)
+        half = n // 2
+        return z, torch.cat([y[:half], y[:half], y[2 * half:]])
+
     def sample(self, server_round: int, settings: ClientSettings) -> tuple[np.ndarray, np.ndarray]:
         """This round's `size` generated inputs (float32) and the classes they were asked for."""
         generator = self.build(settings)
@@ -135,6 +143,13 @@ class _GeneratorSource:
     def rows(self, server_round: int, settings: ClientSettings) -> np.ndarray:
         """This round's transfer set: `size` generated inputs, classes balanced (float32)."""
         return self.sample(server_round, settings)[0]
+
+    def exact_terms(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Terms that depend on the generated inputs alone (no teacher): diversity."""
+        if not self.w_div:
+            return torch.zeros(()), {}
+        div = diversity_loss(x, z)
+        return self.w_div * div, {"gen-diversity": -div.item()}
 
     def objective(self, ensemble: torch.Tensor, labels: torch.Tensor,
                   members: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -203,121 +218,3 @@ class _GeneratorSource:
     def report(self) -> dict[str, float]:
         """The last fit's metrics (for the round's server metrics)."""
         return dict(self.last_metrics)
-
-
-class WhiteBoxGenerator(_GeneratorSource):
-    """DENSE / DeepInversion-style generator fitted through the teachers' models.
-
-    Each round: `steps` Adam steps on batches of `batch_size` requested classes, minimising
-    ``w_ce * CE(ensemble, y) + w_bn * BatchNorm statistics - w_adv * KL(ensemble || students)
-    + w_bal * balance``. See `_GeneratorSource` for the shared parameters.
-    """
-
-    kind = "white-box"
-
-    def __init__(self, w_bn: float = 1.0, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if not w_bn >= 0:
-            raise ConfigError(f"transfer.w_bn must be >= 0, got {w_bn}")
-        self.w_bn = w_bn
-
-    def fit_models(self, server_round: int, settings: ClientSettings, teachers: Sequence[nn.Module],
-                   students: Sequence[nn.Module]) -> dict[str, float]:
-        """Fit the generator for `steps` steps against the teachers' ensemble."""
-        generator = self.build(settings)
-        assert self.optimizer is not None
-        gen = torch.Generator().manual_seed(_seed(self.seed, server_round, 2))
-        history = []
-        generator.train()
-        with frozen([*teachers, *students]):
-            for _ in range(self.steps):
-                z, y = self.draw(self.batch_size, gen, settings)
-                x = generator(z, y)
-                with BatchNormStatistics(teachers) as bn:
-                    ensemble = torch.stack([t(x) for t in teachers]).mean(0)
-                members = torch.stack([s(x) for s in students]) if students and self.w_adv else None
-                loss, terms = self.objective(ensemble, y, members)
-                loss = loss + self.w_bn * bn.loss
-                terms["gen-bn"] = bn.loss.item()
-                self.optimizer.zero_grad()
-                loss.backward()
-                self.optimizer.step()
-                self.steps_done += 1
-                history.append(terms)
-        return self.finish_fit(server_round, settings, history, {})
-
-
-class BlackBoxGenerator(_GeneratorSource):
-    """Generator fitted from the teachers' logits alone, with zero-order gradient estimates.
-
-    Each round (from `start_round` on, when the teachers have trained): up to `steps` query waves.
-    A wave sends `batch_size` generated inputs plus a seed; each teacher answers logits on them and
-    on `directions` seeded perturbations of them (step `mu`), so only the inputs travel. The
-    server estimates ``dL/dx`` (`zo_input_gradient`) and backpropagates it through the generator.
-    The adversarial term is the teachers' disagreement with their ensemble. At most
-    `query_budget` inputs are evaluated per teacher over the run (None: no limit).
-    """
-
-    kind = "black-box"
-
-    def __init__(self, directions: int = 16, mu: float = 0.05, query_budget: int | None = None,
-                 start_round: int = 2, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if not isinstance(directions, int) or directions < 1:
-            raise ConfigError(f"transfer.directions must be an int >= 1, got {directions!r}")
-        if not mu > 0:
-            raise ConfigError(f"transfer.mu must be > 0, got {mu}")
-        if query_budget is not None and query_budget < 1:
-            raise ConfigError(f"transfer.query_budget must be >= 1 or null, got {query_budget}")
-        self.directions, self.mu, self.query_budget = directions, mu, query_budget
-        self.start_round = start_round
-        self.queries = 0  # inputs evaluated per teacher so far
-
-    def extra_state(self) -> dict[str, Any]:
-        """The query count travels with the checkpoint."""
-        return {"queries": self.queries}
-
-    def wave_cost(self) -> int:
-        """Inputs each teacher evaluates in one wave."""
-        return self.batch_size * (1 + self.directions)
-
-    def fit_logits(self, server_round: int, settings: ClientSettings, query: Query) -> dict[str, float]:
-        """Up to `steps` query waves and generator updates; nothing before `start_round`."""
-        if server_round < self.start_round:
-            return {}
-        generator = self.build(settings)
-        assert self.optimizer is not None
-        gen = torch.Generator().manual_seed(_seed(self.seed, server_round, 2))
-        history = []
-        generator.train()
-        for step in range(self.steps):
-            if self.query_budget is not None and self.queries + self.wave_cost() > self.query_budget:
-                log.info("round %d: query budget of %d inputs per teacher spent", server_round,
-                         self.query_budget)
-                break
-            z, y = self.draw(self.batch_size, gen, settings)
-            x = generator(z, y)
-            seed = _seed(self.seed, server_round, 3, step)
-            logits = query(x.detach().numpy(), seed, self.directions, self.mu)
-            if logits is None:
-                break
-            self.queries += self.wave_cost()
-            history.append(self._step(x, y, logits, seed))
-        return self.finish_fit(server_round, settings, history, {"gen-queries": float(self.queries)})
-
-    def _step(self, x: torch.Tensor, y: torch.Tensor, logits: np.ndarray, seed: int) -> dict[str, float]:
-        """One generator update from the teachers' logits ``[K, (1 + Q) * N, C]``."""
-        n, q = len(x), self.directions
-        k, _, c = logits.shape
-        blocks = logits.reshape(k, 1 + q, n, c)
-        base = torch.from_numpy(np.ascontiguousarray(blocks[:, 0])).requires_grad_(True)
-        loss, terms = self.objective(base.mean(0), y, base if self.w_adv else None)
-        (grad_logits,) = torch.autograd.grad(loss, base)
-        u = query_directions(seed, q, tuple(x.shape))
-        grad_x = zo_input_gradient(grad_logits.numpy(), blocks[:, 0], blocks[:, 1:], u, self.mu)
-        assert self.optimizer is not None
-        self.optimizer.zero_grad()
-        x.backward(torch.from_numpy(grad_x))
-        self.optimizer.step()
-        self.steps_done += 1
-        return terms
