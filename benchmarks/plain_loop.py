@@ -21,7 +21,7 @@ from fedkd.client.state import new_optimizer
 from fedkd.client.work import digest, evaluate, predict_logits, revisit, round_generator
 from fedkd.data import load_client, load_public, load_test
 from fedkd.generators import LogitGuided, ModelGuided
-from fedkd.generators.source import models_query
+from fedkd.generators.base import models_query
 from fedkd.losses import distill_loss
 from fedkd.models import build_model
 from fedkd.protocol import rows_to_inputs

@@ -35,7 +35,7 @@ from fedkd.client.settings import ClientSettings
 from fedkd.data import load_public
 from fedkd.errors import ConfigError
 from fedkd.generators import LogitGuided, ModelGuided
-from fedkd.generators.source import models_query
+from fedkd.generators.base import models_query
 from fedkd.models import build_model
 from fedkd.protocol import CONFIG, rows_to_inputs
 from fedkd.server_distill import (
