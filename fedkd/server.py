@@ -55,17 +55,22 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         raise ConfigError(
             f"num_clients and num_rounds must be >= 1, got {cfg.num_clients} and {cfg.num_rounds}"
         )
-    data = prepare_data(
-        OmegaConf.to_container(cfg.dataset, resolve=True),
-        OmegaConf.to_container(cfg.partition.partitioner, resolve=True),
-        num_clients=int(cfg.num_clients),
-        partition_seed=int(cfg.partition_seed),
-        cache_root=str(cfg.simulation.cache_dir),
-    )
+    if cfg.dataset.get("on_nodes", False):  # deployment: nodes hold the data, we the public set
+        data, node_data = prepare_public_set(cfg)
+    else:
+        data, node_data = prepare_data(
+            OmegaConf.to_container(cfg.dataset, resolve=True),
+            OmegaConf.to_container(cfg.partition.partitioner, resolve=True),
+            num_clients=int(cfg.num_clients),
+            partition_seed=int(cfg.partition_seed),
+            cache_root=str(cfg.simulation.cache_dir),
+        ), {}
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     homogeneous = bool(cfg.strategy.get("homogeneous", False))
     assignment = assign_models(model_cfg, int(cfg.num_clients), homogeneous=homogeneous)
     archs = {name: dict(spec) for name, spec in assignment}
+    if cfg.dataset.get("on_nodes", False):  # a node may choose any catalogued arch (node config)
+        archs = {name: dict(spec) for name, spec in model_cfg["archs"].items()}
     counts = {}
     for name, spec in archs.items():
         model = build_model(spec, tuple(data.input_shape), data.num_classes)
@@ -85,10 +90,29 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     if "teacher" in roles:
         log.info("teachers (never taught): clients %s", [i for i, r in enumerate(roles) if r == "teacher"])
     settings = ClientSettings(
-        data=data.to_dict(), archs=archs, assignment=[name for name, _ in assignment],
-        train=train, seed=int(cfg.seed), num_rounds=int(cfg.num_rounds), roles=roles,
+        data={**data.to_dict(), **node_data}, archs=archs,
+        assignment=[name for name, _ in assignment], train=train, seed=int(cfg.seed),
+        num_rounds=int(cfg.num_rounds), roles=roles,
     )
     return PreparedRun(cfg=cfg, data=data, settings=settings, param_counts=counts)
+
+
+def prepare_public_set(cfg: DictConfig) -> tuple[DataInfo, dict[str, Any]]:
+    """Deployment (``dataset=nodes``): the public set alone; each node reads its own files.
+
+    ``dataset.public`` is a file, or an embedded name cut as ``dataset=<name>`` cuts it in
+    simulation (same ``partition_seed``). Returns the DataInfo and what nodes need to rebuild
+    and normalise the same public set.
+    """
+    from fedkd.data.public import embedded_recipe, is_embedded, prepare_public
+
+    public = str(cfg.dataset.public)
+    recipe = None
+    if is_embedded(public):
+        named = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "dataset" / f"{public}.yaml"))
+        recipe = embedded_recipe(public, named, int(cfg.partition_seed))
+    return prepare_public(public, str(cfg.dataset.normalize), cfg.dataset.num_classes,
+                          str(cfg.simulation.cache_dir), recipe)
 
 
 def initial_arrays(run: PreparedRun) -> ArrayRecord:
@@ -116,6 +140,8 @@ def run_strategy(
     """
     cfg = run.cfg
     wire = WireGrid(grid, poll_interval=float(cfg.simulation.poll_interval))
+    log.info("wire: %s wrapped in WireGrid (poll every %.3f s, round timeout %.0f s)",
+             type(grid).__name__, wire.poll_interval, float(cfg.simulation.round_timeout))
     wire.observers.extend(observers)
     strategy = hydra.utils.instantiate(cfg.strategy.flower)
     if on_server_metrics is not None and hasattr(strategy, "server_metric_sinks"):
@@ -163,8 +189,10 @@ app = ServerApp()
 @app.main()
 def _flwr_run_main(grid: Grid, context: Context) -> None:
     """Entry point of `flwr run .`: run-config key `overrides` holds Hydra overrides."""
+    from fedkd.deploy.tuning import shorten_pull_backoff
     from simulations.run import run
 
+    shorten_pull_backoff()  # replies are visible before their objects: retry soon, not after 1 s
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
     for name in ("fedkd", "strategies", "simulations"):

@@ -22,7 +22,8 @@ from fedkd.wire import WireStats
 
 log = logging.getLogger("fedkd.progress")
 
-RECORDED = ("test-accuracy", "test-loss", "train-loss", "digest-loss")
+RECORDED = ("test-accuracy", "test-loss", "train-loss", "digest-loss", "compute-s")
+NODE = "node"  # deployed nodes report their arch and role (fedkd.client.report)
 COLUMNS = ["round", "client", "model", "metric", "value"]
 WIRE = -1  # client id of the rows that describe traffic
 
@@ -86,6 +87,7 @@ class Recorder:
             asked = stats.sent + stats.skipped_busy
             self.replies[server_round] = (stats.replied - stats.errors, asked, stats.errors)
         got_accuracy = False
+        seen: set[int] = set()
         for reply in replies:
             if reply.has_error():
                 self.first_error = self.first_error or reply.error.reason
@@ -94,12 +96,31 @@ class Recorder:
             if metrics is None or "partition-id" not in metrics:
                 continue
             client = int(metrics["partition-id"])
+            if client in seen:
+                log.warning("round %d: two nodes report partition-id %d; give every node its own",
+                            server_round, client)
+            seen.add(client)
+            if NODE in reply.content:
+                self.learn_node(client, reply.content[NODE])
             for key in RECORDED:
                 if key in metrics:
                     self.record(server_round, client, key, float(metrics[key]))
             got_accuracy |= "test-accuracy" in metrics
         if got_accuracy:
             self.end_round(server_round)
+
+    def learn_node(self, client: int, node: Mapping[str, Any]) -> None:
+        """A deployed node's own arch and role (its node config may override the assignment)."""
+        if not 0 <= client < len(self.archs):
+            return
+        arch, role = str(node.get("arch", self.archs[client])), node.get("role")
+        if arch != self.archs[client]:
+            log.info("client %d runs %s (node config), not %s", client, arch, self.archs[client])
+        self.archs[client] = arch
+        if isinstance(self.info.get("archs"), list):
+            self.info["archs"][client] = arch
+        if role is not None and isinstance(self.info.get("roles"), list):
+            self.info["roles"][client] = str(role)
 
     def end_round(self, server_round: int) -> None:
         """Log one progress line for the round and flush the rows to disk."""

@@ -64,7 +64,8 @@ def test_expected_groups_exist() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_resolves(tmp_path: Path, npz_file: Path, group: str, option: str) -> None:
-    extra = [f"dataset.path={npz_file}"] if (group, option) == ("dataset", "files") else []
+    extra = {("dataset", "files"): [f"dataset.path={npz_file}"],
+             ("dataset", "nodes"): ["dataset.public=digits"]}.get((group, option), [])
 
     cfg = compose(tmp_path, f"{group}={option}", *extra)
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -17,6 +17,8 @@ from flwr.clientapp import ClientApp
 
 from fedkd.client.fd import fd_round
 from fedkd.client.data import ClientData, client_data, partition_id_of
+from fedkd.client.node import node_settings
+from fedkd.client.report import report_mod
 from fedkd.client.settings import ClientSettings
 from fedkd.client.state import Student
 from fedkd.client.work import digest, evaluate, predict_logits, revisit, round_generator
@@ -25,7 +27,7 @@ from fedkd.protocol import (
     CONFIG, LOGITS, METRICS, NEXT, QUERY, TARGETS, TRANSFER, expand_query, rows_from,
 )
 
-app = ClientApp()
+app = ClientApp(mods=[report_mod])  # deployed nodes report arch, role, compute time
 app.train("fd")(fd_round)  # FD / FedDistill: per-class mean logits (fedkd.client.fd)
 
 
@@ -36,7 +38,7 @@ def _round_of(msg: Message) -> int:
 def _open(msg: Message, context: Context) -> tuple[ClientSettings, int, ClientData, Student]:
     """What every handler starts with: settings, partition id, data, the restored student."""
     torch.set_num_threads(1)
-    settings = ClientSettings.from_config(msg.content[CONFIG])
+    settings = node_settings(ClientSettings.from_config(msg.content[CONFIG]), context)
     pid = partition_id_of(context)
     data = client_data(context, settings)
     return settings, pid, data, Student.restore(context, settings, pid)

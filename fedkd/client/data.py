@@ -1,7 +1,9 @@
 """Where a client's data comes from, and the check that its public set is the shared one.
 
 In simulation each client reads its partition from the prepared cache (a folder on disk, keyed
-by the data config hash). The arrays are memoised per process: a cache, not state.
+by the data config hash). A deployed SuperNode (node config ``data-path``) reads its own files
+instead (`fedkd.client.node_data`). Either way the public set's fingerprint must equal the one
+the server announces, every round. The arrays are memoised per process: a cache, not state.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 
+from fedkd.client.node import NodeConfig
 from fedkd.client.settings import ClientSettings
 from fedkd.data import fingerprint, load_client, load_public, load_test
 
@@ -52,21 +55,40 @@ def _private(cache_dir: str, partition_id: int) -> tuple[torch.Tensor, torch.Ten
 
 def partition_id_of(context: Context) -> int:
     """The node's partition id (simulation sets it; deployment passes it as node config)."""
-    if "partition-id" not in context.node_config:
-        raise KeyError("node config has no 'partition-id'")
-    return int(context.node_config["partition-id"])
+    return NodeConfig.from_context(context).partition_id
 
 
 def client_data(context: Context, settings: ClientSettings) -> ClientData:
     """Load this node's private, public and test data and check the public fingerprint."""
-    cache_dir = str(settings.data["cache_dir"])
-    public_x, digest = _public(cache_dir)
-    expected = settings.data["public_fingerprint"]
+    node = NodeConfig.from_context(context)
+    if node.deployed:
+        data = _node_data(node, settings)
+    else:
+        cache_dir = str(settings.data["cache_dir"])
+        public_x, digest = _public(cache_dir)
+        x, y = _private(cache_dir, node.partition_id)
+        test_x, test_y = _test(cache_dir)
+        data = ClientData(x=x, y=y, public_x=public_x, test_x=test_x, test_y=test_y), digest
+    check_public(data[1], str(settings.data["public_fingerprint"]))
+    return data[0]
+
+
+def check_public(digest: str, expected: str) -> None:
+    """Refuse to distil on a public set other than the announced one."""
     if digest != expected:
         raise PublicSetMismatch(
             f"public transfer set fingerprint mismatch: this node holds {digest}, the server "
             f"announced {expected}; refusing to distil on a different public set"
         )
-    x, y = _private(cache_dir, partition_id_of(context))
-    test_x, test_y = _test(cache_dir)
-    return ClientData(x=x, y=y, public_x=public_x, test_x=test_x, test_y=test_y)
+
+
+def _node_data(node: NodeConfig, settings: ClientSettings) -> tuple[ClientData, str]:
+    from fedkd.client.node_data import load_node_arrays
+
+    arrays = load_node_arrays(node, settings.data)
+    data = ClientData(
+        x=torch.from_numpy(arrays.x), y=torch.from_numpy(arrays.y),
+        public_x=torch.from_numpy(np.ascontiguousarray(arrays.public_x)),
+        test_x=torch.from_numpy(arrays.test_x), test_y=torch.from_numpy(arrays.test_y),
+    )
+    return data, fingerprint(arrays.public_x)

@@ -1,21 +1,27 @@
 """A client's student, its optimizer and counters, kept in Flower's `Context.state`.
 
 `Context.state` persists per node across rounds (in simulation and in deployment) and is
-transactional: if a handler raises, nothing written here is kept.
+transactional: if a handler raises, nothing written here is kept. A SuperNode restart loses it, so
+a deployed node (node config ``data-path``) also checkpoints the student to its own disk, keyed by
+run and partition id (`fedkd.client.checkpoint`), and resumes from there when `Context.state` is
+empty.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 
-import hydra.utils
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from torch import nn
 
+from fedkd.client import checkpoint
 from fedkd.client.settings import ClientSettings
 from fedkd.models import build_model
+
+log = logging.getLogger(__name__)
 
 STUDENT, OPTIMIZER, PROGRESS = "fedkd.student", "fedkd.optimizer", "fedkd.progress"
 
@@ -31,7 +37,7 @@ class Student:
 
     @classmethod
     def restore(cls, context: Context, settings: ClientSettings, partition_id: int) -> Student:
-        """Rebuild the student from `context.state`, or create it (seeded) on first use."""
+        """Rebuild the student from `context.state` or a checkpoint, or create it (seeded)."""
         arch, spec = settings.arch_of(partition_id)
         data = settings.data
         torch.manual_seed(settings.seed + partition_id)
@@ -43,6 +49,12 @@ class Student:
             buffer = io.BytesIO(state[OPTIMIZER]["state"])
             student.optimizer.load_state_dict(torch.load(buffer, weights_only=True))
             student.rounds_done = int(state[PROGRESS]["rounds-done"])
+        elif (saved := checkpoint.load(context, arch)) is not None:
+            model.load_state_dict(saved.model)
+            student.optimizer.load_state_dict(saved.optimizer)
+            student.rounds_done = saved.rounds_done
+            log.info("partition %d: student (%s) resumed from checkpoint %s after %d rounds",
+                     partition_id, arch, saved.path, saved.rounds_done)
         return student
 
     def reset_optimizer(self, settings: ClientSettings) -> None:
@@ -50,14 +62,18 @@ class Student:
         self.optimizer = new_optimizer(settings, self.model)
 
     def save(self, context: Context) -> None:
-        """Write the model, the optimizer state and the counters to `context.state`."""
+        """Write the model, the optimizer state and the counters to `context.state` (and, on a
+        deployed node, to its checkpoint)."""
         buffer = io.BytesIO()
         torch.save(self.optimizer.state_dict(), buffer)
         context.state[STUDENT] = ArrayRecord(self.model.state_dict())
         context.state[OPTIMIZER] = ConfigRecord({"state": buffer.getvalue()})
         context.state[PROGRESS] = MetricRecord({"rounds-done": self.rounds_done})
+        checkpoint.save(context, self.arch, self.model, self.optimizer, self.rounds_done)
 
 
 def new_optimizer(settings: ClientSettings, model: nn.Module) -> torch.optim.Optimizer:
     """The configured `torch.optim` optimizer over the model's parameters."""
+    import hydra.utils  # only here: keeps the ClientApp's import light
+
     return hydra.utils.instantiate(settings.train.optimizer, params=model.parameters())

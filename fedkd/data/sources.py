@@ -87,6 +87,14 @@ def files(path: str, test_path: str | None = None, label_column: str = "label") 
     return make_raw(x, y, f"files '{path}' + '{test_path}'", x_test, y_test)
 
 
+def read_labelled_file(path: str, key: str, label_column: str = "label") -> Table:
+    """Features and raw labels of one ``.npz``/``.parquet``/``.csv`` file, as ``files`` reads it.
+
+    `key` names the setting the path came from, for error messages.
+    """
+    return _read_file(path, key, label_column)
+
+
 def _read_file(path: str, key: str, label_column: str) -> Table:
     """Read one file with the reader its extension selects."""
     file = Path(path).expanduser()

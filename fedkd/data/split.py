@@ -96,23 +96,32 @@ def normalize(split: Split, mode: str) -> Split:
     mode : str
         ``none``, ``minmax`` (public min/max to [0, 1]) or ``standard`` (public mean/std).
     """
-    stats = _NORMALIZERS.get(mode)
-    if stats is None:
-        raise ConfigError(
-            f"dataset.normalize='{mode}' is unknown; allowed: {', '.join(_NORMALIZERS)}"
-        )
-    shift, scale = stats(split.public_x)
-    log.info("Normalisation '%s' from the public set: shift=%.4g scale=%.4g", mode, shift, scale)
-
-    def apply(x: np.ndarray) -> np.ndarray:
-        return ((x - shift) / scale).astype(np.float32)
-
+    apply = normalizer(split.public_x, mode)
     return replace(
         split,
         test_x=apply(split.test_x),
         public_x=apply(split.public_x),
         private_x=apply(split.private_x),
     )
+
+
+def normalizer(public_x: np.ndarray, mode: str) -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> float32((x - shift) / scale)`` with scalar statistics of the public set.
+
+    A deployed node computes the same function from its own copy of the public set.
+    """
+    stats = _NORMALIZERS.get(mode)
+    if stats is None:
+        raise ConfigError(
+            f"dataset.normalize='{mode}' is unknown; allowed: {', '.join(_NORMALIZERS)}"
+        )
+    shift, scale = stats(public_x)
+    log.info("Normalisation '%s' from the public set: shift=%.4g scale=%.4g", mode, shift, scale)
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        return ((x - shift) / scale).astype(np.float32)
+
+    return apply
 
 
 def _no_stats(x: np.ndarray) -> tuple[float, float]:

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from fedkd.data import prepare_data
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml")  # with a source: not `nodes`
+                  if "on_nodes" not in OmegaConf.load(p))  # (deployment, tests/deploy)
 PARTITIONS = sorted(p.stem for p in (CONF / "partition").glob("*.yaml"))
 OFFLINE_DATASETS = ["digits"]  # files needs a path, hub needs internet, mnist1d is slower
 

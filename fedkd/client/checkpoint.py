@@ -1,0 +1,77 @@
+"""A deployed node's student on its own disk, so that it survives a SuperNode restart.
+
+One file per run and partition: ``<checkpoint-dir>/run-<run id>/partition-<id>.pt`` (the
+partition id, not Flower's node id, which a restarted SuperNode gets anew). It holds the model's
+full ``state_dict``, the optimizer state, the rounds done and the architecture name, and is
+replaced atomically (written to a temporary file in the same folder, then renamed), so a crash
+mid-write leaves the previous checkpoint intact. Nodes without ``data-path`` (simulation) do not
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context
+from torch import nn
+
+from fedkd.client.node import NodeConfig
+from fedkd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint restores."""
+
+    path: Path
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rounds_done: int
+
+
+def path_of(context: Context) -> Path | None:
+    """This node's checkpoint file for the current run, or None if it does not checkpoint."""
+    node = NodeConfig.from_context(context)
+    folder = node.checkpoints
+    if folder is None:
+        return None
+    return folder / f"run-{context.run_id}" / f"partition-{node.partition_id}.pt"
+
+
+def save(context: Context, arch: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+         rounds_done: int) -> Path | None:
+    """Write the checkpoint atomically; return its path (None: this node does not checkpoint)."""
+    path = path_of(context)
+    if path is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"arch": arch, "rounds_done": int(rounds_done), "model": model.state_dict(),
+             "optimizer": optimizer.state_dict()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load(context: Context, arch: str) -> Checkpoint | None:
+    """The node's checkpoint for this run, if there is one; its architecture must be `arch`."""
+    path = path_of(context)
+    if path is None or not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True)
+    if state.get("arch") != arch:
+        raise ConfigError(f"checkpoint {path} holds a {state.get('arch')!r} student, but this node "
+                          f"now runs {arch!r}; remove the file or restore the node's arch")
+    return Checkpoint(path=path, model=state["model"], optimizer=state["optimizer"],
+                      rounds_done=int(state["rounds_done"]))

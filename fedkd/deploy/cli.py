@@ -1,0 +1,157 @@
+"""``fedkd-federation``: try a deployment on one machine, or prepare one for real devices.
+
+Sub-commands
+- ``run``: SuperLink + N SuperNodes on 127.0.0.1, each with its own data file, then ``flwr run``
+  (optionally kill and restart one node mid-run); prints accuracies and per-round latency.
+- ``export``: write one raw data file per device (plus public.npz and test.npz) from a data set.
+- ``certs``: a private CA and a SuperLink TLS certificate for the given hosts (openssl).
+- ``keys``: one ECDSA P-384 key pair per SuperNode (ssh-keygen), to register with the SuperLink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from fedkd.deploy.federation import LocalFederation, Options, RunResult
+
+log = logging.getLogger("fedkd.deploy")
+
+
+def _run(args: argparse.Namespace) -> int:
+    opts = Options(
+        num_nodes=args.nodes, rounds=args.rounds, strategy=args.strategy,
+        archs=tuple(a for a in args.archs.split(",") if a), secure=args.secure,
+        public=args.public, poll_interval=args.poll_interval, cold=args.cold,
+        round_timeout=args.round_timeout, overrides=tuple(args.overrides),
+    )
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedkd-federation-"))
+    try:
+        with LocalFederation(workdir, opts) as fed:
+            proc = fed.start_run()
+            if args.kill_node is not None:
+                _kill_and_restart(fed, proc, args)
+            result = fed.finish_run(proc, args.timeout)
+        _report(result)
+        return 0 if result.returncode == 0 and result.out_dir else 1
+    finally:
+        if args.workdir is None and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            log.info("work folder kept: %s", workdir)
+
+
+def _kill_and_restart(fed: LocalFederation, proc, args: argparse.Namespace) -> None:
+    if not fed.wait_for_round(proc, args.kill_after_round, args.timeout):
+        raise RuntimeError(f"round {args.kill_after_round} never ended; see {proc.log_path}")
+    time.sleep(args.kill_delay)
+    fed.kill_node(args.kill_node)
+    log.info("node %d killed after round %d; restarting it in %.1f s", args.kill_node,
+             args.kill_after_round, args.restart_delay)
+    time.sleep(args.restart_delay)
+    fed.start_node(args.kill_node)
+
+
+def _report(result: RunResult) -> None:
+    from fedkd.deploy.latency import write_latency
+
+    if result.out_dir is None:
+        log.error("the run failed (exit %d); see %s", result.returncode, result.log_path)
+        return
+    summary = result.summary
+    log.info("results in %s (run wall time %.1f s, flwr run %.1f s)", result.out_dir,
+             summary["wall_time_s"], result.seconds)
+    log.info("final accuracy by client %s, archs %s", summary["final_accuracy_by_client"],
+             summary["archs"])
+    table = write_latency(result.out_dir)
+    for row in table.itertuples():
+        log.info("round %d: latency %.2f s, slowest client computed %.2f s, bound %.2f s -> %s",
+                 row.round, row.latency_s, row.slowest_compute_s, row.bound_s,
+                 "ok" if row.within else "OVER")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedkd.deploy.files import export_node_files
+    from fedkd.server import compose_config
+
+    cfg = compose_config([f"num_clients={args.nodes}", *args.overrides])
+    files = export_node_files(cfg, args.out)
+    for i in range(args.nodes):
+        print(f"node {i}: --node-config '{files.node_config(i)}'")  # noqa: T201 (CLI output)
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedkd.deploy.security import make_certificates
+
+    certs = make_certificates(args.out, args.host, days=args.days)
+    print(f"SuperLink: {' '.join(certs.superlink_args())}")  # noqa: T201
+    print(f"SuperNodes and the flwr CLI: --root-certificates {certs.ca_cert}")  # noqa: T201
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from fedkd.deploy.security import make_node_key
+
+    for i in range(args.nodes):
+        key, pub = make_node_key(args.out, f"node-{i}")
+        print(f"node {i}: --auth-supernode-private-key {key}; register {pub}")  # noqa: T201
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    top = argparse.ArgumentParser(prog="fedkd-federation", description=__doc__.split("\n")[0])
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="a local federation on 127.0.0.1")
+    run.add_argument("--nodes", type=int, default=3)
+    run.add_argument("--rounds", type=int, default=3)
+    run.add_argument("--strategy", default="fedmd")
+    run.add_argument("--archs", default="cnn_small,mlp,cnn_teacher",
+                     help="comma-separated node architectures, cycled ('' = server assigns)")
+    run.add_argument("--secure", action="store_true", help="TLS + SuperNode authentication")
+    run.add_argument("--public", choices=["file", "embedded"], default="file")
+    run.add_argument("--poll-interval", type=float, default=0.1)
+    run.add_argument("--cold", action="store_true", help="one ClientApp process per message")
+    run.add_argument("--round-timeout", type=float, default=120.0)
+    run.add_argument("--timeout", type=float, default=900.0, help="longest wait for the run")
+    run.add_argument("--workdir", default=None, help="keep everything here (default: temp)")
+    run.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    run.add_argument("--kill-node", type=int, default=None, help="SIGKILL this node mid-run")
+    run.add_argument("--kill-after-round", type=int, default=1)
+    run.add_argument("--kill-delay", type=float, default=0.3,
+                     help="seconds after that round's end (the next round is under way)")
+    run.add_argument("--restart-delay", type=float, default=2.0)
+    run.add_argument("overrides", nargs="*", help="Hydra overrides for the server")
+    run.set_defaults(func=_run)
+    export = sub.add_parser("export", help="one data file per device")
+    export.add_argument("--out", required=True)
+    export.add_argument("--nodes", type=int, default=3)
+    export.add_argument("overrides", nargs="*", help="Hydra overrides (dataset=..., partition=...)")
+    export.set_defaults(func=_export)
+    certs = sub.add_parser("certs", help="CA + SuperLink certificate")
+    certs.add_argument("--out", required=True)
+    certs.add_argument("--host", action="append", required=True,
+                       help="address the SuperNodes dial (IP or DNS name); repeat for several")
+    certs.add_argument("--days", type=int, default=365)
+    certs.set_defaults(func=_certs)
+    keys = sub.add_parser("keys", help="SuperNode authentication keys")
+    keys.add_argument("--out", required=True)
+    keys.add_argument("--nodes", type=int, default=3)
+    keys.set_defaults(func=_keys)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fedkd-federation``."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

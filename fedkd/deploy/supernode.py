@@ -1,0 +1,92 @@
+"""``fedkd-supernode``: Flower's SuperNode with short polls and a persistent ClientApp worker.
+
+It takes every ``flower-supernode`` option and runs Flower's own SuperNode in this process, with
+changes that cut the fixed cost of a round (see docs/deploy.md for the measurements):
+
+- **waits** (`fedkd.deploy.tuning`): an idle SuperNode sleeps 3 s between pulls and waits for a
+  reply in 0.5 s steps; here both are capped at ``--poll-interval`` seconds (each poll is one
+  small HTTP(S) request to the SuperLink). A missing object is retried after 0.05 s, not 1 s.
+- **one worker**: unless ``--cold``, the SuperNode runs with ``--isolation process`` and this
+  command starts a SuperExec child whose executor serves every message in one persistent
+  ClientApp process (`fedkd.deploy.worker`) instead of a fresh one that first spends ~3 s of CPU
+  importing Flower and torch.
+
+Example::
+
+    fedkd-supernode --poll-interval 0.2 --superlink 10.0.0.5:9200 --root-certificates ca.crt \\
+        --auth-supernode-private-key node.key --node-config 'partition-id=0 data-path="..."'
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+
+from fedkd.deploy.tuning import cap_supernode_polls, shorten_pull_backoff
+
+log = logging.getLogger(__name__)
+
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+"""Flower's own setting: seconds between the SuperExec's task polls (default 1.0)."""
+SUPEREXEC_POLL = 0.05
+"""SuperExec -> local SuperNode polls are loopback requests: poll them often."""
+
+
+def _runtime_api(flower_args: list[str]) -> tuple[str, str | None]:
+    """The SuperNode's Runtime API address and the CA that checks it (None: plain HTTP)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9094)
+    parser.add_argument("--ssl-ca-certfile", default=None)
+    parser.add_argument("--ssl-certfile", default=None)
+    known, _ = parser.parse_known_args(flower_args)
+    host = "127.0.0.1" if known.host in ("0.0.0.0", "::") else known.host
+    ca = known.ssl_ca_certfile if known.ssl_certfile else None
+    return f"{host}:{known.port}", ca
+
+
+def start_worker_superexec(flower_args: list[str]) -> subprocess.Popen[bytes]:
+    """Start the SuperExec child whose executor is the persistent ClientApp worker."""
+    address, ca = _runtime_api(flower_args)
+    cmd = [sys.executable, "-m", "fedkd.deploy.worker", "superexec",
+           "--runtime-api-address", address, "--parent-pid", str(os.getpid())]
+    if ca:
+        cmd += ["--root-certificates", ca]
+    env = {**os.environ}
+    env.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL))
+    return subprocess.Popen(cmd, env=env)  # noqa: S603 (our module, fixed arguments)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run Flower's SuperNode with capped polls (and the persistent worker unless --cold)."""
+    parser = argparse.ArgumentParser(
+        prog="fedkd-supernode",
+        description="flower-supernode with short polls and a persistent ClientApp worker; every "
+                    "other option is passed to flower-supernode.",
+    )
+    parser.add_argument("--poll-interval", type=float, default=0.5,
+                        help="longest sleep between the SuperNode's pulls, seconds (Flower: 3)")
+    parser.add_argument("--cold", action="store_true",
+                        help="one fresh ClientApp process per message (Flower's default)")
+    args, flower_args = parser.parse_known_args(argv)
+    if not 0.01 <= args.poll_interval <= 3.0:
+        parser.error(f"--poll-interval must be in [0.01, 3] seconds, got {args.poll_interval}")
+    if "--isolation" in flower_args and not args.cold:
+        parser.error("--isolation is set by fedkd-supernode; pass --cold to use Flower's own")
+    cap_supernode_polls(args.poll_interval)
+    shorten_pull_backoff()
+    os.environ.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL))
+    if not args.cold:
+        start_worker_superexec(flower_args)
+        flower_args = [*flower_args, "--isolation", "process"]
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *flower_args]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

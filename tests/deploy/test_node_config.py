@@ -1,0 +1,84 @@
+"""Node config: every key checked, errors name the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from fedkd.client.node import NODE_KEYS, NodeConfig, node_settings
+from fedkd.errors import ConfigError
+from tests.deploy.conftest import node_context
+
+
+def _ctx(**config) -> Context:
+    return Context(run_id=1, node_id=1, node_config=config, state=RecordDict(), run_config={})
+
+
+def test_simulation_node_config_is_not_deployed():
+    node = NodeConfig.from_context(_ctx(**{"partition-id": 3, "num-partitions": 10}))
+
+    assert node.partition_id == 3 and not node.deployed and node.checkpoints is None
+
+
+def test_deployed_node_config(deployment, tmp_path):
+    ctx = node_context(deployment.files, 1, arch="mlp", role="teacher",
+                       **{"checkpoint-dir": str(tmp_path)})
+
+    node = NodeConfig.from_context(ctx)
+
+    assert node.deployed and node.arch == "mlp" and node.role == "teacher"
+    assert node.checkpoints == tmp_path
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"partition-id": 0, "data_path": "x"}, r"key\(s\) \['data_path'\] unknown; allowed: \["),
+    ({"num-partitions": 2}, "no 'partition-id'"),
+    ({"partition-id": -1}, "partition-id must be an int >= 0, got -1"),
+    ({"partition-id": "0"}, "partition-id must be an int >= 0, got '0'"),
+    ({"partition-id": 0, "role": "boss"}, r"role='boss' is not a role; allowed: \['student', 'teacher'\]"),
+    ({"partition-id": 0, "public": "digits"}, r"sets \['public'\] but no data-path"),
+    ({"partition-id": 0, "test-fraction": 1.5}, r"test-fraction must be a number in \(0, 1\), got 1.5"),
+    ({"partition-id": 0, "arch": ""}, "arch must be a non-empty string"),
+])
+def test_bad_node_config_is_refused(config, message):
+    with pytest.raises(ConfigError, match=message):
+        NodeConfig.from_context(_ctx(**config))
+
+
+def test_deployed_node_needs_one_public_source_and_existing_files(deployment, tmp_path):
+    both = node_context(deployment.files, 0, public="digits")
+    with pytest.raises(ConfigError, match="exactly one of public-path .* or public"):
+        NodeConfig.from_context(both)
+    missing = node_context(deployment.files, 0, **{"data-path": str(tmp_path / "nope.npz")})
+    with pytest.raises(ConfigError, match=r"data-path='.*nope.npz': file not found on this node"):
+        NodeConfig.from_context(missing)
+
+
+def test_every_key_is_documented():
+    assert all(len(text) > 10 for text in NODE_KEYS.values())
+
+
+def test_node_picks_its_own_arch_and_role(deployment):
+    settings = deployment.server.settings
+    ctx = node_context(deployment.files, 0, arch="cnn_teacher", role="teacher")
+
+    mine = node_settings(settings, ctx)
+
+    assert mine.arch_of(0)[0] == "cnn_teacher" and mine.role_of(0) == "teacher"
+    assert mine.assignment[1:] == settings.assignment[1:]
+    assert node_settings(settings, node_context(deployment.files, 0)) is settings
+
+
+def test_unknown_arch_or_partition_is_refused(deployment):
+    settings = deployment.server.settings
+    with pytest.raises(ConfigError, match=r"arch='resnet' is not one of the run's architectures \["):
+        node_settings(settings, node_context(deployment.files, 0, arch="resnet"))
+    ctx = node_context(deployment.files, 0)
+    ctx.node_config = {**ctx.node_config, "partition-id": 7}
+    with pytest.raises(ConfigError, match=r"partition-id=7 is outside 0\.\.2"):
+        node_settings(settings, ctx)
+
+
+def test_deployment_server_offers_every_catalogued_arch(deployment):
+    assert set(deployment.server.settings.archs) == {"cnn_small", "mlp", "cnn_teacher"}
+    assert set(deployment.sim.settings.archs) == {"cnn_small", "mlp"}
