@@ -139,6 +139,7 @@ def run_strategy(
     `out_dir` is where the strategy may keep artefacts (a generator's checkpoints and samples).
     """
     cfg = run.cfg
+    torch.set_num_threads(1)  # server maths (FedDF, generators): the same numbers on any machine
     wire = WireGrid(grid, poll_interval=float(cfg.simulation.poll_interval))
     log.info("wire: %s wrapped in WireGrid (poll every %.3f s, round timeout %.0f s)",
              type(grid).__name__, wire.poll_interval, float(cfg.simulation.round_timeout))
