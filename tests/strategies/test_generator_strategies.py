@@ -102,3 +102,10 @@ def test_feddf_fits_a_white_box_generator_on_the_uploads_and_distils_on_its_samp
     assert arrays is not None and source.steps_done == 3
     assert {"gen-ce", "gen-bn", "gen-agree", "server-kd-before", "server-kd-after"} <= set(metrics)
     assert (tmp_path / "generator.pt").exists()
+
+
+def test_feddf_answers_a_black_box_generator_from_the_uploaded_models(flower_ids, small_run):
+    source = BlackBoxGenerator(size=30, steps=2, batch_size=8, directions=2, start_round=1, seed=0)
+    strategy = _strategy(server_epochs=1, transfer=source)
+    _, (arrays, _) = _round_one(strategy, small_run)
+    assert arrays is not None and source.steps_done == 2 and source.queries == 2 * 8 * 3
