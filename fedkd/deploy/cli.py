@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedkd.deploy.federation import LocalFederation, Options, RunResult
+from fedkd.deploy.federation import LAUNCHERS, LocalFederation, Options, RunResult
 
 log = logging.getLogger("fedkd.deploy")
 
@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     opts = Options(
         num_nodes=args.nodes, rounds=args.rounds, strategy=args.strategy,
         archs=tuple(a for a in args.archs.split(",") if a), secure=args.secure,
-        public=args.public, poll_interval=args.poll_interval, cold=args.cold,
+        public=args.public, poll_interval=args.poll_interval, launcher=args.launcher,
         round_timeout=args.round_timeout, overrides=tuple(args.overrides),
     )
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedkd-federation-"))
@@ -53,6 +53,8 @@ def _kill_and_restart(fed: LocalFederation, proc, args: argparse.Namespace) -> N
     log.info("node %d killed after round %d; restarting it in %.1f s", args.kill_node,
              args.kill_after_round, args.restart_delay)
     time.sleep(args.restart_delay)
+    if args.restart_fresh:  # the control: what the node would do without its checkpoint
+        shutil.rmtree(fed.workdir / f"node-{args.kill_node}" / "checkpoints", ignore_errors=True)
     fed.start_node(args.kill_node)
 
 
@@ -116,7 +118,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--secure", action="store_true", help="TLS + SuperNode authentication")
     run.add_argument("--public", choices=["file", "embedded"], default="file")
     run.add_argument("--poll-interval", type=float, default=0.1)
-    run.add_argument("--cold", action="store_true", help="one ClientApp process per message")
+    run.add_argument("--launcher", choices=LAUNCHERS, default="worker",
+                     help="worker: fedkd-supernode (persistent ClientApp worker); cold: "
+                          "fedkd-supernode, a ClientApp process per message; flower: "
+                          "flower-supernode as shipped")
     run.add_argument("--round-timeout", type=float, default=120.0)
     run.add_argument("--timeout", type=float, default=900.0, help="longest wait for the run")
     run.add_argument("--workdir", default=None, help="keep everything here (default: temp)")
@@ -126,6 +131,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--kill-delay", type=float, default=0.3,
                      help="seconds after that round's end (the next round is under way)")
     run.add_argument("--restart-delay", type=float, default=2.0)
+    run.add_argument("--restart-fresh", action="store_true",
+                     help="delete the killed node's checkpoints before restarting it (control)")
     run.add_argument("overrides", nargs="*", help="Hydra overrides for the server")
     run.set_defaults(func=_run)
     export = sub.add_parser("export", help="one data file per device")

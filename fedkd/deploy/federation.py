@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedkd.deploy.files import FederationFiles, export_node_files
-from fedkd.deploy.processes import Process, free_port, wait_for_port, wait_for_text
+from fedkd.deploy.processes import Process, free_port, wait_for_port
 from fedkd.deploy.security import Certificates, make_certificates, make_node_key, register_node
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parents[2]
 """The Flower app (pyproject.toml with [tool.flwr.app]) that ``flwr run`` packs."""
 CONNECTION = "fedkd-local"
+LAUNCHERS = ("worker", "cold", "flower")
 HOST = "127.0.0.1"  # the insecure mode never leaves loopback
 
 
@@ -46,8 +47,10 @@ class Options:
     """``file``: nodes and server read public.npz; ``embedded``: everybody rebuilds digits'."""
     dataset: str = "digits"
     poll_interval: float = 0.1
-    cold: bool = False
-    """Flower's one fresh ClientApp process per message instead of the persistent worker."""
+    launcher: str = "worker"
+    """``worker``: fedkd-supernode with its persistent ClientApp worker; ``cold``: fedkd-supernode
+    with Flower's one fresh ClientApp process per message; ``flower``: Flower's own
+    flower-supernode as shipped (3 s idle polls, 1 s pull backoff, a process per message)."""
     round_timeout: float = 120.0
     overrides: tuple[str, ...] = ()
     """Extra Hydra overrides for the server (e.g. ``distill.warmup_epochs=5``)."""
@@ -109,11 +112,12 @@ class LocalFederation:
         """Environment of a federation process: quiet Flower, no `uv sync`, its own homes."""
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
                "FLWR_HOME": str(home or self.flwr_home),
                "FEDKD_CACHE_DIR": str(cache or self.workdir / "server-cache"),
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         env.pop("FLWR_LOG_LEVEL", None)
+        if self.options.launcher != "flower":  # SuperExec task polls: Flower's default is 1 s
+            env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.05"
         return env
 
     def prepare(self) -> None:
@@ -161,11 +165,16 @@ class LocalFederation:
         return config
 
     def node_command(self, i: int, key: Path | None = None) -> list[str]:
-        """The ``fedkd-supernode`` command line of node i (`key`: its private auth key)."""
-        cmd = [sys.executable, "-m", "fedkd.deploy.supernode",
-               "--poll-interval", str(self.options.poll_interval)]
-        if self.options.cold:
-            cmd.append("--cold")
+        """The SuperNode command line of node i (`key`: its private auth key)."""
+        launcher = self.options.launcher
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"launcher={launcher!r} is unknown; allowed: {LAUNCHERS}")
+        if launcher == "flower":
+            cmd = [str(Path(sys.executable).parent / "flower-supernode")]
+        else:
+            cmd = [sys.executable, "-m", "fedkd.deploy.supernode",
+                   "--poll-interval", str(self.options.poll_interval)]
+            cmd += ["--cold"] if launcher == "cold" else []
         cmd += ["--superlink", f"{HOST}:{self.port}", "--port", str(free_port()),
                 "--node-config", self.node_config(i)]
         if self.certs:
@@ -196,17 +205,19 @@ class LocalFederation:
         self.nodes[i].kill()
 
     # --- running ---------------------------------------------------------------------------
-    def run_command(self) -> list[str]:
-        """``flwr run`` of the app against this federation, with the run's Hydra overrides."""
+    def server_overrides(self) -> list[str]:
+        """The run's Hydra overrides: the nodes' data, this federation's size, the options."""
         assert self.files is not None
         opts = self.options
         public = opts.dataset if opts.public == "embedded" else str(self.files.public)
-        overrides = [f"dataset=nodes", f"dataset.public={public}",
-                     f"dataset.num_classes={self.files.num_classes}",
-                     f"num_clients={opts.num_nodes}", f"num_rounds={opts.rounds}",
-                     f"strategy={opts.strategy}", f"simulation.round_timeout={opts.round_timeout}",
-                     *opts.overrides]
-        run_config = f'overrides="{" ".join(overrides)}" output-dir="{self.results}"'
+        return ["dataset=nodes", f"dataset.public={public}",
+                f"dataset.num_classes={self.files.num_classes}", f"num_clients={opts.num_nodes}",
+                f"num_rounds={opts.rounds}", f"strategy={opts.strategy}",
+                f"simulation.round_timeout={opts.round_timeout}", *opts.overrides]
+
+    def run_command(self) -> list[str]:
+        """``flwr run`` of the app against this federation, with the run's Hydra overrides."""
+        run_config = f'overrides="{" ".join(self.server_overrides())}" output-dir="{self.results}"'
         return [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), CONNECTION,
                 "--stream", "--run-config", run_config]
 
@@ -238,8 +249,21 @@ class LocalFederation:
         return self.finish_run(self.start_run(), timeout)
 
     def wait_for_round(self, proc: Process, server_round: int, timeout: float) -> bool:
-        """Wait until the run logged the end of `server_round`."""
-        return wait_for_text(proc.log_path, f"round {server_round}/", timeout, proc)
+        """Wait until the server has recorded the end of `server_round` (its metrics.parquet,
+        written before the next round's messages go out; the streamed log lags behind)."""
+        import pandas as pd
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and proc.alive:
+            for metrics in set(self.results.glob("*/metrics.parquet")) - {
+                    p / "metrics.parquet" for p in self._before}:
+                try:
+                    if (pd.read_parquet(metrics, columns=["round"])["round"] >= server_round).any():
+                        return True
+                except (OSError, ValueError):  # being rewritten right now
+                    pass
+            time.sleep(0.05)
+        return False
 
     def stop(self) -> None:
         """Stop every node, then the SuperLink (and with it any ServerApp)."""

@@ -105,15 +105,3 @@ def wait_for_port(port: int, proc: Process, timeout: float = 30.0, host: str = "
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"{proc.name} is not listening on {host}:{port} after {timeout:.0f} s")
-
-
-def wait_for_text(path: Path, text: str, timeout: float, proc: Process | None = None) -> bool:
-    """Wait until `text` appears in the file at `path` (False on timeout or if `proc` ended)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.is_file() and text in path.read_text(errors="replace"):
-            return True
-        if proc is not None and not proc.alive:
-            return path.is_file() and text in path.read_text(errors="replace")
-        time.sleep(0.1)
-    return False
