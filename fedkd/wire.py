@@ -6,8 +6,7 @@ Flower's) in its place. It is the one place that sees every message, so it
 - polls with its own short push/pull loop (Flower's HTTP grid sleeps 3 s between pulls);
 - never waits longer than the timeout, and remembers unanswered messages ("stragglers"): a node
   with an unanswered message gets no new one until its old reply arrives (then discarded), so two
-  state updates on one node never race; after `straggler_patience` it is asked again (a crashed
-  and restarted SuperNode may keep its node id and would otherwise never be asked again);
+  state updates on one node never race;
 - counts the bytes of every message in both directions;
 - returns replies sorted by the partition id clients report (arrival order varies);
 - hands every reply to observers (results recorder, progress, protocol tests).
@@ -65,17 +64,12 @@ class WireGrid(Grid):
         The grid handed to the ServerApp (in-memory in simulation, HTTP in deployment).
     poll_interval : float
         Seconds between pulls while waiting for replies.
-    straggler_patience : float or None
-        Seconds after its wave's timeout that a node owing a reply stays excluded; None: twice
-        that wave's timeout.
     """
 
-    def __init__(self, grid: Grid, poll_interval: float = 0.02,
-                 straggler_patience: float | None = None) -> None:
+    def __init__(self, grid: Grid, poll_interval: float = 0.02) -> None:
         self._grid = grid
         self.poll_interval = poll_interval
-        self.straggler_patience = straggler_patience
-        self._stragglers: dict[str, tuple[int, float]] = {}  # message id -> (node id, give up at)
+        self._stragglers: dict[str, int] = {}  # message id -> node id
         self.observers: list[ReplyObserver] = []
         self.waves: list[WireStats] = []
 
@@ -104,14 +98,9 @@ class WireGrid(Grid):
         """Nodes that still owe a reply from an earlier wave (after collecting late replies)."""
         if self._stragglers:
             for late in self._grid.pull_messages(list(self._stragglers)):
-                node, _ = self._stragglers.pop(late.metadata.reply_to_message_id, (None, 0.0))
+                node = self._stragglers.pop(late.metadata.reply_to_message_id, None)
                 log.warning("late reply from node %s discarded (it missed its round)", node)
-            now = time.monotonic()
-            for message_id, (node, give_up) in list(self._stragglers.items()):
-                if now >= give_up:
-                    del self._stragglers[message_id]
-                    log.warning("node %s never answered an earlier message; asking it again", node)
-        return {node for node, _ in self._stragglers.values()}
+        return set(self._stragglers.values())
 
     def wait_for_nodes(self, min_nodes: int, timeout: float) -> list[int]:
         """Wait until at least `min_nodes` nodes are connected, at most `timeout` seconds."""
@@ -159,9 +148,7 @@ class WireGrid(Grid):
                 break
             time.sleep(self.poll_interval)
         replies.sort(key=reply_order)  # arrival order varies; aggregation must not
-        patience = 2 * timeout if self.straggler_patience is None else self.straggler_patience
-        self._stragglers.update({mid: (node, time.monotonic() + patience)
-                                 for mid, node in pending.items()})
+        self._stragglers.update(pending)
         stats.timed_out = len(pending)
         if pending:
             log.warning("round %s: %d node(s) did not answer within %.0f s", stats.server_round,

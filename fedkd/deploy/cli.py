@@ -55,7 +55,7 @@ def _kill_and_restart(fed: LocalFederation, proc, args: argparse.Namespace) -> N
     time.sleep(args.restart_delay)
     if args.restart_fresh:  # the control: what the node would do without its checkpoint
         shutil.rmtree(fed.workdir / f"node-{args.kill_node}" / "checkpoints", ignore_errors=True)
-    fed.start_node(args.kill_node)
+    fed.restart_node(args.kill_node)
 
 
 def _report(result: RunResult) -> None:

@@ -47,6 +47,8 @@ class Options:
     """``file``: nodes and server read public.npz; ``embedded``: everybody rebuilds digits'."""
     dataset: str = "digits"
     poll_interval: float = 0.1
+    heartbeat_interval: float = 10.0
+    """SuperNode heartbeats (fedkd-supernode); a crash is noticed after two missed ones."""
     launcher: str = "worker"
     """``worker``: fedkd-supernode with its persistent ClientApp worker; ``cold``: fedkd-supernode
     with Flower's one fresh ClientApp process per message; ``flower``: Flower's own
@@ -173,7 +175,8 @@ class LocalFederation:
             cmd = [str(Path(sys.executable).parent / "flower-supernode")]
         else:
             cmd = [sys.executable, "-m", "fedkd.deploy.supernode",
-                   "--poll-interval", str(self.options.poll_interval)]
+                   "--poll-interval", str(self.options.poll_interval),
+                   "--heartbeat-interval", str(self.options.heartbeat_interval)]
             cmd += ["--cold"] if launcher == "cold" else []
         cmd += ["--superlink", f"{HOST}:{self.port}", "--port", str(free_port()),
                 "--node-config", self.node_config(i)]
@@ -199,6 +202,25 @@ class LocalFederation:
         if name is None:
             self.nodes[i] = proc
         return proc
+
+    def restart_node(self, i: int, timeout: float = 180.0, retry_every: float = 5.0) -> Process:
+        """Start node i again until the SuperLink lets it in, as a service manager would.
+
+        Under authentication the SuperLink refuses a key whose node it still counts as online:
+        a crashed node is let back in once two heartbeats are missed (`Options.heartbeat_interval`;
+        ~60 s with Flower's default of 30 s).
+        """
+        end = time.monotonic() + timeout
+        while True:
+            proc = self.start_node(i)
+            if proc.wait_for_log("SuperNode ID:", timeout=60.0):
+                return proc
+            proc.stop()
+            if time.monotonic() >= end:
+                raise RuntimeError(f"node {i} was not let back in within {timeout:.0f} s:\n"
+                                   f"{proc.tail()}")
+            log.info("node %d not let back in yet; retrying in %.0f s", i, retry_every)
+            time.sleep(retry_every)
 
     def kill_node(self, i: int) -> None:
         """SIGKILL node i and everything it started (a crash, not a shutdown)."""

@@ -86,6 +86,17 @@ class Process:
             self._log.close()
             self._log = None
 
+    def wait_for_log(self, text: str, timeout: float) -> bool:
+        """Wait until `text` appears in the log; False if the process ends first or on timeout."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.log_path.is_file() and text in self.log_path.read_text(errors="replace"):
+                return True
+            if not self.alive:
+                return False
+            time.sleep(0.1)
+        return False
+
     def tail(self, lines: int = 20) -> str:
         """The last lines of the log."""
         if not self.log_path.is_file():

@@ -6,6 +6,7 @@ changes that cut the fixed cost of a round (see docs/deploy.md for the measureme
 - **waits** (`fedkd.deploy.tuning`): an idle SuperNode sleeps 3 s between pulls and waits for a
   reply in 0.5 s steps; here both are capped at ``--poll-interval`` seconds (each poll is one
   small HTTP(S) request to the SuperLink). A missing object is retried after 0.05 s, not 1 s.
+  ``--heartbeat-interval`` (Flower: 30 s) sets how soon a crash is noticed (two missed ones).
 - **one worker**: unless ``--cold``, the SuperNode runs with ``--isolation process`` and this
   command starts a SuperExec child whose executor serves every message in one persistent
   ClientApp process (`fedkd.deploy.worker`) instead of a fresh one that first spends ~3 s of CPU
@@ -25,7 +26,7 @@ import os
 import subprocess
 import sys
 
-from fedkd.deploy.tuning import cap_supernode_polls, shorten_pull_backoff
+from fedkd.deploy.tuning import cap_supernode_polls, set_heartbeat_interval, shorten_pull_backoff
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,31 @@ def _runtime_api(flower_args: list[str]) -> tuple[str, str | None]:
     host = "127.0.0.1" if known.host in ("0.0.0.0", "::") else known.host
     ca = known.ssl_ca_certfile if known.ssl_certfile else None
     return f"{host}:{known.port}", ca
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def check_insecure_is_local(flower_args: list[str], parser: argparse.ArgumentParser) -> None:
+    """Refuse ``--insecure`` towards a SuperLink that is not on this machine.
+
+    Without TLS, logits, metrics and the node's identity travel in plain text, and without
+    authentication anyone can join: the insecure mode is for loopback tests only.
+    """
+    if "--insecure" not in flower_args:
+        return
+    known, _ = _superlink_parser().parse_known_args(flower_args)
+    host = known.superlink.rsplit(":", 1)[0] if known.superlink else "127.0.0.1"
+    if host not in LOOPBACK:
+        parser.error(f"--insecure towards --superlink {known.superlink} is refused: plain HTTP "
+                     f"and no authentication are for a SuperLink on this machine (127.0.0.1) "
+                     f"only; use TLS and node keys (docs/deploy.md)")
+
+
+def _superlink_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--superlink", default=None)
+    return parser
 
 
 def start_worker_superexec(flower_args: list[str]) -> subprocess.Popen[bytes]:
@@ -69,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--poll-interval", type=float, default=0.5,
                         help="longest sleep between the SuperNode's pulls, seconds (Flower: 3)")
+    parser.add_argument("--heartbeat-interval", type=float, default=None,
+                        help="seconds between heartbeats, 10..1800 (Flower: 30); the SuperLink "
+                             "counts a node offline after two missed ones")
     parser.add_argument("--cold", action="store_true",
                         help="one fresh ClientApp process per message (Flower's default)")
     args, flower_args = parser.parse_known_args(argv)
@@ -76,8 +105,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--poll-interval must be in [0.01, 3] seconds, got {args.poll_interval}")
     if "--isolation" in flower_args and not args.cold:
         parser.error("--isolation is set by fedkd-supernode; pass --cold to use Flower's own")
+    check_insecure_is_local(flower_args, parser)
     cap_supernode_polls(args.poll_interval)
     shorten_pull_backoff()
+    if args.heartbeat_interval is not None:
+        try:
+            set_heartbeat_interval(args.heartbeat_interval)
+        except ValueError as err:
+            parser.error(f"--heartbeat-interval: {err}")
     os.environ.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL))
     if not args.cold:
         start_worker_superexec(flower_args)

@@ -7,6 +7,11 @@
   message before its objects arrive, so the ClientApp's first pull usually misses and waits 1 s:
   `shorten_pull_backoff` makes the first retry come after 0.05 s (same doubling and cap).
 
+- A SuperNode announces a 30 s heartbeat interval and the SuperLink counts it offline after two
+  missed heartbeats (~60 s); under authentication a crashed node is let back in only then.
+  `set_heartbeat_interval` makes a SuperNode announce and keep a shorter one (Flower's minimum
+  is 10 s), so a crash is noticed, and a restart accepted, within ~20 s.
+
 Each function checks that Flower still has the shape it patches and fails loudly otherwise
 (fedkd pins flwr 1.41.0).
 """
@@ -55,3 +60,19 @@ def shorten_pull_backoff(initial: float = PULL_BACKOFF) -> None:
             raise RuntimeError(f"{function.__qualname__} has no initial_backoff any more; "
                                "fedkd's deployment tuning supports flwr 1.41")
         defaults["initial_backoff"] = initial
+
+
+def set_heartbeat_interval(seconds: float) -> None:
+    """Make this SuperNode announce and send heartbeats every `seconds` (Flower: 30 s)."""
+    from flwr.common import constant
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    if not constant.HEARTBEAT_MIN_INTERVAL <= seconds <= constant.HEARTBEAT_MAX_INTERVAL:
+        raise ValueError(f"heartbeat interval must be in [{constant.HEARTBEAT_MIN_INTERVAL}, "
+                         f"{constant.HEARTBEAT_MAX_INTERVAL}] s, got {seconds}")
+    for module in (heartbeat, fleet_http_connection):
+        if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
+            raise RuntimeError(f"{module.__name__} has no HEARTBEAT_DEFAULT_INTERVAL any more; "
+                               "fedkd's deployment tuning supports flwr 1.41")
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds

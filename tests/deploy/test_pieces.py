@@ -1,5 +1,5 @@
-"""The deployment's pure pieces: latency table, Flower tuning, worker module reloads, stragglers,
-certificates and keys, node-config strings."""
+"""The deployment's pure pieces: latency table, Flower tuning, worker module reloads,
+certificates and keys, node-config strings, fedkd-supernode's checks."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from fedkd.deploy.latency import round_latency
 from fedkd.deploy.security import make_certificates, make_node_key, san_entries
 from fedkd.deploy.worker import forget_modules_of
 from fedkd.errors import ConfigError
-from fedkd.wire import WireGrid
-from tests.test_wire import FakeGrid, _wave
 
 
 def _rows(rows):
@@ -84,18 +82,6 @@ def test_worker_drops_modules_the_app_folder_provides(tmp_path, monkeypatch):
     assert str(tmp_path) not in sys.path
 
 
-def test_a_straggler_is_asked_again_after_its_patience(flower_ids):
-    fake = FakeGrid([1, 2])
-    wire = WireGrid(fake, poll_interval=0.001, straggler_patience=0.05)
-    fake.silent = {2}
-    wire.send_and_receive(_wave([1, 2]), timeout=0.02)
-    assert wire.busy_node_ids() == {2}
-
-    time.sleep(0.06)
-
-    assert wire.busy_node_ids() == set()  # e.g. restarted under the same node id
-
-
 def test_certificates_are_signed_by_the_ca_for_the_given_hosts(tmp_path):
     certs = make_certificates(tmp_path, ["127.0.0.1", "fl.example.org"])
 
@@ -132,3 +118,47 @@ def test_markdown_table():
 
     assert markdown(table).splitlines() == ["| round | latency_s | within |", "|---|---|---|",
                                             "| 2 | 1.23 | True |"]
+
+
+@pytest.mark.parametrize("superlink", ["10.0.0.5:9200", "fl.example.org:9200"])
+def test_insecure_supernode_towards_another_machine_is_refused(superlink, capsys):
+    from fedkd.deploy.supernode import main
+
+    with pytest.raises(SystemExit):
+        main(["--insecure", "--superlink", superlink, "--node-config", "partition-id=0"])
+
+    assert "--insecure towards --superlink" in capsys.readouterr().err
+
+
+def test_supernode_poll_interval_is_checked(capsys):
+    from fedkd.deploy.supernode import main
+
+    with pytest.raises(SystemExit):
+        main(["--poll-interval", "0", "--superlink", "127.0.0.1:1"])
+
+    assert "--poll-interval must be in [0.01, 3] seconds, got 0.0" in capsys.readouterr().err
+
+
+def test_a_node_config_toml_file_gives_the_same_keys(deployment, tmp_path):
+    from flwr.common.config import parse_config_args
+
+    text = deployment.files.node_config(0, arch="mlp")
+    (tmp_path / "node.toml").write_text("\n".join(
+        f"{k} = {v if v.isdigit() else repr(v).replace(chr(39), chr(34))}"
+        for k, v in (item.split("=", 1) for item in shlex.split(text))))
+
+    assert parse_config_args([str(tmp_path / "node.toml")]) == parse_config_args([text]) == _parse(text)
+
+
+def test_heartbeat_interval_is_set_within_flowers_bounds():
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    saved = heartbeat.HEARTBEAT_DEFAULT_INTERVAL, fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL
+    try:
+        tuning.set_heartbeat_interval(10)
+        assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 10
+        with pytest.raises(ValueError, match=r"must be in \[10, 1800\] s, got 5"):
+            tuning.set_heartbeat_interval(5)
+    finally:
+        heartbeat.HEARTBEAT_DEFAULT_INTERVAL, fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = saved
