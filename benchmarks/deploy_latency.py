@@ -49,7 +49,8 @@ def alone(fed: LocalFederation, rounds: int) -> pd.Series:
     soft = np.full((len(rows), run.data.num_classes), 1 / run.data.num_classes, dtype=np.float32)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     contexts = [Context(run_id=1, node_id=10 + i, state=RecordDict(), run_config={},
-                        node_config=_parse(fed.node_config(i))) for i in range(fed.options.num_nodes)]
+                        node_config=_parse(fed.node_config(i)))
+                for i in range(fed.options.num_nodes)]
     slowest = {}
     for r in range(1, rounds + 1):
         config = ConfigRecord({**run.settings.to_config(), "server-round": r})
@@ -120,8 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         for launcher in args.launchers.split(","):
             table, walls = measure(launcher, args.nodes, args.rounds, Path(tmp))
             lines += [f"### {launcher}", "",
-                      f"flwr run {walls['flwr_run_s']:.1f} s (strategy {walls['strategy_s']:.1f} s), "
-                      f"final accuracy by client {walls['final_accuracy']}", "",
+                      f"flwr run {walls['flwr_run_s']:.1f} s (strategy "
+                      f"{walls['strategy_s']:.1f} s), final accuracy by client "
+                      f"{walls['final_accuracy']}", "",
                       markdown(table), ""]
             log.info("%s:\n%s", launcher, table.to_string(float_format="%.2f"))
     text = "\n".join(lines)

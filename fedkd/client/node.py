@@ -98,10 +98,12 @@ class NodeConfig:
     def check(self) -> None:
         """Cross-key rules: files only with data-path, exactly one public source, known role."""
         if self.role is not None and self.role not in ROLES:
-            raise ConfigError(f"node config role={self.role!r} is not a role; allowed: {list(ROLES)}")
+            raise ConfigError(f"node config role={self.role!r} is not a role; "
+                              f"allowed: {list(ROLES)}")
         if not self.deployed:
-            stray = [k for k, v in (("test-path", self.test_path), ("public-path", self.public_path),
-                                    ("public", self.public)) if v is not None]
+            files = (("test-path", self.test_path), ("public-path", self.public_path),
+                     ("public", self.public))
+            stray = [key for key, value in files if value is not None]
             if stray:
                 raise ConfigError(f"node config sets {stray} but no data-path; a deployed node "
                                   f"needs data-path (its private data file)")
@@ -140,8 +142,9 @@ def node_settings(settings: ClientSettings, context: Context) -> ClientSettings:
     node = NodeConfig.from_context(context)
     pid = node.partition_id
     if not 0 <= pid < len(settings.assignment):
-        raise ConfigError(f"node config partition-id={pid} is outside 0..{len(settings.assignment) - 1}"
-                          f" (the run has num_clients={len(settings.assignment)})")
+        last = len(settings.assignment) - 1
+        raise ConfigError(f"node config partition-id={pid} is outside 0..{last} (the run has "
+                          f"num_clients={last + 1})")
     if node.arch is None and node.role is None:
         return settings
     assignment, roles = list(settings.assignment), list(settings.roles or ["student"] * len(

@@ -43,7 +43,8 @@ def _stamp(path: str) -> tuple[str, int, int]:
 
 
 @lru_cache(maxsize=8)
-def _labelled(stamp: tuple[str, int, int], key: str, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _labelled(stamp: tuple[str, int, int], key: str,
+              label_column: str) -> tuple[np.ndarray, np.ndarray]:
     from fedkd.data.raw import check_features, check_labels
     from fedkd.data.sources import read_labelled_file
 
@@ -54,7 +55,8 @@ def _labelled(stamp: tuple[str, int, int], key: str, label_column: str) -> tuple
 
 
 @lru_cache(maxsize=4)
-def _public_raw(stamp: tuple[str, int, int] | None, recipe_json: str, label_column: str) -> np.ndarray:
+def _public_raw(stamp: tuple[str, int, int] | None, recipe_json: str,
+                label_column: str) -> np.ndarray:
     from fedkd.data.public import embedded_public, read_public_file
 
     if stamp is not None:

@@ -19,9 +19,11 @@ FACTOR, SLACK = 2.0, 2.0
 def round_latency(metrics: pd.DataFrame | str | Path) -> pd.DataFrame:
     """One row per round: ``latency_s``, ``slowest_compute_s``, ``bound_s``, ``within``."""
     frame = pd.read_parquet(metrics) if isinstance(metrics, str | Path) else metrics
-    elapsed = frame[(frame.metric == "elapsed_s") & (frame.client == -1)].groupby("round").value.max()
+    wire = frame[(frame.metric == "elapsed_s") & (frame.client == -1)]
+    elapsed = wire.groupby("round").value.max()
     compute = frame[frame.metric == "compute-s"].groupby("round").value.max()
-    table = pd.DataFrame({"latency_s": elapsed.diff().fillna(elapsed), "slowest_compute_s": compute})
+    table = pd.DataFrame({"latency_s": elapsed.diff().fillna(elapsed),
+                          "slowest_compute_s": compute})
     table = table.dropna().reset_index().rename(columns={"index": "round"})
     table["bound_s"] = FACTOR * table.slowest_compute_s + SLACK
     table["within"] = table.latency_s <= table.bound_s

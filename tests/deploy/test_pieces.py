@@ -73,8 +73,7 @@ def test_worker_drops_modules_the_app_folder_provides(tmp_path, monkeypatch):
     (tmp_path / "fedkd_fake_pkg" / "__init__.py").write_text("VALUE = 1\n")
     (tmp_path / "fedkd_fake_mod.py").write_text("VALUE = 2\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import fedkd_fake_mod  # noqa: F401
-    import fedkd_fake_pkg  # noqa: F401
+    __import__("fedkd_fake_mod"), __import__("fedkd_fake_pkg")
 
     forget_modules_of(tmp_path)
 
