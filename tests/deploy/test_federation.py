@@ -8,6 +8,7 @@ home is a temporary folder per test.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from fedkd.deploy.latency import round_latency
 from fedkd.deploy.security import make_node_key
 
 FAST = ("distill.warmup_epochs=5",)
+needs_tools = pytest.mark.skipif(
+    not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+    reason="TLS and node keys need openssl and ssh-keygen")
 
 
 def _leftovers(workdir: Path) -> list[str]:
@@ -70,6 +74,7 @@ def test_two_nodes_two_rounds_of_fedmd(workdir):
     assert "wire: HttpGrid wrapped in WireGrid" in log  # our poll loop, not Flower's 3 s sleeps
 
 
+@needs_tools
 def test_an_unregistered_node_is_refused(workdir):
     with LocalFederation(workdir, Options(num_nodes=1, secure=True)) as fed:
         key, _ = make_node_key(workdir / "keys", "intruder")
@@ -89,6 +94,7 @@ def test_an_unregistered_node_is_refused(workdir):
 
 
 @pytest.mark.slow
+@needs_tools
 def test_secure_three_nodes_equal_the_simulation(workdir):
     """TLS + authentication, heterogeneous students: the numbers of the simulation, bit for bit."""
     from fedkd.server import compose_config
@@ -126,7 +132,8 @@ def test_a_killed_node_does_not_stop_the_run(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-auth"])
+@pytest.mark.parametrize("secure", [pytest.param(False, id="insecure"),
+                                    pytest.param(True, id="tls-auth", marks=needs_tools)])
 def test_a_restarted_node_resumes_its_student_from_the_checkpoint(workdir, secure):
     """Killed mid-round, started again: it rejoins (under auth with the same node id, once the
     SuperLink has counted it offline) and its student goes on from the checkpoint."""

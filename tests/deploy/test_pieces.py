@@ -4,6 +4,7 @@ certificates and keys, node-config strings, fedkd-supernode's checks."""
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -81,6 +82,7 @@ def test_worker_drops_modules_the_app_folder_provides(tmp_path, monkeypatch):
     assert str(tmp_path) not in sys.path
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 def test_certificates_are_signed_by_the_ca_for_the_given_hosts(tmp_path):
     certs = make_certificates(tmp_path, ["127.0.0.1", "fl.example.org"])
 
@@ -96,6 +98,7 @@ def test_certificates_are_signed_by_the_ca_for_the_given_hosts(tmp_path):
         san_entries([])
 
 
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
 def test_node_keys_are_ecdsa_p384(tmp_path):
     key, pub = make_node_key(tmp_path, "node-0")
 
