@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from fedkd.deploy.federation import LAUNCHERS, LocalFederation, Options, RunResult
+from fedkd.deploy.processes import Process
 
 log = logging.getLogger("fedkd.deploy")
 
@@ -30,6 +31,7 @@ def _run(args: argparse.Namespace) -> int:
         round_timeout=args.round_timeout, overrides=tuple(args.overrides),
     )
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedkd-federation-"))
+    keep = args.keep or args.workdir is not None
     try:
         with LocalFederation(workdir, opts) as fed:
             proc = fed.start_run()
@@ -37,15 +39,20 @@ def _run(args: argparse.Namespace) -> int:
                 _kill_and_restart(fed, proc, args)
             result = fed.finish_run(proc, args.timeout)
         _report(result)
-        return 0 if result.returncode == 0 and result.out_dir else 1
+        ok = result.returncode == 0 and result.out_dir is not None
+        keep = keep or not ok
+        return 0 if ok else 1
+    except BaseException:
+        keep = True  # the logs say what went wrong
+        raise
     finally:
-        if args.workdir is None and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
+        if keep:
             log.info("work folder kept: %s", workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _kill_and_restart(fed: LocalFederation, proc, args: argparse.Namespace) -> None:
+def _kill_and_restart(fed: LocalFederation, proc: Process, args: argparse.Namespace) -> None:
     if not fed.wait_for_round(proc, args.kill_after_round, args.timeout):
         raise RuntimeError(f"round {args.kill_after_round} never ended; see {proc.log_path}")
     time.sleep(args.kill_delay)
@@ -156,7 +163,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedkd-federation``."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if getattr(args, "kill_node", None) is not None and not 0 <= args.kill_node < args.nodes:
+        cli.error(f"--kill-node must be a node of 0..{args.nodes - 1}, got {args.kill_node}")
     return int(args.func(args))
 
 

@@ -28,7 +28,7 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,6 @@ class LoadedApp:
     fab_hash: str | None = None
     app_dir: Path | None = None
     app: Any = None
-    tasks: int = field(default=0)
 
     def get(self, run: Any, fab: Any) -> Any:
         """The run's ClientApp, loaded from its FAB (installed and imported once per FAB)."""
@@ -186,7 +185,6 @@ def run_task(task: dict[str, Any], loaded: LoadedApp) -> None:
         push_task_output(client=client, context=context, sub_status=status, details=details)
         heartbeat.stop()
         client.close()
-        loaded.tasks += 1
 
 
 def serve(parent_pid: int | None) -> None:

@@ -164,3 +164,15 @@ def test_heartbeat_interval_is_set_within_flowers_bounds():
             tuning.set_heartbeat_interval(5)
     finally:
         heartbeat.HEARTBEAT_DEFAULT_INTERVAL, fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = saved
+
+
+def test_federation_cli_export_and_argument_checks(tmp_path, capsys):
+    from fedkd.deploy.cli import main
+
+    assert main(["export", "--out", str(tmp_path), "--nodes", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and "partition-id=1" in printed[1]
+    assert {p.name for p in tmp_path.iterdir()} == {"node-0", "node-1", "public.npz", "test.npz"}
+    with pytest.raises(SystemExit):
+        main(["run", "--nodes", "2", "--kill-node", "5"])
+    assert "--kill-node must be a node of 0..1, got 5" in capsys.readouterr().err
