@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import random
-from functools import partial
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import TypeVar
 
 import numpy as np
@@ -132,15 +132,15 @@ class KDStrategy(Strategy):
             return
         query = partial(self.query, grid, server_round, settings, config)
         metrics = self.transfer.fit_logits(server_round, settings, query)
-        for sink in self.server_metric_sinks if metrics else ():
-            sink(server_round, metrics)
+        if metrics:
+            for sink in self.server_metric_sinks:
+                sink(server_round, metrics)
 
     def query(self, grid: Grid, server_round: int, settings: ClientSettings, config: ConfigRecord,
               inputs: np.ndarray, seed: int, directions: int, mu: float) -> np.ndarray | None:
         """Logits ``[K, (1 + Q) * N, C]`` of every free node on `inputs` and their seeded
         perturbations (`fedkd.protocol.expand_query`); None below `min_replies` valid answers."""
-        busy = grid.busy_node_ids() if hasattr(grid, "busy_node_ids") else set()
-        nodes = sorted(set(grid.get_node_ids()) - busy)
+        nodes = free_nodes(grid, grid.get_node_ids())
         round_config = ConfigRecord({**config, "server-round": server_round, "query-seed": seed,
                                      "query-directions": directions, "query-mu": float(mu)})
         content = RecordDict({CONFIG: round_config,
@@ -182,8 +182,7 @@ class KDStrategy(Strategy):
         wait = getattr(grid, "wait_for_nodes", None)
         nodes = (wait(self.min_available_nodes, self.wait_for_nodes_s) if wait
                  else list(grid.get_node_ids()))
-        busy = grid.busy_node_ids() if hasattr(grid, "busy_node_ids") else set()
-        free = sorted(set(nodes) - busy)
+        free = free_nodes(grid, nodes)
         size = min(len(free), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
         return sorted(self._rng.sample(free, size))
 
@@ -272,6 +271,12 @@ class KDStrategy(Strategy):
     ) -> MetricRecord | None:
         """Nothing to aggregate (see `configure_evaluate`)."""
         return None
+
+
+def free_nodes(grid: Grid, nodes: Iterable[int]) -> list[int]:
+    """`nodes` that owe no reply (a `WireGrid` tracks stragglers; another grid has none), sorted."""
+    busy = grid.busy_node_ids() if hasattr(grid, "busy_node_ids") else set()
+    return sorted(set(nodes) - busy)
 
 
 def parse_replies(

@@ -42,7 +42,9 @@ from fedkd.server_distill import (
     StateDict, average_states, checked_state, distill, join_models, kd_divergence, split_models,
     teacher_logits,
 )
-from strategies.base import Aggregator, KDStrategy, mean_metrics, parse_replies, teacher_facts
+from strategies.base import (
+    Aggregator, KDStrategy, free_nodes, mean_metrics, parse_replies, teacher_facts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,7 @@ class FedDF(KDStrategy):
         every = settings.train.eval_every
         if server_round % every and server_round < settings.num_rounds:
             return []
-        busy = grid.busy_node_ids() if hasattr(grid, "busy_node_ids") else set()
-        nodes = sorted(set(grid.get_node_ids()) - busy)
+        nodes = free_nodes(grid, grid.get_node_ids())
         models = split_models(arrays)
         return self._per_node(server_round, config, nodes, "evaluate",
                               lambda node: self.model_for(node, models) or self._own.get(node),
@@ -220,9 +221,10 @@ class FedDF(KDStrategy):
         average; return the KD losses before/after (and the generator's metrics)."""
         settings = self._settings
         assert settings is not None
+        students = [t for t in teachers if settings.role_of(t.partition_id) == "student"]
         averages, sizes = {}, {}
-        for arch in sorted({t.arch for t in teachers if settings.role_of(t.partition_id) == "student"}):
-            group = [t for t in teachers if t.arch == arch and settings.role_of(t.partition_id) == "student"]
+        for arch in sorted({t.arch for t in students}):
+            group = [t for t in students if t.arch == arch]
             averages[arch], sizes[arch] = self._build(arch, settings), len(group)
             averages[arch].load_state_dict(average_states([t.state for t in group],
                                                           [t.num_examples for t in group]))
