@@ -40,7 +40,7 @@ def alone(fed: LocalFederation, rounds: int) -> pd.Series:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedkd.client import app as client_app
-    from fedkd.protocol import transfer_record
+    from fedkd.records import transfer_record
     from fedkd.server import compose_config, prepare_run
 
     assert fed.files is not None

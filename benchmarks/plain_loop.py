@@ -1,6 +1,6 @@
 """The plain-PyTorch reference: the same client work as a fedkd simulation, sequentially, no Flower.
 
-Same data, models, seeds, epochs, rounds, aggregator and client functions (`fedkd.client.work`);
+Same data, models, seeds, epochs, rounds, aggregator and client functions (`fedkd.training`);
 students live in a dict instead of Flower's `Context.state`, and soft targets are handed over in
 memory instead of messages. Supports the logit-exchange strategies (full participation) and
 `local`; it is the reference the benchmark times the simulation against.
@@ -18,7 +18,7 @@ import torch
 
 from fedkd.aggregation import TeacherMeta
 from fedkd.client.state import new_optimizer
-from fedkd.client.work import digest, evaluate, predict_logits, revisit, round_generator
+from fedkd.training import digest, evaluate, predict_logits, revisit, round_generator
 from fedkd.data import load_client, load_public, load_test
 from fedkd.generators import LogitGuided, ModelGuided
 from fedkd.generators.base import models_query

@@ -3,7 +3,7 @@
     python -m benchmarks.sim_vs_plain [--json PATH] [hydra overrides...]
 
 Prepares the run once (not timed in either arm), runs `benchmarks.plain_loop.run_plain`, then
-`simulations.run.run` in this process, samples the memory of the whole process tree in both
+`fedkd.simulations.run.run` in this process, samples the memory of the whole process tree in both
 arms, and splits the simulation's extra wall time into start-up, per-round overhead, teardown.
 """
 
@@ -28,10 +28,10 @@ import pandas as pd
 import ray  # pinned by flwr[simulation]; importing it puts its vendored psutil on sys.path
 import psutil  # noqa: E402  (not a direct dependency of fedkd)
 
-import simulations.run as sim_run
+import fedkd.simulations.run as sim_run
 from benchmarks.plain_loop import run_plain
 from fedkd.server import compose_config, prepare_run
-from simulations.results import WIRE, Recorder
+from fedkd.simulations.results import WIRE, Recorder
 
 GIB = 1024**3
 RAY_MARKERS = ("ray::", "raylet", "gcs_server")

@@ -1,7 +1,9 @@
-"""The fused KD message: record names and keys shared by the server strategies and the ClientApp.
+"""The wire protocol: every message type, record name and key that crosses the wire.
+
+Flower-free: `fedkd.records` builds and reads the Flower records with these names.
 
 Request (server -> client, message type ``train.distill``)
-    ``config``   ConfigRecord: ``fedkd.settings`` (JSON, see `fedkd.client.settings`), ``server-round``
+    ``config``   ConfigRecord: ``fedkd.settings`` (JSON, see `fedkd.settings`), ``server-round``
     ``transfer`` ArrayRecord, every key optional:
         ``targets.probs``   soft targets [N, C] from the previous round
         ``targets.indices`` rows of the public set they belong to [N], or
@@ -26,43 +28,46 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message
 
+# --- message types -------------------------------------------------------------------------------
 MESSAGE_TYPE = "train.distill"
-CONFIG, TRANSFER, LOGITS, METRICS = "config", "transfer", "logits", "metrics"
-TARGETS, NEXT = "targets", "next"
+"""The fused KD round (FedMD, DS-FL, local)."""
+FD_MESSAGE_TYPE = "train.fd"
+"""FD / FedDistill's round: per-class mean logits (`fedkd.client.fd`)."""
 QUERY = "query"
+"""A black-box generator's query wave (record ``query``, message type ``query``)."""
+TRAIN, EVALUATE = "train", "evaluate"
+"""Parameter exchange (Flower's FedAvg, FedDF)."""
+
+# --- records -------------------------------------------------------------------------------------
+CONFIG, TRANSFER, LOGITS, METRICS = "config", "transfer", "logits", "metrics"
+ARRAYS = "arrays"
+"""The weights record of parameter exchange (Flower's own name)."""
+TARGETS, NEXT = "targets", "next"
+"""Prefixes of the transfer record's keys (``targets.probs``, ``next.indices``, ...)."""
+CLASS_LOGITS, CLASS_COUNTS = "class_logits", "class_counts"
+"""FD's keys: in the ``logits`` record of a reply, and as ``targets.<key>`` in the request."""
+
+# --- config keys (server -> client) --------------------------------------------------------------
+SETTINGS_KEY = "fedkd.settings"
+"""The run settings as JSON (`fedkd.settings.ClientSettings`)."""
+SERVER_ROUND = "server-round"
+QUERY_SEED, QUERY_DIRECTIONS, QUERY_MU = "query-seed", "query-directions", "query-mu"
+
+# --- metric keys (client -> server) --------------------------------------------------------------
+PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
+TRAIN_LOSS, DIGEST_LOSS = "train-loss", "digest-loss"
+TEST_ACCURACY, TEST_LOSS = "test-accuracy", "test-loss"
+REPLY_METRICS = (PARTITION_ID, NUM_EXAMPLES, TRAIN_LOSS, DIGEST_LOSS, TEST_ACCURACY, TEST_LOSS)
+"""Every metric a fedkd client sends (a deployed node's report mod adds `fedkd.client.report`'s)."""
 
 
-def transfer_record(
-    soft_targets: np.ndarray | None = None,
-    target_rows: np.ndarray | None = None,
-    next_rows: np.ndarray | None = None,
-) -> ArrayRecord:
-    """Build the ``transfer`` record; row arrays of integers are indices, others inputs."""
-    record = ArrayRecord()
-    if soft_targets is not None:
-        record[f"{TARGETS}.probs"] = Array(np.asarray(soft_targets, dtype=np.float32))
-        record[_rows_key(TARGETS, target_rows)] = Array(np.asarray(target_rows))
-    if next_rows is not None:
-        record[_rows_key(NEXT, next_rows)] = Array(np.asarray(next_rows))
-    return record
-
-
-def _rows_key(prefix: str, rows: np.ndarray | None) -> str:
+def rows_key(prefix: str, rows: np.ndarray | None) -> str:
+    """``<prefix>.indices`` for integer rows (into the public set), ``<prefix>.inputs`` else."""
     if rows is None:
         raise ValueError(f"{prefix} rows are required")
     kind = "indices" if np.issubdtype(np.asarray(rows).dtype, np.integer) else "inputs"
     return f"{prefix}.{kind}"
-
-
-def rows_from(record: ArrayRecord, prefix: str, public_x: torch.Tensor) -> torch.Tensor | None:
-    """Inputs named by ``<prefix>.indices`` (rows of `public_x`) or ``<prefix>.inputs``."""
-    for kind in ("indices", "inputs"):
-        key = f"{prefix}.{kind}"
-        if key in record:
-            return rows_to_inputs(record[key].numpy(), public_x, prefix)
-    return None
 
 
 def rows_to_inputs(rows: np.ndarray, public_x: torch.Tensor, name: str = "rows") -> torch.Tensor:
@@ -81,21 +86,6 @@ def rows_to_inputs(rows: np.ndarray, public_x: torch.Tensor, name: str = "rows")
             f"{name}.inputs have shape {inputs.shape[1:]}, the data has {tuple(public_x.shape[1:])}"
         )
     return torch.from_numpy(inputs)
-
-
-def reply_logits(reply: Message, rows: int, num_classes: int) -> np.ndarray:
-    """Validated logits of a reply: float32 [rows, num_classes], all finite.
-
-    Raises ValueError naming what is wrong for a malformed (or malicious) reply.
-    """
-    if LOGITS not in reply.content or LOGITS not in reply.content[LOGITS]:
-        raise ValueError("reply carries no logits")
-    logits = reply.content[LOGITS][LOGITS].numpy()
-    if logits.shape != (rows, num_classes):
-        raise ValueError(f"logits have shape {logits.shape}, expected {(rows, num_classes)}")
-    if not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
-        raise ValueError("logits must be finite floating-point numbers")
-    return logits.astype(np.float32)
 
 
 def query_directions(seed: int, directions: int, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,13 +1,14 @@
-"""The fedkd ServerApp: prepare a run from a resolved config, then let the strategy drive it.
+"""The server side of a run: prepare it from a resolved config, then let the strategy drive it.
 
 `prepare_run` turns a Hydra config into what a run needs (data on disk, architectures, client
 settings). `run_strategy` wraps the Grid in a `WireGrid` and calls the strategy's `start(...)`:
-the round loop is Flower's. `app` is the ServerApp that `flwr run .` starts; the simulation
-harness builds its own with `make_server_app` so that results land in its output folder.
+the round loop is Flower's. The app layer builds the ServerApps around it: the simulation
+harness with `make_server_app`, `flwr run` with `fedkd.simulations.serverapp.app`.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import random
 from dataclasses import dataclass
@@ -17,11 +18,11 @@ from typing import Any
 
 import hydra.utils
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from fedkd.client.settings import ClientSettings, TrainSettings
+from fedkd.settings import ClientSettings, TrainSettings
 from fedkd.data import DataInfo, prepare_data
 from fedkd.errors import ConfigError
 from fedkd.models import assign_models, assign_roles, build_model, count_parameters
@@ -29,7 +30,8 @@ from fedkd.wire import ReplyObserver, WireGrid
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(str(importlib.resources.files("fedkd.conf")))
+"""fedkd's Hydra configs (the package ``fedkd.conf``: ``conf/`` in the repository)."""
 
 ServerMetricSink = Callable[[int, Mapping[str, float]], None]
 
@@ -149,15 +151,16 @@ def run_strategy(
         strategy.server_metric_sinks.append(on_server_metrics)
     if out_dir is not None and hasattr(strategy, "set_output_dir"):
         strategy.set_output_dir(out_dir)
+    if hasattr(strategy, "bind"):  # fedkd's strategies learn the run from the typed settings
+        strategy.bind(run.settings)
     random.seed(int(cfg.seed))  # Flower's own strategies sample nodes with the global RNG
-    config = run.settings.to_config()
     strategy.start(
         grid=wire,
         initial_arrays=initial_arrays(run),
         num_rounds=int(cfg.num_rounds),
         timeout=float(cfg.simulation.round_timeout),
-        train_config=config,
-        evaluate_config=run.settings.to_config(),
+        train_config=ConfigRecord(run.settings.to_config()),
+        evaluate_config=ConfigRecord(run.settings.to_config()),
     )
     return wire
 
@@ -183,28 +186,6 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides or []))
 
-
-app = ServerApp()
-
-
-@app.main()
-def _flwr_run_main(grid: Grid, context: Context) -> None:
-    """Entry point of `flwr run .`: run-config key `overrides` holds Hydra overrides."""
-    from fedkd.deploy.tuning import shorten_pull_backoff
-    from simulations.run import run
-
-    shorten_pull_backoff()  # replies are visible before their objects: retry soon, not after 1 s
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
-    for name in ("fedkd", "strategies", "simulations"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
-    cfg = compose_config(str(context.run_config.get("overrides", "")).split())
-    out_dir = Path(str(context.run_config.get("output-dir", "outputs/flwr"))) / str(grid.run.run_id)
-    run(cfg, out_dir, runner=lambda prepared, recorder: run_strategy(
-        grid, prepared, [recorder.on_replies], recorder.on_server_metrics, recorder.out_dir))
 
 
 def describe(run: PreparedRun) -> dict[str, Any]:

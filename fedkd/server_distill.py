@@ -1,6 +1,6 @@
 """Server-side maths of FedDF: per-architecture averaging, checked weights, ensemble distillation.
 
-These functions know nothing of Flower messages; `strategies.feddf.FedDF` calls them, and their
+These functions know nothing of Flower messages; `fedkd.strategies.feddf.FedDF` calls them, and their
 tests pin the numbers. State dicts are ``{name: torch.Tensor}`` (the full ``state_dict()``,
 BatchNorm buffers included).
 """

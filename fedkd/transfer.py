@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 from fedkd.errors import ConfigError
 
 

@@ -1,7 +1,7 @@
 """Centralized baseline: each architecture trained on the pooled private data (the upper bound).
 
 No Flower here: the private partitions are concatenated and every distinct architecture is
-trained once with the same client code (`fedkd.client.work`); each client is then credited with
+trained once with the same client code (`fedkd.training`); each client is then credited with
 the accuracy of its architecture's pooled model, so the report reads like the federated ones.
 """
 
@@ -12,11 +12,11 @@ import logging
 import torch
 
 from fedkd.client.state import new_optimizer
-from fedkd.client.work import evaluate, revisit, round_generator
+from fedkd.training import evaluate, revisit, round_generator
 from fedkd.data import load_private_pool, load_test
 from fedkd.models import build_model
 from fedkd.server import PreparedRun
-from simulations.results import Recorder
+from fedkd.simulations.results import Recorder
 
 log = logging.getLogger(__name__)
 

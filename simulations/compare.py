@@ -232,7 +232,7 @@ def compare(path: str | Path, target: float = 0.9, out: str | Path | None = None
     `target`, `sort_by`, `ascending` as in `arm_table`; `command` heads the Markdown. Returns
     file name -> path of ``comparison.csv``, ``comparison.md`` and the two PNGs.
     """
-    from simulations.compare_plots import (arm_curves, plot_accuracy_vs_bytes,
+    from fedkd.simulations.compare_plots import (arm_curves, plot_accuracy_vs_bytes,
                                            plot_accuracy_vs_round, to_markdown)
 
     runs = load_runs(path)

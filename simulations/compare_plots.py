@@ -1,7 +1,7 @@
 """What `fedkd-compare` renders: the Markdown table and two figures (one colour per arm).
 
 The figures draw `arm_curves`: per arm, the mean over its seeds of the per-round mean client
-accuracy. The table comes from `simulations.compare.arm_table`.
+accuracy. The table comes from `fedkd.simulations.compare.arm_table`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from simulations.compare import FALLBACK as KEYS  # noqa: E402
+from fedkd.simulations.compare import FALLBACK as KEYS  # noqa: E402
 
 log = logging.getLogger("fedkd.compare")
 

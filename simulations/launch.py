@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from fedkd.server import PreparedRun, make_server_app
-from simulations.results import Recorder
+from fedkd.simulations.results import Recorder
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedkd.errors import ConfigError
 from fedkd.server import CONF_DIR
-from simulations.run import run
+from fedkd.simulations.run import run
 
 log = logging.getLogger("fedkd")
 

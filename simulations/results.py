@@ -176,7 +176,7 @@ class Recorder:
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if values:
-            from simulations.plots import plot_accuracy
+            from fedkd.simulations.plots import plot_accuracy
 
             plot_accuracy(frame, self.out_dir / "accuracy.png", title=_title(self.info))
         return summary

@@ -11,7 +11,7 @@ import hydra.utils
 from omegaconf import DictConfig, OmegaConf
 
 from fedkd.server import PreparedRun, prepare_run
-from simulations.results import Recorder
+from fedkd.simulations.results import Recorder
 
 Runner = Callable[[PreparedRun, Recorder], None]
 

@@ -27,11 +27,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedkd.aggregation import TeacherMeta
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 from fedkd.errors import ConfigError
 from fedkd.generators import LogitGuided, ModelGuided
-from fedkd.protocol import CONFIG, MESSAGE_TYPE, METRICS, QUERY, TARGETS, TRANSFER, reply_logits
-from fedkd.protocol import transfer_record
+from fedkd.protocol import (
+    CONFIG, MESSAGE_TYPE, METRICS, NUM_EXAMPLES, PARTITION_ID, QUERY, QUERY_DIRECTIONS, QUERY_MU,
+    QUERY_SEED, SERVER_ROUND, TARGETS, TRANSFER,
+)
+from fedkd.records import reply_logits, transfer_record
 from fedkd.transfer import Public, TransferSource
 from fedkd.wire import reply_order
 
@@ -116,6 +119,21 @@ class KDStrategy(Strategy):
         self._rng = random.Random(seed)
         self._asked: dict[int, tuple[np.ndarray, int]] = {}  # round -> (rows, num_classes)
         self.server_metric_sinks: list[Callable[[int, dict[str, float]], None]] = []
+        self.settings: ClientSettings | None = None
+
+    def bind(self, settings: ClientSettings) -> None:
+        """Tell the strategy which run it drives (data, architectures, roles, rounds).
+
+        The settings also travel to the clients in every message; the strategy never parses
+        them back from the config it sends."""
+        self.settings = settings
+
+    def run_settings(self) -> ClientSettings:
+        """The bound run settings (`bind` comes before the first round)."""
+        if self.settings is None:
+            raise RuntimeError(f"{type(self).__name__}.bind(settings) was not called before the "
+                               "first round")
+        return self.settings
 
     # --- hooks subclasses may override ------------------------------------------------------
     def transfer_rows(self, server_round: int, settings: ClientSettings) -> np.ndarray | None:
@@ -141,8 +159,8 @@ class KDStrategy(Strategy):
         """Logits ``[K, (1 + Q) * N, C]`` of every free node on `inputs` and their seeded
         perturbations (`fedkd.protocol.expand_query`); None below `min_replies` valid answers."""
         nodes = free_nodes(grid, grid.get_node_ids())
-        round_config = ConfigRecord({**config, "server-round": server_round, "query-seed": seed,
-                                     "query-directions": directions, "query-mu": float(mu)})
+        round_config = ConfigRecord({**config, SERVER_ROUND: server_round, QUERY_SEED: seed,
+                                     QUERY_DIRECTIONS: directions, QUERY_MU: float(mu)})
         content = RecordDict({CONFIG: round_config,
                               QUERY: ArrayRecord({f"{QUERY}.inputs": Array(inputs.astype(np.float32))})})
         messages = [Message(content, dst_node_id=node, message_type=QUERY, group_id=str(server_round))
@@ -204,10 +222,10 @@ class KDStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per sampled node: the transfer record plus the settings."""
-        settings = ClientSettings.from_config(config)
+        settings = self.run_settings()
         self.fit_transfer(server_round, settings, grid, config)
         transfer = self.build_transfer(server_round, arrays, settings)
-        round_config = ConfigRecord({**config, "server-round": server_round})
+        round_config = ConfigRecord({**config, SERVER_ROUND: server_round})
         content = RecordDict({CONFIG: round_config, TRANSFER: transfer})
         nodes = self.sample(grid)
         log.debug("round %d: sending to %d node(s)", server_round, len(nodes))
@@ -302,7 +320,7 @@ def _target_rows(arrays: ArrayRecord) -> np.ndarray:
 def teacher_facts(reply: Message) -> tuple[float, int]:
     """A reply's private data size and partition id, checked (a reply may be malicious)."""
     metrics = reply.content[METRICS]
-    size, pid = metrics["num-examples"], metrics["partition-id"]
+    size, pid = metrics[NUM_EXAMPLES], metrics[PARTITION_ID]
     if not isinstance(size, int | float) or not np.isfinite(size) or size < 0:
         raise ValueError(f"num-examples must be a finite number >= 0, got {size!r}")
     if not isinstance(pid, int) or pid < 0:
@@ -315,6 +333,6 @@ def mean_metrics(replies: list[Message]) -> MetricRecord | None:
     values: dict[str, list[float]] = {}
     for reply in replies:
         for key, value in reply.content.metric_records.get(METRICS, {}).items():
-            if isinstance(value, int | float) and key != "partition-id":
+            if isinstance(value, int | float) and key != PARTITION_ID:
                 values.setdefault(key, []).append(float(value))
     return MetricRecord({k: float(np.mean(v)) for k, v in values.items()}) if values else None

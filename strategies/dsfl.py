@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from strategies.base import Aggregator, KDStrategy
+from fedkd.strategies.base import Aggregator, KDStrategy
 
 
 class DSFL(KDStrategy):

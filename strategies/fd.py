@@ -17,10 +17,9 @@ import logging
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
-from fedkd.client.fd import CLASS_COUNTS, CLASS_LOGITS, FD_MESSAGE_TYPE
-from fedkd.client.settings import ClientSettings
-from fedkd.protocol import LOGITS, TARGETS
-from strategies.base import KDStrategy, parse_replies
+from fedkd.settings import ClientSettings
+from fedkd.protocol import CLASS_COUNTS, CLASS_LOGITS, FD_MESSAGE_TYPE, LOGITS, TARGETS
+from fedkd.strategies.base import KDStrategy, parse_replies
 
 log = logging.getLogger(__name__)
 

@@ -31,24 +31,23 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fedkd.aggregation import TeacherMeta, mean_logits
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 from fedkd.data import load_public
 from fedkd.errors import ConfigError
 from fedkd.generators import LogitGuided, ModelGuided
 from fedkd.generators.base import models_query
 from fedkd.models import build_model
-from fedkd.protocol import CONFIG, rows_to_inputs
+from fedkd.protocol import ARRAYS, CONFIG, SERVER_ROUND, rows_to_inputs
 from fedkd.server_distill import (
     StateDict, average_states, checked_state, distill, join_models, kd_divergence, split_models,
     teacher_logits,
 )
-from strategies.base import (
+from fedkd.strategies.base import (
     Aggregator, KDStrategy, free_nodes, mean_metrics, parse_replies, teacher_facts,
 )
 
 log = logging.getLogger(__name__)
 
-ARRAYS = "arrays"
 """Record name of the weights in requests and replies (Flower's parameter-exchange convention)."""
 
 
@@ -109,7 +108,6 @@ class FedDF(KDStrategy):
         self._partitions: dict[int, int] = {}  # node id -> partition id, learned from replies
         self._models: dict[str, StateDict] = {}  # architecture -> distilled global model
         self._own: dict[int, ArrayRecord] = {}  # teacher node id -> its last upload (evaluation)
-        self._settings: ClientSettings | None = None
         self._public: torch.Tensor | None = None
 
     def summary(self) -> None:
@@ -121,16 +119,15 @@ class FedDF(KDStrategy):
     def model_for(self, node_id: int, models: dict[str, ArrayRecord]) -> ArrayRecord | None:
         """The global model a node gets: its architecture's if known (a teacher: None)."""
         pid = self._partitions.get(node_id)
-        if pid is None or self._settings is None or self._settings.role_of(pid) == "teacher":
+        if pid is None or self.settings is None or self.settings.role_of(pid) == "teacher":
             return None
-        return models.get(self._settings.arch_of(pid)[0])
+        return models.get(self.settings.arch_of(pid)[0])
 
     # --- Flower hooks -------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One ``train`` message per sampled node, with its architecture's model when known."""
-        self._settings = ClientSettings.from_config(config)
         models = split_models(arrays)
         messages = self._per_node(server_round, config, self.sample(grid), "train",
                                   lambda node: self.model_for(node, models), require_model=False)
@@ -140,13 +137,13 @@ class FedDF(KDStrategy):
 
     def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         """Check the weights, average them per architecture, distil the ensemble into each."""
-        if self._settings is None:
+        if self.settings is None:
             return None
         teachers = []
         for reply, teacher in parse_replies(server_round, replies,
-                                            lambda r: self._teacher(r, self._settings)):
+                                            lambda r: self._teacher(r, self.settings)):
             self._partitions[reply.metadata.src_node_id] = teacher.partition_id
-            if self._settings.role_of(teacher.partition_id) == "teacher":
+            if self.settings.role_of(teacher.partition_id) == "teacher":
                 self._own[reply.metadata.src_node_id] = reply.content[ARRAYS]
             teachers.append(teacher)
         if not self.enough(server_round, len(teachers)):
@@ -160,7 +157,7 @@ class FedDF(KDStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Each known, free node gets its architecture's distilled model (when evaluation is due)."""
-        settings = ClientSettings.from_config(config)
+        settings = self.run_settings()
         every = settings.train.eval_every
         if server_round % every and server_round < settings.num_rounds:
             return []
@@ -180,7 +177,7 @@ class FedDF(KDStrategy):
     def _per_node(self, server_round: int, config: ConfigRecord, nodes: list[int], message_type: str,
                   model_of: Callable[[int], ArrayRecord | None], require_model: bool) -> list[Message]:
         """Messages carrying the config and the node's model where it has one."""
-        round_config = ConfigRecord({**config, "server-round": server_round})
+        round_config = ConfigRecord({**config, SERVER_ROUND: server_round})
         messages = []
         for node in nodes:
             content = RecordDict({CONFIG: round_config})
@@ -219,7 +216,7 @@ class FedDF(KDStrategy):
     def _fuse(self, server_round: int, teachers: list[Teacher]) -> dict[str, float]:
         """Average per architecture, fit a generator source, distil the ensemble into each
         average; return the KD losses before/after (and the generator's metrics)."""
-        settings = self._settings
+        settings = self.settings
         assert settings is not None
         students = [t for t in teachers if settings.role_of(t.partition_id) == "student"]
         averages, sizes = {}, {}

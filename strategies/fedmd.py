@@ -8,7 +8,7 @@ next batch. Clients digest the consensus (KD), then revisit their private data.
 from __future__ import annotations
 
 from fedkd.aggregation import mean_logits
-from strategies.base import Aggregator, KDStrategy
+from fedkd.strategies.base import Aggregator, KDStrategy
 
 
 class FedMD(KDStrategy):
@@ -16,5 +16,5 @@ class FedMD(KDStrategy):
 
     def __init__(self, aggregator: Aggregator | None = mean_logits, **kwargs) -> None:
         if aggregator is None:
-            raise ValueError("FedMD needs an aggregator (use strategies.local.Local for none)")
+            raise ValueError("FedMD needs an aggregator (use fedkd.strategies.local.Local for none)")
         super().__init__(aggregator=aggregator, **kwargs)

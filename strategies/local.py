@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from strategies.base import KDStrategy
+from fedkd.strategies.base import KDStrategy
 
 
 class Local(KDStrategy):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from fedkd.server import compose_config
-from simulations.run import run
+from fedkd.simulations.run import run
 from tests.conftest import SMALL
 
 

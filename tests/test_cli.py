@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(sys.executable).with_name("fedkd-sim")
-COMMAND = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "simulations.main"]
+COMMAND = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "fedkd.simulations.main"]
 
 
 @dataclass(frozen=True)

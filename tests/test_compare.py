@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simulations.compare import (arm_table, check_partitions, compare, final_epsilon, load_runs,
+from fedkd.simulations.compare import (arm_table, check_partitions, compare, final_epsilon, load_runs,
                                  main, rounds_to_target)
 
 UP, DOWN = 100, 300  # bytes per round
@@ -212,7 +212,7 @@ def test_cli(sweep, tmp_path, capsys):
 
 def test_cli_without_runs_exits_2_naming_the_path(tmp_path):
     script = Path(sys.executable).with_name("fedkd-compare")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "simulations.compare"]
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "fedkd.simulations.compare"]
     done = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert str(tmp_path) in done.stderr and "no runs" in done.stderr

@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import OmegaConf
 
 from fedkd.aggregation import TeacherMeta
-from fedkd.client.settings import TrainSettings
+from fedkd.settings import TrainSettings
 from fedkd.errors import ConfigError
 from fedkd.models import build_model
 from fedkd.server import CONF_DIR, PreparedRun, compose_config, prepare_run

@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 
 from fedkd.aggregation import NoisyVote, TeacherMeta, majority_vote
 from fedkd.client.state import new_optimizer
-from fedkd.client.work import predict_logits, revisit, round_generator
+from fedkd.training import predict_logits, revisit, round_generator
 from fedkd.data import load_client, load_public
 from fedkd.models import build_model
 from fedkd.server import compose_config, prepare_run

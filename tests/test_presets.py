@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedkd.server import CONF_DIR, compose_config, prepare_run
-from simulations.run import run
+from fedkd.simulations.run import run
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 TINY = ["num_rounds=2", "distill.warmup_epochs=2"]

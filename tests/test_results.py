@@ -9,8 +9,8 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from fedkd.wire import WireStats
-from simulations.results import Recorder
-from simulations.run import run
+from fedkd.simulations.results import Recorder
+from fedkd.simulations.run import run
 from tests.conftest import SMALL, reply, request
 
 INFO = {"strategy": "fedmd", "dataset": "digits", "partition": "dirichlet", "num_clients": 3,

@@ -10,8 +10,8 @@ import pytest
 
 from benchmarks.plain_loop import run_plain
 from fedkd.server import compose_config
-from simulations.results import Recorder
-from simulations.run import run
+from fedkd.simulations.results import Recorder
+from fedkd.simulations.run import run
 from tests.conftest import SMALL
 
 SUMMARY_KEYS = {"strategy", "dataset", "num_clients", "num_rounds", "seed", "final_mean_accuracy",

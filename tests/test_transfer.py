@@ -10,9 +10,10 @@ from benchmarks.plain_loop import run_plain
 from fedkd.errors import ConfigError
 from fedkd.server import compose_config, prepare_run
 from fedkd.transfer import GaussianNoise, Public, UniformNoise
-from strategies.fedmd import FedMD
+from fedkd.strategies.fedmd import FedMD
 from tests.conftest import SMALL, reply
 from tests.test_wire import FakeGrid
+from tests.helpers import bound
 
 
 def test_public_is_all_rows_or_a_seeded_sample(small_run):
@@ -48,7 +49,7 @@ def test_bad_values_are_named(make, match):
 
 def test_noise_travels_as_inputs_and_comes_back_as_their_targets(flower_ids, small_run):
     strategy = FedMD(transfer=UniformNoise(size=20, seed=0), min_available_nodes=1)
-    msgs = strategy.configure_train(1, ArrayRecord(), small_run.settings.to_config(), FakeGrid([5, 6]))
+    msgs = bound(strategy, small_run.settings).configure_train(1, ArrayRecord(), small_run.settings.to_config(), FakeGrid([5, 6]))
     sent = msgs[0].content["transfer"]
     assert list(sent.keys()) == ["next.inputs"]
     inputs = sent["next.inputs"].numpy()
@@ -57,7 +58,7 @@ def test_noise_travels_as_inputs_and_comes_back_as_their_targets(flower_ids, sma
     arrays, _ = strategy.aggregate_train(1, [reply(m, logits=logits, partition_id=i)
                                              for i, m in enumerate(msgs)])
     np.testing.assert_array_equal(arrays["targets.inputs"].numpy(), inputs)
-    nxt = strategy.configure_train(2, arrays, small_run.settings.to_config(), FakeGrid([5, 6]))
+    nxt = bound(strategy, small_run.settings).configure_train(2, arrays, small_run.settings.to_config(), FakeGrid([5, 6]))
     assert sorted(nxt[0].content["transfer"].keys()) == ["next.inputs", "targets.inputs", "targets.probs"]
 
 

@@ -16,60 +16,42 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedkd.client.fd import fd_round
-from fedkd.client.data import ClientData, client_data, partition_id_of
-from fedkd.client.node import node_settings
 from fedkd.client.report import report_mod
-from fedkd.client.settings import ClientSettings
-from fedkd.client.state import Student
-from fedkd.client.work import digest, evaluate, predict_logits, revisit, round_generator
+from fedkd.client.round import eval_due, open_round, round_of
 from fedkd.losses import distill_loss
 from fedkd.protocol import (
-    CONFIG, LOGITS, METRICS, NEXT, QUERY, TARGETS, TRANSFER, expand_query, rows_from,
+    ARRAYS, CONFIG, DIGEST_LOSS, LOGITS, METRICS, NEXT, NUM_EXAMPLES, PARTITION_ID, QUERY, QUERY_DIRECTIONS,
+    QUERY_MU, QUERY_SEED, TARGETS, TEST_ACCURACY, TEST_LOSS, TRAIN_LOSS, TRANSFER,
+    expand_query,
 )
+from fedkd.records import rows_from
+from fedkd.training import digest, evaluate, predict_logits, revisit, round_generator
 
 app = ClientApp(mods=[report_mod])  # deployed nodes report arch, role, compute time
 app.train("fd")(fd_round)  # FD / FedDistill: per-class mean logits (fedkd.client.fd)
 
 
-def _round_of(msg: Message) -> int:
-    return int(msg.content[CONFIG].get("server-round", 0))
-
-
-def _open(msg: Message, context: Context) -> tuple[ClientSettings, int, ClientData, Student]:
-    """What every handler starts with: settings, partition id, data, the restored student."""
-    torch.set_num_threads(1)
-    settings = node_settings(ClientSettings.from_config(msg.content[CONFIG]), context)
-    pid = partition_id_of(context)
-    data = client_data(context, settings)
-    return settings, pid, data, Student.restore(context, settings, pid)
-
-
-def _eval_due(settings: ClientSettings, server_round: int) -> bool:
-    every = settings.train.eval_every
-    return server_round % every == 0 or server_round >= settings.num_rounds
-
-
 @app.train("distill")
 def distill(msg: Message, context: Context) -> Message:
     """One fused KD round."""
-    settings, pid, data, student = _open(msg, context)
+    settings, pid, data, student = open_round(msg, context)
     train = settings.train
-    server_round = _round_of(msg)
+    server_round = round_of(msg)
     gen = round_generator(settings.seed, pid, server_round)
     transfer = msg.content.array_records.get(TRANSFER, ArrayRecord())
-    metrics: dict[str, float | int] = {"partition-id": pid, "num-examples": len(data.x)}
+    metrics: dict[str, float | int] = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.x)}
 
     target_x = rows_from(transfer, TARGETS, data.public_x)
     if target_x is not None and settings.role_of(pid) == "student":  # teachers are never taught
         soft = torch.from_numpy(transfer[f"{TARGETS}.probs"].numpy().astype("float32"))
         if soft.shape != (len(target_x), int(settings.data["num_classes"])):
             raise ValueError(f"soft targets have shape {tuple(soft.shape)}, inputs {len(target_x)}")
-        metrics["digest-loss"] = digest(
+        metrics[DIGEST_LOSS] = digest(
             student.model, student.optimizer, target_x, soft, data.x, data.y,
             loss=distill_loss(train.alpha, train.temperature), epochs=train.digest_epochs,
             batch_size=train.batch_size, gen=gen,
         )
-    metrics["train-loss"] = revisit(
+    metrics[TRAIN_LOSS] = revisit(
         student.model, student.optimizer, data.x, data.y, batch_size=train.batch_size, gen=gen,
         **train.local_budget(first_round=student.rounds_done == 0),
     )
@@ -79,8 +61,8 @@ def distill(msg: Message, context: Context) -> Message:
     next_x = rows_from(transfer, NEXT, data.public_x)
     if next_x is not None:
         content[LOGITS] = ArrayRecord({LOGITS: Array(predict_logits(student.model, next_x))})
-    if _eval_due(settings, server_round):
-        metrics["test-accuracy"], metrics["test-loss"] = evaluate(
+    if eval_due(settings, server_round):
+        metrics[TEST_ACCURACY], metrics[TEST_LOSS] = evaluate(
             student.model, data.test_x, data.test_y
         )
     student.save(context)
@@ -91,17 +73,17 @@ def distill(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Logits of the current student on the queried inputs and their perturbations."""
-    settings, pid, data, student = _open(msg, context)
+    settings, pid, data, student = open_round(msg, context)
     config = msg.content[CONFIG]
     inputs = rows_from(msg.content[QUERY], QUERY, data.public_x)
     if inputs is None:
         raise ValueError(f"a query carries no {QUERY}.inputs")
-    expanded = expand_query(inputs.numpy(), int(config["query-seed"]),
-                            int(config["query-directions"]), float(config["query-mu"]))
+    expanded = expand_query(inputs.numpy(), int(config[QUERY_SEED]),
+                            int(config[QUERY_DIRECTIONS]), float(config[QUERY_MU]))
     logits = predict_logits(student.model, torch.from_numpy(expanded))
     content = RecordDict({
         LOGITS: ArrayRecord({LOGITS: Array(logits)}),
-        METRICS: MetricRecord({"partition-id": pid, "num-examples": len(data.x)}),
+        METRICS: MetricRecord({PARTITION_ID: pid, NUM_EXAMPLES: len(data.x)}),
     })
     return Message(content, reply_to=msg)
 
@@ -113,21 +95,21 @@ def train(msg: Message, context: Context) -> Message:
     Without weights in the message (FedDF's first round) the client trains its own model from its
     warm-up budget; with them, the weights replace its model and the optimizer starts afresh.
     """
-    settings, pid, data, student = _open(msg, context)
-    arrays = msg.content.array_records.get("arrays")
+    settings, pid, data, student = open_round(msg, context)
+    arrays = msg.content.array_records.get(ARRAYS)
     if arrays:
         student.model.load_state_dict(arrays.to_torch_state_dict())
         student.reset_optimizer(settings)
     budget = settings.train.local_budget(first_round=not arrays and student.rounds_done == 0)
     loss = revisit(
         student.model, student.optimizer, data.x, data.y, batch_size=settings.train.batch_size,
-        gen=round_generator(settings.seed, pid, _round_of(msg)), **budget,
+        gen=round_generator(settings.seed, pid, round_of(msg)), **budget,
     )
     student.rounds_done += 1
     student.save(context)
     content = RecordDict({
-        "arrays": ArrayRecord(student.model.state_dict()),
-        METRICS: MetricRecord({"partition-id": pid, "num-examples": len(data.x), "train-loss": loss}),
+        ARRAYS: ArrayRecord(student.model.state_dict()),
+        METRICS: MetricRecord({PARTITION_ID: pid, NUM_EXAMPLES: len(data.x), TRAIN_LOSS: loss}),
     })
     return Message(content, reply_to=msg)
 
@@ -135,9 +117,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the received global weights on the common test set."""
-    _, pid, data, student = _open(msg, context)
-    student.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    _, pid, data, student = open_round(msg, context)
+    student.model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
     acc, loss = evaluate(student.model, data.test_x, data.test_y)
-    metrics = {"partition-id": pid, "num-examples": len(data.test_y), "test-accuracy": acc,
-               "test-loss": loss}
+    metrics = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.test_y), TEST_ACCURACY: acc,
+               TEST_LOSS: loss}
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

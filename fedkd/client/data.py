@@ -16,7 +16,7 @@ import torch
 from flwr.app import Context
 
 from fedkd.client.node import NodeConfig
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 from fedkd.data import fingerprint, load_client, load_public, load_test
 
 

@@ -26,15 +26,15 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from fedkd.client.work import _private_batches, evaluate, predict_logits, round_generator
+from fedkd.client.round import eval_due, open_round, round_of
+from fedkd.training import evaluate, predict_logits, private_batches, round_generator
 from fedkd.losses import CELoss, KDLoss, WeightedSum, distill_loss
-from fedkd.protocol import LOGITS, METRICS, TARGETS, TRANSFER
+from fedkd.protocol import (
+    CLASS_COUNTS, CLASS_LOGITS, LOGITS, METRICS, NUM_EXAMPLES, PARTITION_ID, TARGETS, TEST_ACCURACY,
+    TEST_LOSS, TRAIN_LOSS, TRANSFER,
+)
 
 log = logging.getLogger(__name__)
-
-FD_MESSAGE_TYPE = "train.fd"
-CLASS_LOGITS, CLASS_COUNTS = "class_logits", "class_counts"
-
 
 def class_mean_logits(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int
@@ -92,11 +92,11 @@ def regularized_train(
     One forward pass per batch feeds both terms of `loss`. The KD term of a batch is the sum of
     the per-sample KD losses of the samples whose class is `known`, divided by the batch size
     (unknown classes contribute 0); a batch with nothing to learn from is skipped. The batches
-    are those of `fedkd.client.work.revisit`, so with ``alpha = 0`` this is exactly `revisit`.
+    are those of `fedkd.training.revisit`, so with ``alpha = 0`` this is exactly `revisit`.
     """
     model.train()
     losses = []
-    for idx in _private_batches(len(x), batch_size, gen, epochs, steps):
+    for idx in private_batches(len(x), batch_size, gen, epochs, steps):
         out, labels = model(x[idx]), y[idx]
         values = []
         for _weight, term in loss.active_terms():
@@ -120,12 +120,9 @@ def regularized_train(
 
 def fd_round(msg: Message, context: Context) -> Message:
     """One FD round: train (regularized toward the global class logits), report class logits."""
-    # Imported here: app.py imports this module to register the handler (a cycle at import time).
-    from fedkd.client.app import _eval_due, _open, _round_of
-
-    settings, pid, data, student = _open(msg, context)
+    settings, pid, data, student = open_round(msg, context)
     train = settings.train
-    server_round = _round_of(msg)
+    server_round = round_of(msg)
     num_classes = int(settings.data["num_classes"])
     transfer = msg.content.array_records.get(TRANSFER, ArrayRecord())
     class_probs = known = None
@@ -139,8 +136,8 @@ def fd_round(msg: Message, context: Context) -> Message:
     # Without targets (first round, nothing aggregated yet, or a teacher): plain CE, as `revisit`.
     loss = (distill_loss(train.alpha, train.temperature) if class_probs is not None
             else WeightedSum([(1.0, CELoss())]))
-    metrics: dict[str, float | int] = {"partition-id": pid, "num-examples": len(data.x)}
-    metrics["train-loss"] = regularized_train(
+    metrics: dict[str, float | int] = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.x)}
+    metrics[TRAIN_LOSS] = regularized_train(
         student.model, student.optimizer, data.x, data.y,
         loss=loss, class_probs=class_probs, known=known,
         batch_size=train.batch_size, gen=round_generator(settings.seed, pid, server_round),
@@ -148,8 +145,8 @@ def fd_round(msg: Message, context: Context) -> Message:
     )
     student.rounds_done += 1
     class_logits, class_counts = class_mean_logits(student.model, data.x, data.y, num_classes)
-    if _eval_due(settings, server_round):
-        metrics["test-accuracy"], metrics["test-loss"] = evaluate(
+    if eval_due(settings, server_round):
+        metrics[TEST_ACCURACY], metrics[TEST_LOSS] = evaluate(
             student.model, data.test_x, data.test_y)
     student.save(context)
     log.debug("client %d round %d: %s", pid, server_round, metrics)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 from fedkd.errors import ConfigError
 
 NODE_KEYS = {

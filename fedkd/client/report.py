@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedkd.client.node import NodeConfig, node_settings
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 from fedkd.protocol import CONFIG, METRICS
 
 NODE = "node"

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from torch import nn
 
 from fedkd.client import checkpoint
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 from fedkd.models import build_model
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 It takes every ``flower-supernode`` option and runs Flower's own SuperNode in this process, with
 changes that cut the fixed cost of a round (see docs/deploy.md for the measurements):
 
-- **waits** (`fedkd.deploy.tuning`): an idle SuperNode sleeps 3 s between pulls and waits for a
+- **waits** (`fedkd.flower_compat`): an idle SuperNode sleeps 3 s between pulls and waits for a
   reply in 0.5 s steps; here both are capped at ``--poll-interval`` seconds (each poll is one
   small HTTP(S) request to the SuperLink). A missing object is retried after 0.05 s, not 1 s.
   ``--heartbeat-interval`` (Flower: 30 s) sets how soon a crash is noticed (two missed ones).
@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 
-from fedkd.deploy.tuning import cap_supernode_polls, set_heartbeat_interval, shorten_pull_backoff
+from fedkd.flower_compat import cap_supernode_polls, set_heartbeat_interval, shorten_pull_backoff
 
 log = logging.getLogger(__name__)
 

@@ -193,7 +193,7 @@ def serve(parent_pid: int | None) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
-    from fedkd.deploy.tuning import shorten_pull_backoff
+    from fedkd.flower_compat import shorten_pull_backoff
 
     shorten_pull_backoff()  # the SuperNode announces a message before its objects are stored
     if parent_pid is not None:

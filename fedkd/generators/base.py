@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 from fedkd.errors import ConfigError
 from fedkd.generators.model import ConditionalGenerator, balanced_labels
 from fedkd.generators.objectives import balance_loss, class_loss, disagreement, diversity_loss
@@ -59,7 +59,7 @@ class LogitGuided(Protocol):
 
 def models_query(models: Sequence[nn.Module]) -> Query:
     """A `Query` answered by models in memory (what each client's ``query`` handler computes)."""
-    from fedkd.client.work import predict_logits
+    from fedkd.training import predict_logits
     from fedkd.protocol import expand_query
 
     def query(inputs: np.ndarray, seed: int, directions: int, mu: float) -> np.ndarray:

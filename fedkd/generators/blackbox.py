@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 from fedkd.errors import ConfigError
 from fedkd.generators.base import Query, _GeneratorSource, _seed
 from fedkd.generators.objectives import zo_input_gradient

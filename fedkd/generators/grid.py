@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 
 if TYPE_CHECKING:
     from fedkd.generators.base import _GeneratorSource

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 from fedkd.errors import ConfigError
 from fedkd.generators.base import _GeneratorSource, _seed
 from fedkd.generators.objectives import BatchNormStatistics, frozen

@@ -11,10 +11,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedkd.client import app as client_app
 from fedkd.client.data import PublicSetMismatch
-from fedkd.client.settings import ClientSettings
+from fedkd.settings import ClientSettings
 from fedkd.client.state import PROGRESS
 from fedkd.data import load_client
-from fedkd.protocol import transfer_record
+from fedkd.records import transfer_record
 from tests.conftest import request
 
 ALLOWED_METRICS = {"partition-id", "num-examples", "train-loss", "digest-loss", "test-accuracy",
@@ -126,11 +126,11 @@ def test_evaluation_every_n_rounds_and_always_in_the_last(flower_ids, small_run)
 def test_local_steps_count_mini_batches_not_epochs():
     import torch
 
-    from fedkd.client.work import _private_batches
+    from fedkd.training import private_batches
 
     gen = torch.Generator().manual_seed(0)
-    assert len(list(_private_batches(100, 32, gen, epochs=2, steps=None))) == 8  # 4 per epoch
-    batches = list(_private_batches(100, 32, gen, epochs=2, steps=11))
+    assert len(list(private_batches(100, 32, gen, epochs=2, steps=None))) == 8  # 4 per epoch
+    batches = list(private_batches(100, 32, gen, epochs=2, steps=11))
     assert len(batches) == 11 and sum(len(b) for b in batches[:4]) == 100  # reshuffled passes
 
 

@@ -11,7 +11,7 @@ from fedkd.client import app as client_app
 from fedkd.client import checkpoint
 from fedkd.client.state import PROGRESS, STUDENT
 from fedkd.errors import ConfigError
-from fedkd.protocol import transfer_record
+from fedkd.records import transfer_record
 from tests.conftest import request
 from tests.deploy.conftest import node_context
 

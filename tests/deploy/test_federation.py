@@ -98,7 +98,7 @@ def test_an_unregistered_node_is_refused(workdir):
 def test_secure_three_nodes_equal_the_simulation(workdir):
     """TLS + authentication, heterogeneous students: the numbers of the simulation, bit for bit."""
     from fedkd.server import compose_config
-    from simulations.run import run
+    from fedkd.simulations.run import run
 
     opts = Options(num_nodes=3, rounds=3, secure=True, overrides=FAST)
     with LocalFederation(workdir, opts) as fed:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from benchmarks.deploy_latency import _parse, markdown
-from fedkd.deploy import tuning
+from fedkd import flower_compat as tuning
 from fedkd.deploy.latency import round_latency
 from fedkd.deploy.security import make_certificates, make_node_key, san_entries
 from fedkd.deploy.worker import forget_modules_of

@@ -11,17 +11,19 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedkd.client.fd import FD_MESSAGE_TYPE, fd_round, regularized_train
-from fedkd.client.settings import ClientSettings
+from fedkd.client.fd import fd_round, regularized_train
+from fedkd.protocol import FD_MESSAGE_TYPE
+from fedkd.settings import ClientSettings
 from fedkd.client.state import Student
-from fedkd.client.work import predict_logits, revisit, round_generator
+from fedkd.training import predict_logits, revisit, round_generator
 from fedkd.data import load_client
 from fedkd.losses import distill_loss
 from fedkd.server import PreparedRun, compose_config, prepare_run
 from fedkd.wire import WireGrid
-from strategies.fd import FD, class_weighted_mean
+from fedkd.strategies.fd import FD, class_weighted_mean
 from tests.conftest import SMALL, reply, request
 from tests.test_wire import FakeGrid
+from tests.helpers import bound
 
 ALLOWED_METRICS = {"partition-id", "num-examples", "train-loss", "test-accuracy", "test-loss"}
 
@@ -56,8 +58,7 @@ def _fd_reply(to: Message, class_logits, class_counts, partition_id: int) -> Mes
 
 def _configure(strategy: FD, settings: ClientSettings, server_round=1, arrays=None,
                nodes=(100, 101)):
-    return list(strategy.configure_train(server_round, arrays or ArrayRecord(),
-                                         settings.to_config(), FakeGrid(list(nodes))))
+    return list(bound(strategy, settings).configure_train(server_round, arrays or ArrayRecord(), settings.to_config(), FakeGrid(list(nodes))))
 
 
 def _with_train(run: PreparedRun, **train) -> ClientSettings:
@@ -87,8 +88,9 @@ def drive(run: PreparedRun, settings: ClientSettings | None = None, **strategy_k
          for r in replies if "test-accuracy" in r.content["metrics"]}))
     kwargs = {"min_available_nodes": num_clients, "wait_for_nodes_s": 0, "seed": settings.seed,
               **strategy_kwargs}
-    FD(**kwargs).start(grid=wire, initial_arrays=ArrayRecord(), num_rounds=settings.num_rounds,
-                       timeout=3600, train_config=settings.to_config())
+    bound(FD(**kwargs), settings).start(
+        grid=wire, initial_arrays=ArrayRecord(), num_rounds=settings.num_rounds, timeout=3600,
+        train_config=ConfigRecord(settings.to_config()))
     return accuracy, fake
 
 

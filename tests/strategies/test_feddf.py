@@ -20,12 +20,13 @@ from fedkd.server_distill import (
     teacher_logits,
 )
 from fedkd.wire import message_bytes
-from simulations.results import Recorder
-from simulations.run import run
-from strategies.feddf import FedDF
-from strategies.fedmd import FedMD
+from fedkd.simulations.results import Recorder
+from fedkd.simulations.run import run
+from fedkd.strategies.feddf import FedDF
+from fedkd.strategies.fedmd import FedMD
 from tests.conftest import SMALL, reply
 from tests.test_wire import FakeGrid
+from tests.helpers import bound
 
 NODES = (101, 102, 103, 104)  # node ids of partitions 0..3 in these tests (archs cnn_small, mlp, ...)
 
@@ -136,7 +137,7 @@ def _train_reply(msg, small_run, pid, weights=None, num_examples=10):
 
 def _round_one(strategy, small_run, settings=None, weights=None):
     settings = settings or small_run.settings
-    msgs = strategy.configure_train(1, ArrayRecord(), _config(settings), FakeGrid(list(NODES)))
+    msgs = bound(strategy, settings).configure_train(1, ArrayRecord(), settings.to_config(), FakeGrid(list(NODES)))
     by_node = {m.metadata.dst_node_id: m for m in msgs}
     replies = [_train_reply(by_node[n], small_run, pid, (weights or {}).get(pid))
                for pid, n in enumerate(NODES)]
@@ -171,7 +172,7 @@ def test_round_two_sends_each_node_the_model_of_its_architecture(flower_ids, sma
     strategy = _strategy(server_epochs=1)
     _, (arrays, _) = _round_one(strategy, small_run)
 
-    msgs = strategy.configure_train(2, arrays, _config(small_run.settings),
+    msgs = bound(strategy, small_run.settings).configure_train(2, arrays, small_run.settings.to_config(),
                                     FakeGrid([*NODES, 999]))  # 999 joined late: unknown
 
     by_node = {m.metadata.dst_node_id: m for m in msgs}
@@ -188,7 +189,7 @@ def test_round_two_sends_each_node_the_model_of_its_architecture(flower_ids, sma
 def test_without_server_epochs_each_group_is_the_weighted_average(flower_ids, small_run):
     weights = {pid: _weights(small_run, pid, seed=10 + pid) for pid in range(4)}
     strategy = _strategy(server_epochs=0)
-    msgs = strategy.configure_train(1, ArrayRecord(), _config(small_run.settings), FakeGrid(list(NODES)))
+    msgs = bound(strategy, small_run.settings).configure_train(1, ArrayRecord(), small_run.settings.to_config(), FakeGrid(list(NODES)))
     by_node = {m.metadata.dst_node_id: m for m in msgs}
     sizes = [10, 30, 30, 10]
     replies = [_train_reply(by_node[n], small_run, p, weights[p], sizes[p]) for p, n in enumerate(NODES)]
@@ -205,7 +206,7 @@ def test_without_server_epochs_each_group_is_the_weighted_average(flower_ids, sm
 def test_malformed_replies_are_dropped(flower_ids, small_run, bad):
     def attempt(min_replies):
         strategy = _strategy(server_epochs=1, min_replies=min_replies)
-        msgs = strategy.configure_train(1, ArrayRecord(), _config(small_run.settings),
+        msgs = bound(strategy, small_run.settings).configure_train(1, ArrayRecord(), small_run.settings.to_config(),
                                         FakeGrid([101, 102, 103]))
         good = [_train_reply(msgs[0], small_run, 0), _train_reply(msgs[2], small_run, 2)]
         state = dict(_weights(small_run, 1))
@@ -231,7 +232,7 @@ def test_evaluate_sends_known_nodes_their_distilled_model(flower_ids, small_run)
     grid = FakeGrid([*NODES, 999])
     grid.busy_node_ids = lambda: {104}
 
-    msgs = strategy.configure_evaluate(1, arrays, _config(small_run.settings), grid)
+    msgs = bound(strategy, small_run.settings).configure_evaluate(1, arrays, small_run.settings.to_config(), grid)
 
     assert sorted(m.metadata.dst_node_id for m in msgs) == [101, 102, 103]
     models = split_models(arrays)
@@ -247,8 +248,8 @@ def test_teachers_are_never_taught_but_join_the_ensemble(flower_ids, small_run):
     settings = dataclasses.replace(small_run.settings, roles=["teacher", "student", "student", "student"])
     strategy = _strategy(server_epochs=0)  # no distillation: the group models are the averages
     _, (arrays, _) = _round_one(strategy, small_run, settings)
-    train = strategy.configure_train(2, arrays, _config(settings), FakeGrid(list(NODES)))
-    evaluate = strategy.configure_evaluate(2, arrays, _config(settings), FakeGrid(list(NODES)))
+    train = bound(strategy, settings).configure_train(2, arrays, settings.to_config(), FakeGrid(list(NODES)))
+    evaluate = bound(strategy, settings).configure_evaluate(2, arrays, settings.to_config(), FakeGrid(list(NODES)))
 
     assert "arrays" not in next(m for m in train if m.metadata.dst_node_id == 101).content
     own = next(m for m in evaluate if m.metadata.dst_node_id == 101).content["arrays"]
@@ -259,9 +260,9 @@ def test_teachers_are_never_taught_but_join_the_ensemble(flower_ids, small_run):
 
 def test_a_weights_reply_outweighs_a_logits_reply_by_the_model_minus_the_logits(flower_ids, small_run):
     n, c = small_run.data.num_public, small_run.data.num_classes
-    fedmd = FedMD(min_available_nodes=1).configure_train(1, ArrayRecord(), _config(small_run.settings),
+    fedmd = bound(FedMD(min_available_nodes=1), small_run.settings).configure_train(1, ArrayRecord(), small_run.settings.to_config(),
                                                            FakeGrid([101]))[0]
-    feddf = _strategy().configure_train(1, ArrayRecord(), _config(small_run.settings), FakeGrid([101]))[0]
+    feddf = bound(_strategy(), small_run.settings).configure_train(1, ArrayRecord(), small_run.settings.to_config(), FakeGrid([101]))[0]
     logits_reply = reply(fedmd, logits=np.zeros((n, c), np.float32), partition_id=1, **{"train-loss": 0.5})
     weights_reply = _train_reply(feddf, small_run, 1)
 

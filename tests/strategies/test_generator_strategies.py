@@ -14,10 +14,11 @@ from fedkd.generators import BlackBoxGenerator, WhiteBoxGenerator
 from fedkd.generators.base import models_query
 from fedkd.protocol import query_directions
 from fedkd.wire import WireGrid
-from strategies.dsfl import DSFL
-from strategies.fedmd import FedMD
+from fedkd.strategies.dsfl import DSFL
+from fedkd.strategies.fedmd import FedMD
 from tests.strategies.test_feddf import _round_one, _strategy
 from tests.test_wire import FakeGrid
+from tests.helpers import bound
 
 
 def test_a_white_box_generator_needs_a_strategy_that_holds_the_models():
@@ -45,7 +46,7 @@ def test_black_box_query_waves_send_inputs_and_a_seed_and_get_logits_only(flower
     strategy = FedMD(transfer=source, min_available_nodes=1, wait_for_nodes_s=0)
     grid, fake, contexts, waves = _client_grid(small_run)
 
-    train = strategy.configure_train(2, ArrayRecord(), settings.to_config(), grid)
+    train = bound(strategy, settings).configure_train(2, ArrayRecord(), settings.to_config(), grid)
 
     queries = [m for m in fake.pushed if m.metadata.message_type == "query"]
     assert len(queries) == 2 * 4 and len(waves) == 2
@@ -79,9 +80,9 @@ def test_black_box_generator_waits_for_trained_teachers_and_its_budget(flower_id
                                query_budget=8 * 4 * 3)
     strategy = FedMD(transfer=source, min_available_nodes=1, wait_for_nodes_s=0)
     grid, fake, _, _ = _client_grid(small_run)
-    strategy.configure_train(1, ArrayRecord(), small_run.settings.to_config(), grid)
+    bound(strategy, small_run.settings).configure_train(1, ArrayRecord(), small_run.settings.to_config(), grid)
     assert not [m for m in fake.pushed if m.metadata.message_type == "query"]  # round 1: untrained
-    strategy.configure_train(2, ArrayRecord(), small_run.settings.to_config(), grid)
+    bound(strategy, small_run.settings).configure_train(2, ArrayRecord(), small_run.settings.to_config(), grid)
     assert sum(m.metadata.message_type == "query" for m in fake.pushed) == 3 * 4  # 3 waves fit
 
 

@@ -9,16 +9,16 @@ from flwr.serverapp.strategy import Strategy
 
 from fedkd.aggregation import mean_logits, mean_probs, softmax, weighted
 from fedkd.errors import ConfigError
-from strategies.fedmd import FedMD
-from strategies.local import Local
+from fedkd.strategies.fedmd import FedMD
+from fedkd.strategies.local import Local
 from tests.conftest import reply
 from tests.test_wire import FakeGrid
+from tests.helpers import bound
 
 
 def _configure(strategy, small_run, server_round=1, arrays=None, nodes=(11, 12, 13, 14)):
     grid = FakeGrid(list(nodes))
-    return strategy.configure_train(server_round, arrays or ArrayRecord(),
-                                    small_run.settings.to_config(), grid)
+    return bound(strategy, small_run.settings).configure_train(server_round, arrays or ArrayRecord(), small_run.settings.to_config(), grid)
 
 
 def test_fedmd_is_a_flower_strategy():
@@ -126,8 +126,7 @@ def test_error_replies_do_not_count(flower_ids, small_run):
 def test_busy_nodes_are_not_sampled(flower_ids, small_run):
     grid = FakeGrid([1, 2, 3])
     grid.busy_node_ids = lambda: {2}
-    msgs = FedMD(min_available_nodes=1).configure_train(1, ArrayRecord(),
-                                                         small_run.settings.to_config(), grid)
+    msgs = bound(FedMD(min_available_nodes=1), small_run.settings).configure_train(1, ArrayRecord(), small_run.settings.to_config(), grid)
     assert sorted(m.metadata.dst_node_id for m in msgs) == [1, 3]
 
 

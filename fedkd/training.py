@@ -44,7 +44,7 @@ def revisit(
     ce = CELoss()
     model.train()
     losses = []
-    for idx in _private_batches(len(x), batch_size, gen, epochs, steps):
+    for idx in private_batches(len(x), batch_size, gen, epochs, steps):
         loss = ce(model(x[idx]), labels=y[idx])
         optimizer.zero_grad()
         loss.backward()
@@ -53,7 +53,7 @@ def revisit(
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def _private_batches(
+def private_batches(
     n: int, batch_size: int, gen: torch.Generator, epochs: int, steps: int | None
 ) -> Iterator[torch.Tensor]:
     if steps is None:

@@ -1,4 +1,4 @@
-"""Client-side settings: everything a ClientApp needs, sent by the server with each message.
+"""Run settings: everything a ClientApp needs, sent by the server with each message.
 
 The server resolves the Hydra config once and ships this small JSON document in the message's
 ConfigRecord, so a ClientApp needs nothing but its node config (in simulation, `partition-id`).
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import Any
-
-from flwr.app import ConfigRecord
 
 from fedkd.errors import ConfigError
 
-SETTINGS_KEY = "fedkd.settings"
+from fedkd.protocol import SETTINGS_KEY
 
 
 @dataclass(frozen=True)
@@ -111,13 +110,13 @@ class ClientSettings:
         except (TypeError, KeyError, json.JSONDecodeError) as err:
             raise ConfigError(f"malformed {SETTINGS_KEY} in the message: {err}") from err
 
-    def to_config(self) -> ConfigRecord:
-        """A ConfigRecord carrying these settings."""
-        return ConfigRecord({SETTINGS_KEY: self.to_json()})
+    def to_config(self) -> dict[str, str]:
+        """The config entries carrying these settings (a message's ConfigRecord holds them)."""
+        return {SETTINGS_KEY: self.to_json()}
 
     @classmethod
-    def from_config(cls, config: ConfigRecord) -> ClientSettings:
-        """Read the settings from a message's ConfigRecord."""
+    def from_config(cls, config: Mapping[str, Any]) -> ClientSettings:
+        """Read the settings from a message's config (a ConfigRecord or a plain mapping)."""
         if SETTINGS_KEY not in config:
             raise ConfigError(f"the message's config has no {SETTINGS_KEY!r} entry")
         return cls.from_json(str(config[SETTINGS_KEY]))

@@ -1,0 +1,1 @@
+"""fedkd's Hydra configs, installed as the package ``fedkd.conf`` (data files only)."""

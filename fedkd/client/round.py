@@ -1,0 +1,32 @@
+"""What every ClientApp handler starts with: the round, the settings, the data, the student."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context, Message
+
+from fedkd.client.data import ClientData, client_data, partition_id_of
+from fedkd.client.node import node_settings
+from fedkd.client.state import Student
+from fedkd.protocol import CONFIG, SERVER_ROUND
+from fedkd.settings import ClientSettings
+
+
+def round_of(msg: Message) -> int:
+    """The server round a message belongs to (0 if it names none)."""
+    return int(msg.content[CONFIG].get(SERVER_ROUND, 0))
+
+
+def open_round(msg: Message, context: Context) -> tuple[ClientSettings, int, ClientData, Student]:
+    """Settings, partition id, data and the restored student of this node for `msg`."""
+    torch.set_num_threads(1)
+    settings = node_settings(ClientSettings.from_config(msg.content[CONFIG]), context)
+    pid = partition_id_of(context)
+    data = client_data(context, settings)
+    return settings, pid, data, Student.restore(context, settings, pid)
+
+
+def eval_due(settings: ClientSettings, server_round: int) -> bool:
+    """Whether the student is evaluated this round (every `eval_every`, and in the last)."""
+    every = settings.train.eval_every
+    return server_round % every == 0 or server_round >= settings.num_rounds

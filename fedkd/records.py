@@ -1,0 +1,53 @@
+"""The protocol's Flower records: build the transfer record, read rows and logits back.
+
+Key names live in `fedkd.protocol`; this module only turns them into (and out of) `flwr.app`
+records, so both the server strategies and the ClientApp use one codec.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message
+
+from fedkd.protocol import LOGITS, NEXT, TARGETS, rows_key, rows_to_inputs
+
+
+def transfer_record(
+    soft_targets: np.ndarray | None = None,
+    target_rows: np.ndarray | None = None,
+    next_rows: np.ndarray | None = None,
+) -> ArrayRecord:
+    """Build the ``transfer`` record; row arrays of integers are indices, others inputs."""
+    record = ArrayRecord()
+    if soft_targets is not None:
+        record[f"{TARGETS}.probs"] = Array(np.asarray(soft_targets, dtype=np.float32))
+        record[rows_key(TARGETS, target_rows)] = Array(np.asarray(target_rows))
+    if next_rows is not None:
+        record[rows_key(NEXT, next_rows)] = Array(np.asarray(next_rows))
+    return record
+
+
+def rows_from(record: ArrayRecord, prefix: str, public_x: torch.Tensor) -> torch.Tensor | None:
+    """Inputs named by ``<prefix>.indices`` (rows of `public_x`) or ``<prefix>.inputs``."""
+    for kind in ("indices", "inputs"):
+        key = f"{prefix}.{kind}"
+        if key in record:
+            return rows_to_inputs(record[key].numpy(), public_x, prefix)
+    return None
+
+
+def reply_logits(reply: Message, rows: int, num_classes: int) -> np.ndarray:
+    """Validated logits of a reply: float32 [rows, num_classes], all finite.
+
+    Raises ValueError naming what is wrong for a malformed (or malicious) reply.
+    """
+    if LOGITS not in reply.content or LOGITS not in reply.content[LOGITS]:
+        raise ValueError("reply carries no logits")
+    logits = reply.content[LOGITS][LOGITS].numpy()
+    if logits.shape != (rows, num_classes):
+        raise ValueError(f"logits have shape {logits.shape}, expected {(rows, num_classes)}")
+    if not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
+        raise ValueError("logits must be finite floating-point numbers")
+    return logits.astype(np.float32)
+
