@@ -233,7 +233,7 @@ def compare(path: str | Path, target: float = 0.9, out: str | Path | None = None
     file name -> path of ``comparison.csv``, ``comparison.md`` and the two PNGs.
     """
     from fedkd.simulations.compare_plots import (arm_curves, plot_accuracy_vs_bytes,
-                                           plot_accuracy_vs_round, to_markdown)
+                                                 plot_accuracy_vs_round, to_markdown)
 
     runs = load_runs(path)
     out = Path(out or path)
@@ -250,7 +250,7 @@ def compare(path: str | Path, target: float = 0.9, out: str | Path | None = None
     paths = {name: out / name for name in ("comparison.csv", "comparison.md",
                                            "accuracy_vs_round.png", "accuracy_vs_bytes.png")}
     table.to_csv(paths["comparison.csv"], index=False)
-    paths["comparison.md"].write_text(to_markdown(table, header, warnings, failed))
+    paths["comparison.md"].write_text(to_markdown(table, header, warnings, failed, FALLBACK))
     curves, order = arm_curves(runs), list(table.arm)
     plot_accuracy_vs_round(curves, paths["accuracy_vs_round.png"], order, target)
     plot_accuracy_vs_bytes(curves, paths["accuracy_vs_bytes.png"], order)

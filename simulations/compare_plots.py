@@ -18,8 +18,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedkd.simulations.compare import FALLBACK as KEYS  # noqa: E402
-
 log = logging.getLogger("fedkd.compare")
 
 
@@ -119,8 +117,10 @@ def plot_accuracy_vs_bytes(curves: pd.DataFrame, path: Path, order: Sequence[str
 
 
 def to_markdown(table: pd.DataFrame, header: str, warnings: Sequence[str] = (),
-                failed: Sequence[str] = ()) -> str:
+                failed: Sequence[str] = (), keys: Sequence[str] = ()) -> str:
     """The table as Markdown: ``0.919 ± 0.004``, ``1,710,800`` bytes, WARNING lines first.
+
+    `keys` are the config columns shown after the arm (`fedkd.simulations.compare.FALLBACK`).
 
     `failed` lines (the failed runs) follow the table.
     """
@@ -131,12 +131,12 @@ def to_markdown(table: pd.DataFrame, header: str, warnings: Sequence[str] = (),
         return "" if pd.isna(x) else format(x, fmt)
 
     lines = [f"**WARNING: partition mismatch: {w}**\n" for w in warnings] + [header, ""]
-    head = ["arm", *KEYS, "seeds", "failed", "final accuracy", "worst client", "best",
+    head = ["arm", *keys, "seeds", "failed", "final accuracy", "worst client", "best",
             "rounds to target (seeds)", "bytes up", "bytes down", "bytes / round", "epsilon",
             "wall s", "partition hash", "partition ok"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.itertuples():
-        cells = [r.arm, *(num(getattr(r, k), "") for k in KEYS), r.seeds, r.failed,
+        cells = [r.arm, *(num(getattr(r, k), "") for k in keys), r.seeds, r.failed,
                  acc(r.final_acc_mean, r.final_acc_std), num(r.worst_client_acc, ".3f"),
                  num(r.best_acc, ".3f"),
                  f"{num(r.rounds_to_target, '.1f') or '-'} ({r.seeds_reached}/{r.seeds})",

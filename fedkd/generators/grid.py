@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from fedkd.generators.model import ConditionalGenerator
 from fedkd.settings import ClientSettings
 
-if TYPE_CHECKING:
-    from fedkd.generators.base import _GeneratorSource
+
+class GeneratorSource(Protocol):
+    """What the grid needs of a generator source (`fedkd.generators.base._GeneratorSource`)."""
+
+    def build(self, settings: ClientSettings) -> ConditionalGenerator:
+        """The source's current generator."""
 
 
-def sample_grid(source: _GeneratorSource, settings: ClientSettings, per_class: int = 8,
+def sample_grid(source: GeneratorSource, settings: ClientSettings, per_class: int = 8,
                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``per_class`` samples of every class, seeded: inputs ``[C * per_class, ...]`` and labels."""
     generator = source.build(settings)
@@ -26,7 +31,7 @@ def sample_grid(source: _GeneratorSource, settings: ClientSettings, per_class: i
         return generator(z, y).numpy(), y.numpy()
 
 
-def save_sample_grid(source: _GeneratorSource, settings: ClientSettings, path: Path,
+def save_sample_grid(source: GeneratorSource, settings: ClientSettings, path: Path,
                      per_class: int = 8) -> Path:
     """Save a PNG grid: images for ``[C, H, W]`` / ``[H, W]`` inputs, line plots for 1-d signals."""
     import matplotlib
