@@ -1,28 +1,89 @@
-"""Fixed waits inside Flower 1.41 that cost a deployed round seconds, shortened in one place.
+"""Every use of Flower's private API in fedkd, in one module gated on the Flower version (1.42.x).
 
-- An idle SuperNode sleeps 3 s between pulls, and 0.5 s between checks for its ClientApp's reply
-  (`flwr.supernode.start_client_internal`): `cap_supernode_polls` caps both sleeps.
-- Every object pull (SuperNode <- SuperLink, ClientApp <- SuperNode, ServerApp <- SuperLink)
-  retries an object that is not there yet after 1 s, doubling to 10 s. A SuperNode announces a
-  message before its objects arrive, so the ClientApp's first pull usually misses and waits 1 s:
-  `shorten_pull_backoff` makes the first retry come after 0.05 s (same doubling and cap).
+Public Flower API is what Flower documents and exports from ``flwr.app``, ``flwr.serverapp``,
+``flwr.serverapp.strategy``, ``flwr.clientapp``, ``flwr.simulation``, and its command-line tools;
+the rest (``flwr.supercore``, ``flwr.supernode`` and ``flwr.common`` internals, private attributes,
+keyword defaults) may change in any release and is used only here. Every function below first
+calls `require_supported_flower`, which raises `UnsupportedFlowerError` (naming the installed and
+the supported version) on a Flower other than `SUPPORTED_FLOWER`; plain ``flower-supernode`` and
+the public API keep working. Each patch also checks Flower's shape and fails loudly otherwise.
 
-- A SuperNode announces a 30 s heartbeat interval and the SuperLink counts it offline after two
-  missed heartbeats (~60 s); under authentication a crashed node is let back in only then.
-  `set_heartbeat_interval` makes a SuperNode announce and keep a shorter one (Flower's minimum
-  is 10 s), so a crash is noticed, and a restart accepted, within ~20 s.
+Still private, because Flower 1.42 has no public option for it:
 
-Each function checks that Flower still has the shape it patches and fails loudly otherwise
-(fedkd pins flwr 1.41.0).
+- `cap_supernode_polls`: the SuperNode loop (``flwr.supernode.start_client_internal``) sleeps 3 s
+  between idle pulls and 0.5 s between checks for a reply; its ``time`` gets capped sleeps.
+- `shorten_pull_backoff`: object pulls (``pull_objects``, ``pull_and_inflate_object_from_tree`` in
+  ``flwr.supercore.inflatable.inflatable_utils``) retry a missing object after 1 s (doubling to
+  10 s), and a message's objects arrive after its announcement: their keyword default becomes
+  0.05 s (Flower's callers all use the default).
+- `set_heartbeat_interval`: ``HEARTBEAT_DEFAULT_INTERVAL`` (30 s) in ``flwr.supercore.heartbeat``
+  and ``flwr.supernode.fleet_http_connection``, the interval a SuperNode announces and keeps.
+- `run_flower_supernode`: ``flower-supernode`` (its console-script entry point) run in this
+  process, so that the patches above apply to it.
+- the persistent ClientApp worker (`fedkd.deploy.worker`): `run_worker_superexec` puts
+  `ClientAppExecutor` (Flower's executor interface: ``LaunchResult``, ``TaskType``,
+  ``ExecutionSpec``, ``SubprocessExecutor``) in place of ``get_executor`` in Flower's SuperExec
+  loop (``flwr.supercore.superexec.run_superexec``); `serve_clientapp_task` does what
+  ``flwr-clientapp --token`` does (``RuntimeHttpClient`` with its interceptors, retry and TLS
+  helpers, ``HeartbeatSender``, ``pull_task_input``/``push_message``/``push_task_output``,
+  ``ErrorCode``/``SubStatus``); `ClientAppCache` (``install_from_fab``, ``get_project_dir``,
+  ``get_load_client_app_fn``); `watch_parent` (``start_parent_process_monitor``). Flower 1.42's
+  ``flwr-clientapp`` serves one token and exits; its SuperExec executors (``subprocess``,
+  ``kubernetes``) start a process per task, and its warm pools serve no ClientApp tasks.
+
+Flower's own settings instead of patches: the SuperExec's task polls
+(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``); the ServerApp waits for replies through the public Grid
+(``push_messages``/``pull_messages``, `fedkd.wire`), not ``send_and_receive``'s 3 s sleeps.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
+log = logging.getLogger(__name__)
+
+SUPPORTED_FLOWER = "1.42"
+"""The Flower minor release whose internals this module patches (any 1.42.x)."""
 PULL_BACKOFF = 0.05
 """First retry of a missing object, seconds (Flower: 1)."""
+TASK_FIELDS = ("runtime_api_address", "token", "insecure", "root_certificates_path")
+"""What `serve_clientapp_task` needs of a SuperExec execution spec."""
+
+
+class UnsupportedFlowerError(RuntimeError):
+    """Flower's internals are requested on a Flower version fedkd does not support."""
+
+
+def require_supported_flower() -> str:
+    """The installed ``flwr.__version__``; raise `UnsupportedFlowerError` unless it is 1.42.x."""
+    import flwr
+
+    return _check_version(str(flwr.__version__))
+
+
+@functools.lru_cache(maxsize=None)
+def _check_version(installed: str) -> str:
+    if installed.split(".")[:2] != SUPPORTED_FLOWER.split("."):
+        raise UnsupportedFlowerError(
+            f"fedkd patches Flower internals that it supports on flwr {SUPPORTED_FLOWER}.x only, "
+            f"but flwr {installed} is installed: install flwr=={SUPPORTED_FLOWER}.* or run plain "
+            "flower-supernode (no fedkd patches, no persistent worker)")
+    return installed
+
+
+def _shape_error(what: str) -> RuntimeError:
+    return RuntimeError(f"{what}: fedkd's patches of Flower internals support flwr "
+                        f"{SUPPORTED_FLOWER}.x (run plain flower-supernode instead)")
+
+
+# ---- waits ------------------------------------------------------------------------------------
 
 
 class CappedSleep:
@@ -41,29 +102,30 @@ class CappedSleep:
 
 def cap_supernode_polls(interval: float) -> None:
     """Cap the sleeps of Flower's SuperNode loop (idle pulls, waiting for a reply)."""
+    require_supported_flower()
     from flwr.supernode import start_client_internal as loop
 
     if getattr(loop, "time", None) is not time and not isinstance(loop.time, CappedSleep):
-        raise RuntimeError("flwr.supernode.start_client_internal no longer uses the time module; "
-                           "fedkd-supernode supports flwr 1.41 (run flower-supernode instead)")
+        raise _shape_error("flwr.supernode.start_client_internal no longer sleeps through `time`")
     loop.time = CappedSleep(interval)
 
 
 def shorten_pull_backoff(initial: float = PULL_BACKOFF) -> None:
     """Make Flower's object pulls retry a missing object after `initial` seconds first."""
+    require_supported_flower()
     from flwr.supercore.inflatable import inflatable_utils
 
-    for function in (inflatable_utils.pull_objects,
-                     inflatable_utils.pull_and_inflate_object_from_tree):
-        defaults = function.__kwdefaults__ or {}
-        if "initial_backoff" not in defaults:
-            raise RuntimeError(f"{function.__qualname__} has no initial_backoff any more; "
-                               "fedkd's deployment tuning supports flwr 1.41")
-        defaults["initial_backoff"] = initial
+    functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    for function in functions:  # check all before patching any
+        if "initial_backoff" not in (function.__kwdefaults__ or {}):
+            raise _shape_error(f"{function.__qualname__} has no initial_backoff any more")
+    for function in functions:
+        function.__kwdefaults__["initial_backoff"] = initial
 
 
 def set_heartbeat_interval(seconds: float) -> None:
     """Make this SuperNode announce and send heartbeats every `seconds` (Flower: 30 s)."""
+    require_supported_flower()
     from flwr.common import constant
     from flwr.supercore import heartbeat
     from flwr.supernode import fleet_http_connection
@@ -71,8 +133,193 @@ def set_heartbeat_interval(seconds: float) -> None:
     if not constant.HEARTBEAT_MIN_INTERVAL <= seconds <= constant.HEARTBEAT_MAX_INTERVAL:
         raise ValueError(f"heartbeat interval must be in [{constant.HEARTBEAT_MIN_INTERVAL}, "
                          f"{constant.HEARTBEAT_MAX_INTERVAL}] s, got {seconds}")
-    for module in (heartbeat, fleet_http_connection):
+    for module in (heartbeat, fleet_http_connection):  # check both before patching either
         if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
-            raise RuntimeError(f"{module.__name__} has no HEARTBEAT_DEFAULT_INTERVAL any more; "
-                               "fedkd's deployment tuning supports flwr 1.41")
+            raise _shape_error(f"{module.__name__} has no HEARTBEAT_DEFAULT_INTERVAL any more")
+    for module in (heartbeat, fleet_http_connection):
         module.HEARTBEAT_DEFAULT_INTERVAL = seconds
+
+
+def run_flower_supernode(args: list[str]) -> None:
+    """Run ``flower-supernode args`` in this process (where the patches above apply)."""
+    require_supported_flower()
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="console_scripts", name="flower-supernode"))
+    if not found:
+        raise _shape_error("flwr has no flower-supernode console script")
+    main = found[0].load()
+    sys.argv = ["flower-supernode", *args]
+    main()
+
+
+# ---- the persistent ClientApp worker ---------------------------------------------------------
+
+
+class TaskHandler(Protocol):
+    """fedkd's side of `ClientAppExecutor`: ``submit`` queues one task (`TASK_FIELDS`) and returns
+    why it was refused, or None; ``reconcile`` runs between SuperExec polls, ``close`` at exit."""
+
+    def submit(self, task: dict[str, Any]) -> str | None: ...  # noqa: D102
+
+    def reconcile(self) -> None: ...  # noqa: D102
+
+    def close(self) -> None: ...  # noqa: D102
+
+
+class ClientAppExecutor:
+    """Flower's SuperExec executor interface around `handler`: ClientApp tasks go to
+    ``handler.submit``, other task types (none reach a SuperNode's SuperExec) to Flower's
+    subprocess executor."""
+
+    def __init__(self, handler: TaskHandler) -> None:
+        require_supported_flower()
+        from dataclasses import fields
+
+        from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+        from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+        missing = set(TASK_FIELDS) - {f.name for f in fields(ExecutionSpec)}
+        if missing:
+            raise _shape_error(f"Flower's ExecutionSpec has no {sorted(missing)} any more")
+        self.handler = handler
+        self._fallback = SubprocessExecutor()
+
+    def get_eligible_capacity(self, supported_task_types: set, **_: Any) -> tuple[set, set]:
+        """Every task type can be launched now (tasks queue in the handler)."""
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, *_: Any, **__: Any) -> None:
+        """No capacity gate."""
+
+    def launch(self, spec: Any) -> Any:
+        """Hand a ClientApp task to the handler; Flower's ``LaunchResult``."""
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return self._fallback.launch(spec)
+        refused = self.handler.submit({name: getattr(spec, name) for name in TASK_FIELDS})
+        return LaunchResult.accepted() if refused is None else LaunchResult.failed(refused)
+
+    def reconcile(self) -> None:  # noqa: D102
+        self.handler.reconcile()
+
+    def close(self) -> None:  # noqa: D102
+        self.handler.close()
+
+
+def run_worker_superexec(handler: Callable[[], TaskHandler], runtime_api_address: str,
+                         root_certificates: str | None, parent_pid: int | None) -> None:
+    """Flower's SuperExec loop with a `ClientAppExecutor` around ``handler()`` as its executor."""
+    require_supported_flower()
+    from flwr.supercore.superexec import run_superexec as superexec
+
+    if not callable(getattr(superexec, "get_executor", None)):
+        raise _shape_error("flwr.supercore.superexec.run_superexec has no get_executor any more")
+    superexec.get_executor = lambda *args, **kwargs: ClientAppExecutor(handler())
+    superexec.run_superexec(
+        runtime_api_address=runtime_api_address,
+        insecure=root_certificates is None,
+        root_certificates_path=root_certificates,
+        parent_pid=parent_pid,
+        runtime_dependency_install=False,
+    )
+
+
+def preload_clientapp_runtime() -> None:
+    """Import Flower's ClientApp runtime once, before the first task."""
+    require_supported_flower()
+    import flwr.clientapp  # noqa: F401
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Exit this process when `parent_pid` ends (Flower's parent-process monitor)."""
+    require_supported_flower()
+    from flwr.supercore.app_utils import start_parent_process_monitor
+
+    start_parent_process_monitor(parent_pid)
+
+
+@dataclass
+class ClientAppCache:
+    """The ClientApp loaded from the last FAB, installed and imported once per FAB.
+
+    `forget_modules(app_dir)` drops the modules a FAB folder provides from `sys.modules`.
+    """
+
+    forget_modules: Callable[[Path], None]
+    fab_hash: str | None = None
+    app_dir: Path | None = None
+    app: Any = None
+
+    def get(self, run: Any, fab: Any) -> Any:
+        """The run's ClientApp, loaded from its FAB."""
+        if fab.hash_str == self.fab_hash:
+            return self.app
+        from flwr.cli.install import install_from_fab
+        from flwr.clientapp.utils import get_load_client_app_fn
+        from flwr.common.config import get_project_dir
+
+        if self.app_dir is not None:
+            self.forget_modules(self.app_dir)
+        install_from_fab(fab.content, skip_prompt=True)
+        app_dir = Path(get_project_dir(run.fab_id, run.fab_version, fab.hash_str)).absolute()
+        self.forget_modules(app_dir)  # e.g. the worker's own `fedkd`, imported from site-packages
+        load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+        self.app = load(run.fab_id, run.fab_version, fab.hash_str)
+        self.fab_hash, self.app_dir = fab.hash_str, app_dir
+        return self.app
+
+
+def serve_clientapp_task(task: dict[str, Any], apps: ClientAppCache) -> None:
+    """Serve one task token as ``flwr-clientapp --token`` would, without exiting."""
+    require_supported_flower()
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output, pull_task_input
+
+    retry = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=task["runtime_api_address"],
+        insecure=task["insecure"],
+        root_certificates=validate_and_resolve_root_certificates(
+            task["root_certificates_path"], task["insecure"]),
+        interceptors=[RuntimeTracingInterceptor(),
+                      RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(task["token"])],
+        retry_invoker=retry,
+    )
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    message = context = reply = None
+    status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+    try:
+        heartbeat.start()
+        message, context, run, fab = pull_task_input(client)
+        reply = apps.get(run, fab)(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as ex:  # noqa: BLE001 (reported to the server, as flwr-clientapp does)
+        log.error("ClientApp raised an exception", exc_info=ex)
+        details = f"{type(ex)}:<'{ex}'>"
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                            reply_to=message)
+    finally:
+        if reply is not None and context is not None:
+            try:
+                push_message(client, reply, context)
+            except Exception as ex:  # noqa: BLE001
+                log.error("failed to push the reply", exc_info=ex)
+        retry.max_tries = 1
+        push_task_output(client=client, context=context, sub_status=status, details=details)
+        heartbeat.stop()
+        client.close()

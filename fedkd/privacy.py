@@ -1,4 +1,4 @@
-"""Privacy accounting for noisy label aggregation (PATE's GNMax), on Flower's RDP accountant.
+"""Privacy accounting for noisy label aggregation (PATE's GNMax), on Google's ``dp_accounting`` RDP accountant.
 
 One GNMax query releases ``argmax_c (votes_c + N(0, sigma^2))`` for one transfer sample, where ``votes`` counts the
 teachers' argmax classes. A teacher is one client's whole private data set; when it changes its vote, one count
@@ -6,6 +6,10 @@ drops by 1 and another rises by 1, so the vote vector moves by ``sqrt(2)`` in L2
 mechanism with noise multiplier ``sigma / sqrt(2)`` (noise over sensitivity), with no sampling amplification, and
 the queries compose in Renyi DP. This is the data-independent bound (PATE's data-dependent, smooth-sensitivity
 analysis is tighter but needs the vote margins and more machinery).
+
+Flower-free: ``dp_accounting`` (installed by ``flwr[dp]``) is the library Flower's own ``RdpAccountant`` wraps; the
+ledger here is the same (default RDP orders, add-or-remove-one neighbours, one unsampled Gaussian event per query),
+so the epsilons are the same as with Flower's wrapper.
 """
 
 from __future__ import annotations
@@ -13,13 +17,8 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-from flwr.serverapp import RdpAccountant
-from flwr.supercore.privacy_accounting import (
-    GaussianPrivacyEvent,
-    NeighboringRelation,
-    PrivacyConfig,
-    SamplingMethod,
-)
+from dp_accounting import GaussianDpEvent, NeighboringRelation
+from dp_accounting.rdp import RdpAccountant
 
 from fedkd.errors import ConfigError
 
@@ -46,6 +45,7 @@ class GNMaxAccountant:
         self.sigma = _check_open("sigma", sigma, 0.0, math.inf)
         self.delta = _check_open("delta", delta, 0.0, 1.0)
         self._accountant = self._new_accountant()
+        self._queries = 0
 
     @property
     def noise_multiplier(self) -> float:
@@ -55,46 +55,39 @@ class GNMaxAccountant:
     @property
     def queries(self) -> int:
         """Number of queries (noisy labels) released so far."""
-        return self._accountant.num_releases
+        return self._queries
 
     @property
     def epsilon(self) -> float:
         """Epsilon at ``delta`` of all queries so far (0 before the first)."""
-        return self._accountant.get_epsilon(self.delta) if self.queries else 0.0
+        return float(self._accountant.get_epsilon(self.delta)) if self.queries else 0.0
 
     def epsilon_for(self, num_queries: int) -> float:
         """Epsilon at ``delta`` that ``num_queries`` queries cost on their own; the ledger is left unchanged."""
         accountant = self._new_accountant()
         self._compose(accountant, num_queries)
-        return accountant.get_epsilon(self.delta)
+        return float(accountant.get_epsilon(self.delta))
 
     def spend(self, num_queries: int) -> float:
         """Record ``num_queries`` more queries and return what they cost on their own (``epsilon_for``).
 
         RDP composes sub-additively: the total ``epsilon`` grows by less than the returned value.
         """
-        self._compose(self._accountant, num_queries)
+        self._queries += self._compose(self._accountant, num_queries)
         return self.epsilon_for(num_queries)
 
-    def _new_accountant(self) -> RdpAccountant:
-        # Without amplification the sampling sizes are bookkeeping only; population 1 keeps the ledger valid
-        # when the number of queries per call changes (same epsilons as population = sample = N). Flower allows
-        # only ADD_OR_REMOVE_ONE here; for an unsampled Gaussian the relation does not change the bound, and the
-        # replaced-vote sensitivity sqrt(2) is already in the noise multiplier.
-        return RdpAccountant(
-            PrivacyConfig(
-                target_delta=self.delta,
-                population_size=1,
-                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            )
-        )
+    @staticmethod
+    def _new_accountant() -> RdpAccountant:
+        # Default orders and add-or-remove-one neighbours, as Flower's wrapper used. Without sampling amplification
+        # the neighbouring relation does not change the Gaussian bound, and the replaced-vote sensitivity sqrt(2) is
+        # already in the noise multiplier.
+        return RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
 
-    def _compose(self, accountant: RdpAccountant, num_queries: int) -> None:
+    def _compose(self, accountant: RdpAccountant, num_queries: int) -> int:
         if isinstance(num_queries, bool) or not isinstance(num_queries, Integral) or num_queries < 1:
             raise ValueError(f"num_queries={num_queries!r} must be an integer >= 1")
-        event = GaussianPrivacyEvent(noise_multiplier=self.noise_multiplier, sample_size=1, population_size=1)
-        accountant.compose(event, count=int(num_queries))
+        accountant.compose(GaussianDpEvent(self.noise_multiplier), int(num_queries))
+        return int(num_queries)
 
     def __repr__(self) -> str:
         return f"GNMaxAccountant(sigma={self.sigma:g}, delta={self.delta:g}, queries={self.queries})"

@@ -189,8 +189,15 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 
 
 def describe(run: PreparedRun) -> dict[str, Any]:
-    """Facts about a run for its summary."""
+    """Facts about a run for its summary.
+
+    With ``dataset=nodes`` the nodes bring their own data: no partition was made here, so
+    ``partition`` is ``on-nodes`` and ``partition_seed`` is None (as ``partition_hash``).
+    """
+    on_nodes = bool(run.cfg.dataset.get("on_nodes", False))
     return {
+        "partition": "on-nodes" if on_nodes else str(run.cfg.partition.name),
+        "partition_seed": None if on_nodes else int(run.cfg.partition_seed),
         "partition_hash": run.data.partition_hash,
         "public_fingerprint": run.data.public_fingerprint,
         "param_counts": run.param_counts,

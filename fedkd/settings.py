@@ -7,13 +7,19 @@ ConfigRecord, so a ClientApp needs nothing but its node config (in simulation, `
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from fedkd.errors import ConfigError
-
+from fedkd.models.assign import ROLES
+from fedkd.models.build import check_spec
+from fedkd.optim import check_optimizer
 from fedkd.protocol import SETTINGS_KEY
+
+MAX_SEED = 2**63 - 1
+"""Largest training seed (client ``i`` seeds torch with ``seed + i``)."""
 
 
 @dataclass(frozen=True)
@@ -23,7 +29,8 @@ class TrainSettings:
     optimizer: dict[str, Any] = field(
         default_factory=lambda: {"_target_": "torch.optim.Adam", "lr": 0.01}
     )
-    """Hydra node of a `torch.optim` optimizer (the parameters are passed at build time)."""
+    """``{"_target_": "torch.optim.<Name>", **plain kwargs}``; only `fedkd.optim.OPTIMIZERS`, built
+    by `fedkd.optim.build_optimizer` (never Hydra-instantiated: it arrives over the wire)."""
     batch_size: int = 32
     """Mini-batch size for private data and transfer batches."""
     local_epochs: int = 1
@@ -49,22 +56,16 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
-        if self.local_steps is not None and self.local_steps < 1:
-            raise ConfigError(f"distill.local_steps must be >= 1 or null, got {self.local_steps}")
+            _int(getattr(self, name), f"distill.{name}", low=1)
+        if self.local_steps is not None:
+            _int(self.local_steps, "distill.local_steps", low=1, allowed="an int >= 1 or null")
         for name in ("local_epochs", "warmup_epochs", "digest_epochs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
-        target = str(self.optimizer.get("_target_", ""))
-        if not target.startswith("torch.optim."):
-            raise ConfigError(
-                f"distill.optimizer._target_ must name a torch.optim class, got {target!r}"
-            )
+            _int(getattr(self, name), f"distill.{name}", low=0)
+        if not (_is_number(self.alpha) and 0.0 <= self.alpha <= 1.0):
+            raise ConfigError(f"distill.alpha must be a number in [0, 1], got {self.alpha!r}")
+        if not (_is_number(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"distill.temperature must be a number > 0, got {self.temperature!r}")
+        check_optimizer(self.optimizer)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,24 @@ class ClientSettings:
     num_rounds: int
     roles: list[str] = field(default_factory=list)
     """Role per partition id (`student` or `teacher`); empty means every client is a student."""
+
+    def __post_init__(self) -> None:
+        _check_data(self.data)
+        if not isinstance(self.archs, Mapping) or not self.archs:
+            raise ConfigError(f"settings.archs must be a non-empty mapping, got {self.archs!r}")
+        for name, spec in self.archs.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"settings.archs key {name!r} must be a string")
+            check_spec(spec, f"settings.archs.{name}")
+        _strings(self.assignment, "settings.assignment", sorted(self.archs), empty=False)
+        _strings(self.roles, "settings.roles", list(ROLES), empty=True)
+        if self.roles and len(self.roles) != len(self.assignment):
+            raise ConfigError(f"settings.roles has {len(self.roles)} entries, settings.assignment "
+                              f"{len(self.assignment)}; give one role per partition or none")
+        if not isinstance(self.train, TrainSettings):
+            raise ConfigError(f"settings.train must be TrainSettings, got {type(self.train)}")
+        _int(self.seed, "settings.seed", low=0, high=MAX_SEED)
+        _int(self.num_rounds, "settings.num_rounds", low=1)
 
     def role_of(self, partition_id: int) -> str:
         """A partition's role: teachers never digest soft targets."""
@@ -103,11 +122,21 @@ class ClientSettings:
 
     @classmethod
     def from_json(cls, text: str) -> ClientSettings:
-        """Parse the JSON form; a malformed document raises ConfigError."""
+        """Parse and check the JSON form; a malformed document raises ConfigError.
+
+        Every field is type- and range-checked (see `__post_init__`, `TrainSettings`); NaN and
+        infinities are refused anywhere, unknown or missing keys are named.
+        """
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, parse_constant=_refuse_constant)
+            if not isinstance(raw, dict):
+                raise ConfigError(f"the document must be a JSON object, got {type(raw).__name__}")
+            _keys(raw, cls, "settings")
+            if not isinstance(raw["train"], dict):
+                raise ConfigError(f"settings.train must be an object, got {raw['train']!r}")
+            _keys(raw["train"], TrainSettings, "distill")
             return cls(**{**raw, "train": TrainSettings(**raw["train"])})
-        except (TypeError, KeyError, json.JSONDecodeError) as err:
+        except (TypeError, ValueError, RecursionError) as err:  # ConfigError is a ValueError
             raise ConfigError(f"malformed {SETTINGS_KEY} in the message: {err}") from err
 
     def to_config(self) -> dict[str, str]:
@@ -119,4 +148,113 @@ class ClientSettings:
         """Read the settings from a message's config (a ConfigRecord or a plain mapping)."""
         if SETTINGS_KEY not in config:
             raise ConfigError(f"the message's config has no {SETTINGS_KEY!r} entry")
-        return cls.from_json(str(config[SETTINGS_KEY]))
+        text = config[SETTINGS_KEY]
+        if not isinstance(text, str):
+            raise ConfigError(f"the message's {SETTINGS_KEY!r} must be a JSON string, got "
+                              f"{type(text).__name__}")
+        return cls.from_json(text)
+
+
+# --- checks of values that arrive over the wire ---------------------------------------------------
+DATA_KEYS = {
+    "cache_dir": "a string (simulation: the prepared data's folder)",
+    "num_classes": "an int >= 1",
+    "input_shape": "a non-empty list of ints >= 1",
+    "public_fingerprint": "a string",
+    "partition_hash": "a string",
+    "num_public": "an int >= 0",
+    "num_test": "an int >= 0",
+    "client_sizes": "a list of ints >= 0",
+    "class_histograms": "a list of lists of ints >= 0",
+    "normalize": "a string (deployment: how the public set is normalised), optional",
+    "public_recipe": "null or an embedded public set's recipe (deployment), optional",
+}
+"""Keys of `ClientSettings.data` (`fedkd.data.DataInfo` plus the deployment's two)."""
+OPTIONAL_DATA_KEYS = ("normalize", "public_recipe")
+RECIPE_KEYS = ("name", "args", "test_fraction", "public_size", "seed")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed (numbers must be finite)")
+
+
+def _int(value: object, what: str, low: int, high: int | None = None,
+         allowed: str | None = None) -> None:
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        allowed = allowed or (f"an int in [{low}, {high}]" if high is not None else
+                              f"an int >= {low}")
+        raise ConfigError(f"{what} must be {allowed}, got {value!r}")
+
+
+def _list(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def _ints(value: object, low: int, empty: bool = True) -> bool:
+    return _list(value) and (empty or bool(value)) and all(_is_int(v) and v >= low for v in value)
+
+
+def _strings(value: object, what: str, allowed: list[str], empty: bool) -> None:
+    ok = _list(value) and (empty or bool(value)) and all(isinstance(v, str) for v in value)
+    if not ok or any(v not in allowed for v in value):
+        raise ConfigError(f"{what} must be a {'' if empty else 'non-empty '}list of names from "
+                          f"{allowed}, got {value!r}")
+
+
+def _keys(raw: Mapping[str, Any], kind: type, what: str) -> None:
+    """Refuse keys a dataclass does not have, and missing required ones."""
+    names = {f.name for f in fields(kind)}
+    required = {f.name for f in fields(kind)
+                if f.default is MISSING and f.default_factory is MISSING}
+    if unknown := sorted(map(str, set(raw) - names)):
+        raise ConfigError(f"{what} key(s) {unknown} unknown; allowed: {sorted(names)}")
+    if missing := sorted(required - set(raw)):
+        raise ConfigError(f"{what} key(s) {missing} missing")
+
+
+def _check_data(data: object) -> None:
+    """`ClientSettings.data`: exactly `DATA_KEYS`, each of its type."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"settings.data must be a mapping, got {data!r}")
+    if unknown := sorted(map(str, set(data) - set(DATA_KEYS))):
+        raise ConfigError(f"settings.data key(s) {unknown} unknown; allowed: {sorted(DATA_KEYS)}")
+    if missing := sorted(set(DATA_KEYS) - set(OPTIONAL_DATA_KEYS) - set(data)):
+        raise ConfigError(f"settings.data key(s) {missing} missing")
+    checks = {
+        "cache_dir": lambda v: isinstance(v, str),
+        "num_classes": lambda v: _is_int(v) and v >= 1,
+        "input_shape": lambda v: _ints(v, 1, empty=False),
+        "public_fingerprint": lambda v: isinstance(v, str),
+        "partition_hash": lambda v: isinstance(v, str),
+        "num_public": lambda v: _is_int(v) and v >= 0,
+        "num_test": lambda v: _is_int(v) and v >= 0,
+        "client_sizes": lambda v: _ints(v, 0),
+        "class_histograms": lambda v: _list(v) and all(_ints(row, 0) for row in v),
+        "normalize": lambda v: isinstance(v, str),
+        "public_recipe": lambda v: v is None or _recipe_ok(v),
+    }
+    for key, value in data.items():
+        if not checks[key](value):
+            raise ConfigError(f"settings.data.{key} must be {DATA_KEYS[key]}, got {value!r}")
+
+
+def _recipe_ok(recipe: object) -> bool:
+    """An embedded public set's recipe (`fedkd.data.public.embedded_recipe`): plain values only."""
+    if not isinstance(recipe, Mapping) or set(recipe) - set(RECIPE_KEYS) or "name" not in recipe:
+        return False
+    args = recipe.get("args") or {}
+    plain_args = isinstance(args, Mapping) and all(
+        isinstance(k, str) and not k.startswith("_")
+        and (isinstance(v, str | bool) or _is_number(v)) for k, v in args.items())
+    optional_number = all(recipe.get(k) is None or _is_number(recipe[k])
+                          for k in ("test_fraction", "public_size"))
+    return (isinstance(recipe["name"], str) and plain_args and optional_number
+            and _is_int(recipe.get("seed", 0)) and recipe.get("seed", 0) >= 0)

@@ -21,7 +21,8 @@ from fedkd.server import CONF_DIR, PreparedRun, compose_config, prepare_run
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))
                 and p.name != "experiment")  # presets (`+experiment=...`): tests/test_presets.py
-OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
+OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))
+           if not p.stem.startswith("_")]  # `_base.yaml`: shared by the options, not one itself
 
 
 def options(group: str) -> list[str]:
@@ -74,6 +75,19 @@ def test_every_option_composes_and_resolves(tmp_path: Path, npz_file: Path, grou
     if group in ("dataset", "partition", "strategy"):
         assert resolved[group]["name"] == option
     assert resolved["simulation"]["cache_dir"] == str(tmp_path / "cache")
+
+
+def test_strategies_share_one_base() -> None:
+    base = OmegaConf.load(CONF_DIR / "strategy" / "_base.yaml")
+    for name in options("strategy"):
+        raw = OmegaConf.load(CONF_DIR / "strategy" / f"{name}.yaml")
+        if raw.flower is None:  # centralized: no Flower strategy, no shared runner
+            continue
+        assert list(raw.defaults) == ["_base", "_self_"], name
+        assert "runner" not in raw, name
+        assert not set(raw.flower) & {"fraction_train", "min_train_nodes"}, name
+        cfg = compose_config([f"strategy={name}"])
+        assert cfg.strategy.runner == base.runner and cfg.strategy.flower.min_train_nodes == 2, name
 
 
 @pytest.mark.parametrize("option", options("strategy"))

@@ -11,9 +11,9 @@ Only deployed nodes (node config ``data-path``) report; simulation replies stay 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Context, Message
-from flwr.clientapp.typing import ClientAppCallable
 
 from fedkd.client.node import NodeConfig, node_settings
 from fedkd.settings import ClientSettings
@@ -23,7 +23,7 @@ NODE = "node"
 COMPUTE = "compute-s"
 
 
-def report_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+def report_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Flower mod: time the handler; on a deployed node add ``node`` and ``compute-s``."""
     start = time.perf_counter()
     reply = call_next(msg, context)

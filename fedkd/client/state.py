@@ -18,8 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from torch import nn
 
 from fedkd.client import checkpoint
-from fedkd.settings import ClientSettings
 from fedkd.models import build_model
+from fedkd.optim import build_optimizer
+from fedkd.settings import ClientSettings
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,5 @@ class Student:
 
 
 def new_optimizer(settings: ClientSettings, model: nn.Module) -> torch.optim.Optimizer:
-    """The configured `torch.optim` optimizer over the model's parameters."""
-    import hydra.utils  # only here: keeps the ClientApp's import light
-
-    return hydra.utils.instantiate(settings.train.optimizer, params=model.parameters())
+    """The configured (allowlisted, `fedkd.optim`) optimizer over the model's parameters."""
+    return build_optimizer(settings.train.optimizer, model.parameters())

@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -133,5 +135,43 @@ def read_meta(cache_dir: Path) -> DataInfo:
 def _load(file: Path) -> dict[str, np.ndarray]:
     if not file.is_file():
         raise ConfigError(f"prepared data file '{file}' is missing; run prepare_data first")
-    with np.load(file, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+    return load_npz(file)
+
+
+_NPZ_ERRORS = (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, KeyError)
+"""What numpy raises on a file that is not a clean archive of arrays (never shown as is: its
+message for pickled data suggests loading it unsafely)."""
+
+
+def load_npz(file: str | Path, key: str | None = None) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive, loaded with ``allow_pickle=False``.
+
+    Parameters
+    ----------
+    file : str or Path
+        The archive.
+    key : str, optional
+        The setting the path came from, named in the error message.
+
+    Raises
+    ------
+    ConfigError
+        ``not a valid .npz file: <path>`` when the file is no archive of plain numeric arrays (a
+        pickle, an ``.npy``, a truncated or corrupt zip, object arrays, a non-array member).
+    """
+    path = Path(file).expanduser()
+    where = f"{key}: " if key else ""
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("an array file, not an archive")
+        with archive:
+            arrays = {name: archive[name] for name in archive.files}
+        if not all(isinstance(a, np.ndarray) for a in arrays.values()):
+            raise ValueError("a member is not an array")
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        raise ConfigError(f"{where}cannot read '{path}': {err.strerror}") from None
+    except _NPZ_ERRORS:
+        raise ConfigError(f"{where}not a valid .npz file: {path} (expected numeric arrays saved "
+                          f"by numpy.savez; Python objects are never loaded)") from None
+    return arrays

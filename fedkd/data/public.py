@@ -10,6 +10,7 @@ differs from the one the server announces refuses to distil (`PublicSetMismatch`
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedkd.data.cache import DataInfo, fingerprint, write_atomically
+from fedkd.data.cache import DataInfo, fingerprint, load_npz, write_atomically
 from fedkd.data.raw import RawData, check_features
 from fedkd.errors import ConfigError
 
@@ -35,10 +36,10 @@ def _digits() -> RawData:
     return digits()
 
 
-def _mnist1d(**kwargs: Any) -> RawData:
+def _mnist1d(num_samples: int = 5000, seed: int = 42) -> RawData:
     from fedkd.data.sources import mnist1d
 
-    return mnist1d(**kwargs)
+    return mnist1d(num_samples=num_samples, seed=seed)
 
 
 EMBEDDED: dict[str, Callable[..., RawData]] = {"digits": _digits, "mnist1d": _mnist1d}
@@ -60,11 +61,11 @@ def read_public_file(path: str, key: str, label_column: str = "label") -> np.nda
     if not file.is_file():
         raise ConfigError(f"{key}='{path}': file not found")
     if file.suffix.lower() == ".npz":
-        with np.load(file, allow_pickle=False) as archive:
-            if "x" not in archive.files:
-                raise ConfigError(f"{key}='{path}': a public .npz needs an array 'x', "
-                                  f"found {sorted(archive.files)}")
-            x = archive["x"]
+        archive = load_npz(file, f"{key}='{path}'")
+        if "x" not in archive:
+            raise ConfigError(f"{key}='{path}': a public .npz needs an array 'x', "
+                              f"found {sorted(archive)}")
+        x = archive["x"]
     else:
         import pandas as pd
 
@@ -97,11 +98,17 @@ def embedded_public(recipe: Mapping[str, Any], cache_root: str | Path | None = N
     bad = {k: v for k, v in args.items() if not isinstance(v, int | float | str | bool)}
     if bad:
         raise ConfigError(f"embedded public set '{name}': arguments must be scalars, got {bad}")
+    known = set(inspect.signature(EMBEDDED[name]).parameters)
+    if unknown := sorted(set(args) - known):
+        raise ConfigError(f"embedded public set '{name}': unknown argument(s) {unknown}; "
+                          f"allowed: {sorted(known)}")
     key = hashlib.sha256(json.dumps(dict(recipe), sort_keys=True).encode()).hexdigest()[:16]
     file = Path(cache_root).expanduser() / "public" / f"{name}-{key}.npz" if cache_root else None
     if file is not None and file.is_file():
-        with np.load(file, allow_pickle=False) as archive:
-            return archive["x"]
+        try:
+            return load_npz(file)["x"]
+        except (ConfigError, KeyError):
+            log.warning("Rebuilding the unreadable cached public set %s", file)
     from fedkd.data.split import split_data
 
     split = split_data(EMBEDDED[name](**args), recipe["test_fraction"], recipe["public_size"],

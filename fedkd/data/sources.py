@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedkd.data.cache import load_npz
 from fedkd.data.hub import hub
 from fedkd.data.raw import RawData, make_raw
 from fedkd.errors import ConfigError
@@ -112,14 +113,14 @@ def _read_file(path: str, key: str, label_column: str) -> Table:
 
 def _read_npz(file: Path, label_column: str) -> Table:
     """Arrays ``x`` and ``y`` from an ``.npz`` archive (``label_column`` does not apply)."""
-    with np.load(file, allow_pickle=False) as archive:
-        missing = [name for name in ("x", "y") if name not in archive.files]
-        if missing:
-            raise ConfigError(
-                f"file '{file}': missing array(s) {missing}; an .npz source needs arrays "
-                f"'x' and 'y', found {sorted(archive.files)}"
-            )
-        return archive["x"], archive["y"]
+    archive = load_npz(file)
+    missing = [name for name in ("x", "y") if name not in archive]
+    if missing:
+        raise ConfigError(
+            f"file '{file}': missing array(s) {missing}; an .npz source needs arrays "
+            f"'x' and 'y', found {sorted(archive)}"
+        )
+    return archive["x"], archive["y"]
 
 
 def _read_parquet(file: Path, label_column: str) -> Table:

@@ -2,10 +2,11 @@
 
 Sub-commands
 - ``run``: SuperLink + N SuperNodes on 127.0.0.1, each with its own data file, then ``flwr run``
-  (optionally kill and restart one node mid-run); prints accuracies and per-round latency.
+  (optionally kill and restart one node mid-run); prints accuracies, per-round latency and the
+  work folder it keeps (``--clean`` removes it after a successful run).
 - ``export``: write one raw data file per device (plus public.npz and test.npz) from a data set.
-- ``certs``: a private CA and a SuperLink TLS certificate for the given hosts (openssl).
-- ``keys``: one ECDSA P-384 key pair per SuperNode (ssh-keygen), to register with the SuperLink.
+- ``certs``: a private CA and a SuperLink TLS certificate for the given hosts.
+- ``keys``: one ECDSA P-384 key pair per SuperNode (OpenSSH format), to register with the SuperLink.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def _run(args: argparse.Namespace) -> int:
         public=args.public, poll_interval=args.poll_interval, launcher=args.launcher,
         round_timeout=args.round_timeout, overrides=tuple(args.overrides),
     )
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedkd-federation-"))
-    keep = args.keep or args.workdir is not None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedkd-federation-")).resolve()
+    clean = False
     try:
         with LocalFederation(workdir, opts) as fed:
             proc = fed.start_run()
@@ -40,16 +41,14 @@ def _run(args: argparse.Namespace) -> int:
             result = fed.finish_run(proc, args.timeout)
         _report(result)
         ok = result.returncode == 0 and result.out_dir is not None
-        keep = keep or not ok
+        clean = args.clean and ok  # a failed run keeps its logs
         return 0 if ok else 1
-    except BaseException:
-        keep = True  # the logs say what went wrong
-        raise
     finally:
-        if keep:
-            log.info("work folder kept: %s", workdir)
-        else:
+        if clean:
             shutil.rmtree(workdir, ignore_errors=True)
+            log.info("work folder %s removed (--clean)", workdir)
+        else:
+            log.info("work folder kept: %s (results/, logs/, data/; --clean removes it)", workdir)
 
 
 def _kill_and_restart(fed: LocalFederation, proc: Process, args: argparse.Namespace) -> None:
@@ -131,8 +130,11 @@ def parser() -> argparse.ArgumentParser:
                           "flower-supernode as shipped")
     run.add_argument("--round-timeout", type=float, default=120.0)
     run.add_argument("--timeout", type=float, default=900.0, help="longest wait for the run")
-    run.add_argument("--workdir", default=None, help="keep everything here (default: temp)")
-    run.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    run.add_argument("--workdir", default=None,
+                     help="work folder: data, logs, results (default: a new temporary folder)")
+    run.add_argument("--clean", action="store_true",
+                     help="remove the temporary work folder after a successful run "
+                          "(default: keep it; not with --workdir)")
     run.add_argument("--kill-node", type=int, default=None, help="SIGKILL this node mid-run")
     run.add_argument("--kill-after-round", type=int, default=1)
     run.add_argument("--kill-delay", type=float, default=0.3,
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(argv)
     if getattr(args, "kill_node", None) is not None and not 0 <= args.kill_node < args.nodes:
         cli.error(f"--kill-node must be a node of 0..{args.nodes - 1}, got {args.kill_node}")
+    if getattr(args, "clean", False) and args.workdir is not None:
+        cli.error("--clean removes only the temporary work folder it creates; not with --workdir")
     return int(args.func(args))
 
 

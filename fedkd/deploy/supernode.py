@@ -1,7 +1,9 @@
 """``fedkd-supernode``: Flower's SuperNode with short polls and a persistent ClientApp worker.
 
 It takes every ``flower-supernode`` option and runs Flower's own SuperNode in this process, with
-changes that cut the fixed cost of a round (see docs/deploy.md for the measurements):
+changes that cut the fixed cost of a round (see docs/deploy.md for the measurements). They patch
+Flower internals, all in `fedkd.flower_compat`, which supports flwr 1.42.x only: on another
+version ``fedkd-supernode`` stops with an error naming both (plain ``flower-supernode`` works).
 
 - **waits** (`fedkd.flower_compat`): an idle SuperNode sleeps 3 s between pulls and waits for a
   reply in 0.5 s steps; here both are capped at ``--poll-interval`` seconds (each poll is one
@@ -26,12 +28,15 @@ import os
 import subprocess
 import sys
 
-from fedkd.flower_compat import cap_supernode_polls, set_heartbeat_interval, shorten_pull_backoff
+from fedkd.flower_compat import (
+    UnsupportedFlowerError, cap_supernode_polls, run_flower_supernode, set_heartbeat_interval,
+    shorten_pull_backoff,
+)
 
 log = logging.getLogger(__name__)
 
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-"""Flower's own setting: seconds between the SuperExec's task polls (default 1.0)."""
+"""Flower's own setting, read by flower-superexec: seconds between task polls (default 1.0)."""
 SUPEREXEC_POLL = 0.05
 """SuperExec -> local SuperNode polls are loopback requests: poll them often."""
 
@@ -106,21 +111,20 @@ def main(argv: list[str] | None = None) -> None:
     if "--isolation" in flower_args and not args.cold:
         parser.error("--isolation is set by fedkd-supernode; pass --cold to use Flower's own")
     check_insecure_is_local(flower_args, parser)
-    cap_supernode_polls(args.poll_interval)
-    shorten_pull_backoff()
-    if args.heartbeat_interval is not None:
-        try:
+    try:
+        cap_supernode_polls(args.poll_interval)
+        shorten_pull_backoff()
+        if args.heartbeat_interval is not None:
             set_heartbeat_interval(args.heartbeat_interval)
-        except ValueError as err:
-            parser.error(f"--heartbeat-interval: {err}")
+    except UnsupportedFlowerError as err:
+        parser.error(str(err))
+    except ValueError as err:
+        parser.error(f"--heartbeat-interval: {err}")
     os.environ.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL))
     if not args.cold:
         start_worker_superexec(flower_args)
         flower_args = [*flower_args, "--isolation", "process"]
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
-    sys.argv = ["flower-supernode", *flower_args]
-    flower_supernode()
+    run_flower_supernode(flower_args)
 
 
 if __name__ == "__main__":

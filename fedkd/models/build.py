@@ -1,39 +1,70 @@
-"""Build a model from a config spec, allowing only fedkd's own model classes."""
+"""Build a model from a config spec, allowing only fedkd's own model classes with plain arguments.
+
+A spec may arrive over the network (`fedkd.settings.ClientSettings.archs`), so nothing in it is
+imported or Hydra-instantiated: ``_target_`` must be one of the names in `MODEL_CLASSES`, and every
+other key an argument of that class's constructor (checked against its signature) with a plain
+value, a finite number, a boolean or a flat list of them (`check_spec`).
+"""
 
 from __future__ import annotations
 
-import importlib
+import inspect
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import hydra.utils
 from torch import nn
 
 from fedkd.errors import ConfigError
 from fedkd.models._common import plain_mapping
+from fedkd.models.cnn import CNN1d, CNN2d
+from fedkd.models.mlp import MLP
 
 log = logging.getLogger(__name__)
 
 ALLOWED_PREFIX = "fedkd.models."
-"""Targets must name a class under this package: specs may arrive over the network."""
+"""Targets name a class under this package: specs may arrive over the network."""
+
+FAMILIES: tuple[type[nn.Module], ...] = (MLP, CNN2d, CNN1d)
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    **{f"{ALLOWED_PREFIX}{cls.__name__}": cls for cls in FAMILIES},
+    **{f"{cls.__module__}.{cls.__name__}": cls for cls in FAMILIES},  # fedkd.models.mlp.MLP
+}
+"""Every ``_target_`` a spec may name, and the class it stands for (the allowlist)."""
 
 NON_CONSTRUCTOR_KEYS = ("name",)
-"""Spec keys that describe the model but are not constructor arguments; dropped before instantiation."""
+"""Spec keys that describe the model but are not constructor arguments (a string); dropped."""
+
+DATA_ARGUMENTS = ("input_shape", "num_classes")
+"""Constructor arguments that come from the data, never from a spec."""
 
 
-def _hydra_keys(value: Any, top: bool = True) -> list[str]:
-    """Hydra control keys (``_args_``, ``_partial_``, a nested ``_target_``, ...) anywhere in a spec."""
-    if isinstance(value, Mapping):
-        found = [k for k in value if isinstance(k, str) and k.startswith("_") and not (top and k == "_target_")]
-        return found + [k for item in value.values() for k in _hydra_keys(item, top=False)]
-    if isinstance(value, (list, tuple)):
-        return [k for item in value for k in _hydra_keys(item, top=False)]
-    return []
+def _hydra_keys(value: Any) -> list[str]:
+    """Hydra control keys (``_args_``, ``_partial_``, a nested ``_target_``, ...) anywhere in a spec.
+
+    Walks iteratively, so a deeply nested document cannot exhaust the stack.
+    """
+    found: list[str] = []
+    stack: list[tuple[Any, bool]] = [(value, True)]
+    while stack:
+        item, top = stack.pop()
+        if isinstance(item, Mapping):
+            found += [k for k in item if isinstance(k, str) and k.startswith("_")
+                      and not (top and k == "_target_")]
+            stack += [(v, False) for v in item.values()]
+        elif isinstance(item, list | tuple):
+            stack += [(v, False) for v in item]
+    return found
+
+
+def _is_scalar(value: object) -> bool:
+    """A boolean or a finite number."""
+    return isinstance(value, bool) or (isinstance(value, int | float) and math.isfinite(value))
 
 
 def resolve_target(spec: Mapping) -> type[nn.Module]:
-    """Return the model class a spec names, refusing anything that is not an ``nn.Module`` in fedkd.models.
+    """Return the model class a spec names; refuse anything not in `MODEL_CLASSES`.
 
     Parameters
     ----------
@@ -41,18 +72,53 @@ def resolve_target(spec: Mapping) -> type[nn.Module]:
         A model spec with a ``_target_`` such as ``"fedkd.models.CNN2d"``.
     """
     target = spec.get("_target_")
-    if not isinstance(target, str) or not target.startswith(ALLOWED_PREFIX):
-        raise ConfigError(f"model spec {dict(spec)!r}: _target_={target!r} must name a class under {ALLOWED_PREFIX}")
-    module_path, _, attr = target.rpartition(".")
-    try:  # one import inside fedkd.models and one getattr: no walking through imported modules
-        cls = getattr(importlib.import_module(module_path), attr, None)
-    except (ImportError, ValueError):
-        cls = None
-    if not isinstance(cls, type):
-        raise ConfigError(f"model spec {dict(spec)!r}: _target_={target!r} is not a class in fedkd.models")
-    if not (issubclass(cls, nn.Module) and cls.__module__.startswith(ALLOWED_PREFIX)):
-        raise ConfigError(f"model spec {dict(spec)!r}: _target_={target!r} is not a model class of fedkd.models")
+    cls = MODEL_CLASSES.get(target) if isinstance(target, str) else None
+    if cls is None:
+        allowed = sorted(f"{ALLOWED_PREFIX}{c.__name__}" for c in FAMILIES)
+        raise ConfigError(f"model spec {dict(spec)!r}: _target_={target!r} is not a model class of "
+                          f"fedkd.models; allowed: {allowed}")
     return cls
+
+
+def check_spec(spec: Any, what: str = "model spec") -> tuple[type[nn.Module], dict[str, Any]]:
+    """Validate a spec without building it; return its class and constructor keyword arguments.
+
+    Parameters
+    ----------
+    spec : mapping
+        ``{"_target_": "fedkd.models.<Family>", **hyperparams}``, optionally with a ``name`` string.
+    what : str
+        How error messages name the spec (e.g. ``"archs.mlp"``).
+
+    Raises
+    ------
+    ConfigError
+        Hydra control keys (a nested ``_target_`` included), a target outside `MODEL_CLASSES`, an
+        argument the constructor does not take, or a value that is not plain.
+    """
+    plain = plain_mapping(spec, what)
+    if forbidden := _hydra_keys(plain):
+        raise ConfigError(f"{what} {plain!r}: keys {forbidden} are not allowed (only a top-level '_target_')")
+    cls = resolve_target(plain)
+    params = inspect.signature(cls).parameters
+    allowed = sorted(k for k in params if k not in DATA_ARGUMENTS)
+    kwargs: dict[str, Any] = {}
+    for key, value in plain.items():
+        if key == "_target_":
+            continue
+        if key in NON_CONSTRUCTOR_KEYS:
+            if not isinstance(value, str):
+                raise ConfigError(f"{what} {plain!r}: {key}={value!r} must be a string")
+            continue
+        if key not in allowed:
+            raise ConfigError(f"{what} {plain!r}: {key!r} is not an argument of {cls.__name__}; "
+                              f"allowed: {allowed} (input_shape and num_classes come from the data)")
+        flat = isinstance(value, list | tuple) and all(_is_scalar(v) for v in value)
+        if not (_is_scalar(value) or flat):
+            raise ConfigError(f"{what} {plain!r}: {key}={value!r} must be a number, a boolean or a "
+                              f"flat list of them")
+        kwargs[key] = list(value) if flat else value
+    return cls, kwargs
 
 
 def build_model(spec: Mapping, input_shape: Sequence[int], num_classes: int) -> nn.Module:
@@ -70,19 +136,15 @@ def build_model(spec: Mapping, input_shape: Sequence[int], num_classes: int) -> 
     Raises
     ------
     ConfigError
-        The target is not a fedkd model class, the spec holds Hydra control keys, or the constructor fails.
+        The spec fails `check_spec`, or the family refuses the values or the input shape.
     """
-    plain = plain_mapping(spec, "model spec")
-    if forbidden := _hydra_keys(plain):
-        raise ConfigError(f"model spec {plain!r}: keys {forbidden} are not allowed (only a top-level '_target_')")
-    resolve_target(plain)
-    kwargs = {k: v for k, v in plain.items() if k not in NON_CONSTRUCTOR_KEYS}
+    cls, kwargs = check_spec(spec)
     try:
-        model = hydra.utils.instantiate(kwargs, input_shape, num_classes, _recursive_=False, _convert_="all")
-    except Exception as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else exc
-        raise ConfigError(f"model spec {plain!r} could not be built for input {input_shape!r}: {cause}") from exc
-    log.debug("built %s for input %s: %d parameters", plain, input_shape, count_parameters(model))
+        model = cls(input_shape, num_classes, **kwargs)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(f"model spec {plain_mapping(spec, 'model spec')!r} could not be built "
+                          f"for input {input_shape!r}: {exc}") from exc
+    log.debug("built %s for input %s: %d parameters", cls.__name__, input_shape, count_parameters(model))
     return model
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from flwr.app import Context, RecordDict
 
@@ -56,6 +59,15 @@ def test_deployed_node_needs_one_public_source_and_existing_files(deployment, tm
 
 def test_every_key_is_documented():
     assert all(len(text) > 10 for text in NODE_KEYS.values())
+
+
+def test_the_deploy_guide_lists_every_key():
+    """docs/deploy.md's node-config table has one row per key of `NODE_KEYS`."""
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "deploy.md").read_text()
+    rows = {m for line in guide.splitlines() if line.startswith("| `")
+            for m in re.findall(r"`([a-z-]+)`", line.split("|")[1])}
+
+    assert set(NODE_KEYS) <= rows, sorted(set(NODE_KEYS) - rows)
 
 
 def test_node_picks_its_own_arch_and_role(deployment):

@@ -1,11 +1,9 @@
 """The deployment's pure pieces: latency table, Flower tuning, worker module reloads,
-certificates and keys, node-config strings, fedkd-supernode's checks."""
+node-config strings, fedkd-supernode's checks (certificates and keys: test_security.py)."""
 
 from __future__ import annotations
 
 import shlex
-import shutil
-import subprocess
 import sys
 import time
 
@@ -15,9 +13,7 @@ import pytest
 from benchmarks.deploy_latency import _parse, markdown
 from fedkd import flower_compat as tuning
 from fedkd.deploy.latency import round_latency
-from fedkd.deploy.security import make_certificates, make_node_key, san_entries
 from fedkd.deploy.worker import forget_modules_of
-from fedkd.errors import ConfigError
 
 
 def _rows(rows):
@@ -39,34 +35,73 @@ def test_latency_is_the_time_between_round_ends_against_the_slowest_client():
     assert list(table.bound_s) == [8.0, 3.0, 2.8] and list(table.within) == [True, True, False]
 
 
-def test_capped_sleep_and_supernode_polls():
+@pytest.fixture
+def restore_flower():
+    """Undo fedkd's patches of Flower internals after the test."""
+    from flwr.supercore import heartbeat
+    from flwr.supercore.inflatable import inflatable_utils as utils
+    from flwr.supernode import fleet_http_connection, start_client_internal
+
+    pulls = (utils.pull_objects, utils.pull_and_inflate_object_from_tree)
+    saved = (start_client_internal.time, [dict(f.__kwdefaults__) for f in pulls],
+             heartbeat.HEARTBEAT_DEFAULT_INTERVAL, fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL)
+    yield
+    start_client_internal.time = saved[0]
+    for function, defaults in zip(pulls, saved[1]):
+        function.__kwdefaults__.update(defaults)
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL, fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = saved[2:]
+
+
+def test_capped_sleep_and_supernode_polls(restore_flower):
     from flwr.supernode import start_client_internal as loop
 
-    saved = loop.time
-    try:
-        tuning.cap_supernode_polls(0.01)
-        start = time.monotonic()
-        loop.time.sleep(3)
-        assert time.monotonic() - start < 0.5 and loop.time.monotonic() > 0
-        tuning.cap_supernode_polls(0.02)  # again: still the same module underneath
-        assert loop.time.cap == 0.02
-    finally:
-        loop.time = saved
+    tuning.cap_supernode_polls(0.01)
+    start = time.monotonic()
+    loop.time.sleep(3)  # what the SuperNode loop calls when idle
+    assert time.monotonic() - start < 0.5 and loop.time.monotonic() > 0
+    tuning.cap_supernode_polls(0.02)  # again: still the same module underneath
+    assert loop.time.cap == 0.02
 
 
-def test_pull_backoff_is_shortened():
-    from flwr.supercore.inflatable import inflatable_utils as utils
+def _retry_gap(pull) -> float:
+    """Seconds between the first (missing) and second pull of an object, through `pull`."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
-    saved = [dict(f.__kwdefaults__) for f in (utils.pull_objects,
-                                              utils.pull_and_inflate_object_from_tree)]
-    try:
-        tuning.shorten_pull_backoff(0.05)
-        assert utils.pull_objects.__kwdefaults__["initial_backoff"] == 0.05
-        assert utils.pull_and_inflate_object_from_tree.__kwdefaults__["initial_backoff"] == 0.05
-    finally:
-        for function, defaults in zip((utils.pull_objects,
-                                       utils.pull_and_inflate_object_from_tree), saved):
-            function.__kwdefaults__.update(defaults)
+    record = ConfigRecord({"a": 1})
+    contents = {i: o.deflate() for i, o in get_all_nested_objects(record).items()}
+    calls: list[float] = []
+
+    def fetch(object_id: str) -> bytes:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise ObjectUnavailableError(object_id)  # announced, not stored yet
+        return contents[object_id]
+
+    assert pull(record, fetch, contents) is not None
+    return calls[1] - calls[0]
+
+
+def _pull_objects(record, fetch, contents):
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    return pull_objects(list(contents), fetch)  # the SuperNode's and the ServerApp's pulls
+
+
+def _pull_tree(record, fetch, contents):
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+
+    return pull_and_inflate_object_from_tree(  # the ClientApp's pull of its message
+        get_object_tree(record), fetch, lambda object_id: None, return_type=type(record))
+
+
+@pytest.mark.parametrize("pull", [_pull_objects, _pull_tree], ids=["objects", "tree"])
+def test_a_missing_object_is_retried_after_the_short_backoff(pull, restore_flower):
+    tuning.shorten_pull_backoff(0.05)
+
+    assert _retry_gap(pull) < 0.5  # Flower's first retry comes after 1 s +- 20%
 
 
 def test_worker_drops_modules_the_app_folder_provides(tmp_path, monkeypatch):
@@ -80,29 +115,6 @@ def test_worker_drops_modules_the_app_folder_provides(tmp_path, monkeypatch):
 
     assert "fedkd_fake_pkg" not in sys.modules and "fedkd_fake_mod" not in sys.modules
     assert str(tmp_path) not in sys.path
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-def test_certificates_are_signed_by_the_ca_for_the_given_hosts(tmp_path):
-    certs = make_certificates(tmp_path, ["127.0.0.1", "fl.example.org"])
-
-    verify = subprocess.run(["openssl", "verify", "-CAfile", str(certs.ca_cert),
-                             str(certs.server_cert)], capture_output=True, text=True)
-    text = subprocess.run(["openssl", "x509", "-in", str(certs.server_cert), "-noout", "-text"],
-                          capture_output=True, text=True).stdout
-    assert verify.returncode == 0 and "IP Address:127.0.0.1" in text and "DNS:fl.example.org" in text
-    assert oct(certs.server_key.stat().st_mode)[-3:] == "600"
-    assert certs.superlink_args()[:2] == ["--ssl-ca-certfile", str(certs.ca_cert)]
-    assert san_entries(["::1", "host"]) == "IP:::1,DNS:host"
-    with pytest.raises(ConfigError, match="at least one host"):
-        san_entries([])
-
-
-@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
-def test_node_keys_are_ecdsa_p384(tmp_path):
-    key, pub = make_node_key(tmp_path, "node-0")
-
-    assert key.is_file() and pub.read_text().startswith("ecdsa-sha2-nistp384 ")
 
 
 def test_node_config_strings_round_trip(deployment):
@@ -152,18 +164,53 @@ def test_a_node_config_toml_file_gives_the_same_keys(deployment, tmp_path):
     assert parse_config_args([str(tmp_path / "node.toml")]) == parse_config_args([text]) == _parse(text)
 
 
-def test_heartbeat_interval_is_set_within_flowers_bounds():
-    from flwr.supercore import heartbeat
-    from flwr.supernode import fleet_http_connection
+def test_heartbeat_sender_waits_the_set_interval(restore_flower):
+    import threading
 
-    saved = heartbeat.HEARTBEAT_DEFAULT_INTERVAL, fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL
-    try:
-        tuning.set_heartbeat_interval(10)
-        assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 10
-        with pytest.raises(ValueError, match=r"must be in \[10, 1800\] s, got 5"):
-            tuning.set_heartbeat_interval(5)
-    finally:
-        heartbeat.HEARTBEAT_DEFAULT_INTERVAL, fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = saved
+    from flwr.supercore.heartbeat import HeartbeatSender
+
+    class StopAfterOneWait(threading.Event):
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            self.set()
+            return True
+
+    tuning.set_heartbeat_interval(10)
+    waits: list[float] = []
+    sender = HeartbeatSender(lambda: True)
+    sender._stop_event = StopAfterOneWait()  # observe the wait after one heartbeat
+    sender.start()
+    sender._thread.join(5)
+
+    # Flower waits (interval - 5 s call timeout) * (0.8 +- 0.1): 20 s at its default of 30 s
+    assert len(waits) == 1 and 3.5 <= waits[0] <= 4.5
+    with pytest.raises(ValueError, match=r"must be in \[10, 1800\] s, got 5"):
+        tuning.set_heartbeat_interval(5)
+
+
+def test_patches_refuse_another_flower_version(monkeypatch, restore_flower, capsys):
+    import flwr
+    from flwr.supercore.inflatable import inflatable_utils as utils
+    from flwr.supernode import start_client_internal as loop
+
+    from fedkd.deploy.supernode import main
+
+    before = loop.time, dict(utils.pull_objects.__kwdefaults__)
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
+    for patch in (lambda: tuning.cap_supernode_polls(0.1), tuning.shorten_pull_backoff,
+                  lambda: tuning.set_heartbeat_interval(10),
+                  lambda: tuning.run_flower_supernode(["--help"]),
+                  lambda: tuning.ClientAppExecutor(None)):
+        with pytest.raises(tuning.UnsupportedFlowerError,
+                           match=r"flwr 1\.42\.x only, but flwr 1\.43\.0 is installed"):
+            patch()
+    assert (loop.time, dict(utils.pull_objects.__kwdefaults__)) == before  # nothing patched
+    with pytest.raises(SystemExit):
+        main(["--superlink", "127.0.0.1:1", "--insecure"])
+    assert "flwr 1.43.0 is installed" in capsys.readouterr().err
+
+    monkeypatch.setattr(flwr, "__version__", "1.42.7")  # any 1.42 patch release
+    assert tuning.require_supported_flower() == "1.42.7"
 
 
 def test_federation_cli_export_and_argument_checks(tmp_path, capsys):

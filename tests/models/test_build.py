@@ -1,4 +1,5 @@
-"""build_model: specs to models, and refusal of anything outside fedkd.models."""
+"""build_model and check_spec: specs to models, refusing anything but fedkd.models classes with plain
+arguments (specs arrive over the wire)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from fedkd.errors import ConfigError
-from fedkd.models import CNN2d, MLP, build_model, count_parameters
+from fedkd.models import CNN1d, CNN2d, MLP, build_model, count_parameters
+from fedkd.models.build import MODEL_CLASSES, check_spec
 
 
 def test_builds_spec_and_drops_name() -> None:
@@ -88,3 +90,26 @@ def test_constructor_errors_become_config_errors_naming_the_spec(spec) -> None:
 def test_wrong_rank_message_names_family_and_shape() -> None:
     with pytest.raises(ConfigError, match=r"CNN1d.*\(1, 8, 8\)"):
         build_model({"_target_": "fedkd.models.CNN1d"}, (1, 8, 8), 10)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"_target_": "fedkd.models.MLP", "hidden": "os.system"}, "flat list"),
+        ({"_target_": "fedkd.models.MLP", "hidden": [[64]]}, "flat list"),
+        ({"_target_": "fedkd.models.MLP", "hidden": [64], "dropout": float("nan")}, "flat list"),
+        ({"_target_": "fedkd.models.MLP", "hidden": [{"_target_": "os.system"}]}, "not allowed"),
+        ({"_target_": "fedkd.models.MLP", "name": {"_target_": "os.system"}}, "not allowed"),
+        ({"_target_": "fedkd.models.MLP", "name": 3}, "must be a string"),
+        ({"_target_": "fedkd.models.MLP", "input_shape": [64]}, "come from the data"),
+    ],
+)
+def test_check_spec_allows_only_plain_arguments(spec, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        check_spec(spec, "archs.mlp")
+
+
+def test_check_spec_returns_class_and_arguments_without_building() -> None:
+    cls, kwargs = check_spec({"_target_": "fedkd.models.CNN1d", "channels": (4,), "name": "c"})
+    assert cls is CNN1d and kwargs == {"channels": [4]}
+    assert set(MODEL_CLASSES.values()) == {MLP, CNN2d, CNN1d}
