@@ -2,8 +2,10 @@
 
 Same data, models, seeds, epochs, rounds, aggregator and client functions (`fedkd.training`);
 students live in a dict instead of Flower's `Context.state`, and soft targets are handed over in
-memory instead of messages. Supports the logit-exchange strategies (full participation) and
-`local`; it is the reference the benchmark times the simulation against.
+memory instead of messages. Supports the logit-exchange strategies and `local`; with
+``strategy.flower.fraction_train < 1`` each round trains (and evaluates) only the partitions
+`fedkd.sampling.sample_partitions` picks, as the simulation's strategy does. It is the reference
+the benchmark times the simulation against.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fedkd.generators.base import models_query
 from fedkd.losses import distill_loss
 from fedkd.models import build_model
 from fedkd.protocol import rows_to_inputs
+from fedkd.sampling import sample_partitions
 from fedkd.server import PreparedRun
 from fedkd.transfer import Public
 
@@ -61,29 +64,36 @@ def run_plain(
     loss = distill_loss(t.alpha, t.temperature)
     soft = rows = None
     history: dict[int, dict[int, float]] = {}
+    rounds_done = [0] * len(clients)  # a client's first round is its warm-up, whenever it comes
     for rnd in range(1, s.num_rounds + 1):
         logits, sizes = [], []
+        sampled = sample_partitions(len(clients), float(flower.get("fraction_train", 1.0)),
+                                    int(flower.get("min_train_nodes", 2)),
+                                    int(flower.get("seed", cfg.seed)), rnd)
         if aggregator is not None and isinstance(transfer, LogitGuided):  # as the clients answer
             transfer.fit_logits(rnd, s, models_query([c[0] for c in clients]))
         next_rows = transfer.rows(rnd, s) if aggregator is not None else None
         next_x = None if next_rows is None else rows_to_inputs(next_rows, public)
         history[rnd] = {}
         target_x = None if rows is None else rows_to_inputs(rows, public)
-        for pid, (model, opt, x, y) in enumerate(clients):
+        for pid in sampled:
+            model, opt, x, y = clients[pid]
             gen = round_generator(s.seed, pid, rnd)
-            if soft is not None:
+            if soft is not None and s.role_of(pid) == "student":  # teachers are never taught
                 digest(model, opt, target_x, soft, x, y, loss=loss, epochs=t.digest_epochs,
                        batch_size=t.batch_size, gen=gen)
             revisit(model, opt, x, y, batch_size=t.batch_size, gen=gen,
-                    **t.local_budget(first_round=rnd == 1))
+                    **t.local_budget(first_round=rounds_done[pid] == 0))
+            rounds_done[pid] += 1
             if next_rows is not None:
                 logits.append(predict_logits(model, next_x))
                 sizes.append(len(x))
             if rnd % t.eval_every == 0 or rnd == s.num_rounds:
                 history[rnd][pid] = evaluate(model, test_x, test_y)[0]
-        if aggregator is not None:
+        if aggregator is not None and len(logits) >= int(flower.get("min_replies", 1)):
             meta = TeacherMeta(num_examples=np.array(sizes, dtype=np.float64),
-                               partition_ids=np.arange(len(clients)))
+                               partition_ids=np.array(sampled), server_round=rnd,
+                               seed=int(flower.get("seed", cfg.seed)))
             targets = aggregator(np.stack(logits), meta, temperature=float(flower.temperature))
             soft, rows = torch.from_numpy(np.asarray(targets, dtype=np.float32)), next_rows
         if history[rnd]:

@@ -22,6 +22,10 @@ Query (server -> client, message type ``query``; black-box generators, `fedkd.ge
     The client answers logits on `expand_query` (the inputs, then Q seeded perturbations of them):
     ``logits`` [(1 + Q) * N, C] and ``metrics`` (``partition-id``, ``num-examples``); it trains
     nothing and keeps no state.
+
+Who-am-I (server -> client, message type ``query.whoami``; sampling with ``fraction_train < 1``)
+    An empty message. The client answers ``metrics`` with its ``partition-id`` and nothing else,
+    so the server can sample partition ids, not random node ids (`fedkd.sampling`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ FD_MESSAGE_TYPE = "train.fd"
 """FD / FedDistill's round: per-class mean logits (`fedkd.client.fd`)."""
 QUERY = "query"
 """A black-box generator's query wave (record ``query``, message type ``query``)."""
+WHOAMI_ACTION = "whoami"
+WHOAMI = f"{QUERY}.{WHOAMI_ACTION}"
+"""Which partition a node holds (empty request; the reply's ``metrics`` hold ``partition-id`` only)."""
 TRAIN, EVALUATE = "train", "evaluate"
 """Parameter exchange (Flower's FedAvg, FedDF)."""
 

@@ -6,7 +6,9 @@ Flower's `Strategy.start` runs the round loop; this base only fills its hooks:
   transfer batch (indices into the public set, or synthetic inputs) and the client settings;
 - `aggregate_train` validates the returned logits, sorts them by partition id, hands them to the
   aggregator and returns the soft targets as the ArrayRecord that `start` passes to the next round;
-- evaluation is fused into the train reply, so `configure_evaluate` sends nothing.
+- evaluation is fused into the train reply, so `configure_evaluate` sends nothing;
+- `sample` (`fedkd.strategies.partitions.PartitionSampling`) picks a seeded sample of partition
+  ids, not of Flower's random node ids, when ``fraction_train < 1``.
 
 Subclasses override `message_type`, `build_transfer` (what the server sends),
 `aggregate_replies` (how valid replies become the next round's record) or `aggregate_logits`;
@@ -16,7 +18,6 @@ what logits are asked on comes from the `transfer` source (`fedkd.transfer`).
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TypeVar
@@ -35,6 +36,7 @@ from fedkd.protocol import (
     QUERY_SEED, SERVER_ROUND, TARGETS, TRANSFER,
 )
 from fedkd.records import reply_logits, transfer_record
+from fedkd.strategies.partitions import PartitionMap, PartitionSampling, free_nodes
 from fedkd.transfer import Public, TransferSource
 from fedkd.wire import reply_order
 
@@ -44,7 +46,7 @@ T = TypeVar("T")
 Aggregator = Callable[..., np.ndarray]
 
 
-class KDStrategy(Strategy):
+class KDStrategy(PartitionSampling, Strategy):
     """Logit exchange on a public transfer set, with a pluggable aggregator.
 
     Subclasses change what travels by overriding `message_type`, `build_transfer` (what the
@@ -56,7 +58,8 @@ class KDStrategy(Strategy):
         ``f(logits [K, N, C], meta, temperature=T) -> soft targets [N, C]``; None exchanges nothing
         (each client trains alone).
     fraction_train : float
-        Fraction of connected nodes sampled each round.
+        Fraction of the partitions sampled each round, by partition id (`fedkd.sampling`; the
+        nodes are asked their partition once: `sample`, `fedkd.strategies.partitions`).
     min_train_nodes : int
         Sample at least this many nodes.
     min_available_nodes : int
@@ -72,7 +75,7 @@ class KDStrategy(Strategy):
     temperature : float
         Temperature at which soft targets are formed (the clients distil at the same one).
     seed : int
-        Seeds node sampling and the transfer batches.
+        Seeds partition sampling (with the round) and the transfer batches.
     wait_for_nodes_s : float
         Longest wait for `min_available_nodes`; then the round goes on with those connected.
     """
@@ -116,7 +119,7 @@ class KDStrategy(Strategy):
         self.temperature = temperature
         self.seed = seed
         self.wait_for_nodes_s = wait_for_nodes_s
-        self._rng = random.Random(seed)
+        self.partitions = PartitionMap()  # node id -> partition id, as the nodes said
         self._asked: dict[int, tuple[np.ndarray, int]] = {}  # round -> (rows, num_classes)
         self.server_metric_sinks: list[Callable[[int, dict[str, float]], None]] = []
         self.settings: ClientSettings | None = None
@@ -195,15 +198,6 @@ class KDStrategy(Strategy):
                  type(self.transfer).__name__, self.fraction_train, self.min_replies,
                  self.temperature)
 
-    def sample(self, grid: Grid) -> list[int]:
-        """Sample nodes among the connected ones that owe no reply."""
-        wait = getattr(grid, "wait_for_nodes", None)
-        nodes = (wait(self.min_available_nodes, self.wait_for_nodes_s) if wait
-                 else list(grid.get_node_ids()))
-        free = free_nodes(grid, nodes)
-        size = min(len(free), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
-        return sorted(self._rng.sample(free, size))
-
     def build_transfer(
         self, server_round: int, arrays: ArrayRecord, settings: ClientSettings
     ) -> ArrayRecord:
@@ -227,7 +221,7 @@ class KDStrategy(Strategy):
         transfer = self.build_transfer(server_round, arrays, settings)
         round_config = ConfigRecord({**config, SERVER_ROUND: server_round})
         content = RecordDict({CONFIG: round_config, TRANSFER: transfer})
-        nodes = self.sample(grid)
+        nodes = self.sample(grid, server_round)
         log.debug("round %d: sending to %d node(s)", server_round, len(nodes))
         return [
             Message(content, dst_node_id=node, message_type=self.message_type,
@@ -240,6 +234,7 @@ class KDStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop error replies, average their metrics, aggregate the rest (`aggregate_replies`)."""
         replies = sorted((r for r in replies if not r.has_error()), key=reply_order)
+        self.learn_partitions(server_round, replies)
         record = self.aggregate_replies(server_round, replies)
         if record is not None:
             self.report_server_metrics(server_round)
@@ -289,12 +284,6 @@ class KDStrategy(Strategy):
     ) -> MetricRecord | None:
         """Nothing to aggregate (see `configure_evaluate`)."""
         return None
-
-
-def free_nodes(grid: Grid, nodes: Iterable[int]) -> list[int]:
-    """`nodes` that owe no reply (a `WireGrid` tracks stragglers; another grid has none), sorted."""
-    busy = grid.busy_node_ids() if hasattr(grid, "busy_node_ids") else set()
-    return sorted(set(nodes) - busy)
 
 
 def parse_replies(

@@ -5,7 +5,9 @@ exchange handler). Flower's `Strategy.start` runs the round loop; FedDF fills it
 
 - `configure_train` sends each sampled node the global model of its architecture. In round 1 the
   server knows no node's architecture (node ids are random; the partition id arrives in the reply),
-  so it sends no weights: every client trains its own model with its warm-up budget.
+  so it sends no weights: every client trains its own model with its warm-up budget. Later, a
+  node's architecture follows from the partition id it reported (`KDStrategy.partitions`: its
+  ``query.whoami`` answer with ``fraction_train < 1``, else its last reply).
 - `aggregate_train` checks each reply's weights against its architecture, averages them within
   each architecture (weighted by the number of private examples), forms soft targets from the
   ensemble of all K client models on the public set (the configured aggregator), and distils them
@@ -105,7 +107,6 @@ class FedDF(KDStrategy):
         self.server_epochs = server_epochs
         self.server_lr = server_lr
         self.server_batch_size = server_batch_size
-        self._partitions: dict[int, int] = {}  # node id -> partition id, learned from replies
         self._models: dict[str, StateDict] = {}  # architecture -> distilled global model
         self._own: dict[int, ArrayRecord] = {}  # teacher node id -> its last upload (evaluation)
         self._public: torch.Tensor | None = None
@@ -118,7 +119,7 @@ class FedDF(KDStrategy):
 
     def model_for(self, node_id: int, models: dict[str, ArrayRecord]) -> ArrayRecord | None:
         """The global model a node gets: its architecture's if known (a teacher: None)."""
-        pid = self._partitions.get(node_id)
+        pid = self.partitions.by_node.get(node_id)  # from whoami answers and earlier replies
         if pid is None or self.settings is None or self.settings.role_of(pid) == "teacher":
             return None
         return models.get(self.settings.arch_of(pid)[0])
@@ -129,7 +130,8 @@ class FedDF(KDStrategy):
     ) -> Iterable[Message]:
         """One ``train`` message per sampled node, with its architecture's model when known."""
         models = split_models(arrays)
-        messages = self._per_node(server_round, config, self.sample(grid), "train",
+        nodes = self.sample(grid, server_round)
+        messages = self._per_node(server_round, config, nodes, "train",
                                   lambda node: self.model_for(node, models), require_model=False)
         log.debug("round %d: %d node(s), %d with weights", server_round, len(messages),
                   sum(ARRAYS in m.content for m in messages))
@@ -142,7 +144,6 @@ class FedDF(KDStrategy):
         teachers = []
         for reply, teacher in parse_replies(server_round, replies,
                                             lambda r: self._teacher(r, self.settings)):
-            self._partitions[reply.metadata.src_node_id] = teacher.partition_id
             if self.settings.role_of(teacher.partition_id) == "teacher":
                 self._own[reply.metadata.src_node_id] = reply.content[ARRAYS]
             teachers.append(teacher)

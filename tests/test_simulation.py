@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.plain_loop import run_plain
+from tests.helpers import run_plain
 from fedkd.server import compose_config
 from fedkd.simulations.results import Recorder
 from fedkd.simulations.run import run
@@ -120,3 +120,74 @@ def test_black_box_generator_run_equals_the_plain_loop_and_keeps_its_artefacts(t
     frame = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
     queries = frame[frame.metric == "gen-queries"]
     assert queries.value.max() == 2 * 2 * 8 * 3  # rounds 2, 3 x 2 waves x 8 inputs x (1 + 2)
+
+
+# --- partial participation: fraction_train=0.5 samples partition ids, not random node ids ---------
+HALF = [*SMALL, "strategy.flower.fraction_train=0.5"]
+
+
+def _run_spied(cfg, out):
+    """`run(cfg, out)`, returning the summary and every wave the Recorder saw."""
+    waves = []
+    original = Recorder.on_replies
+
+    def spy(self, server_round, replies, stats):
+        waves.append((server_round, list(replies), stats))
+        original(self, server_round, replies, stats)
+
+    Recorder.on_replies = spy
+    try:
+        return run(cfg, out), waves
+    finally:
+        Recorder.on_replies = original
+
+
+@pytest.fixture(scope="module")
+def half(tmp_path_factory, small_run):
+    """The small config with two of the four partitions a round (data cache shared with small_run)."""
+    tmp = tmp_path_factory.mktemp("half")
+    cfg = compose_config([*HALF, f"simulation.cache_dir={small_run.cfg.simulation.cache_dir}"])
+    summary, waves = _run_spied(cfg, tmp / "out")
+    return cfg, summary, waves, tmp / "out"
+
+
+def _accuracies(out) -> dict[int, dict[int, float]]:
+    frame = pd.read_parquet(out / "metrics.parquet")
+    acc = frame[frame.metric == "test-accuracy"]
+    return {int(r): {int(c): float(v) for c, v in zip(g.client, g.value)}
+            for r, g in acc.groupby("round")}
+
+
+def test_partial_participation_trains_the_sampled_partitions_and_equals_the_plain_loop(half):
+    """Each round trains the seeded sample of partition ids (not of Flower's random node ids), and
+    every accuracy of every round equals the plain loop's, bit for bit, late warm-ups included."""
+    from fedkd.sampling import sample_partitions
+
+    cfg, summary, _, out = half
+    simulated = _accuracies(out)
+    assert {r: sorted(a) for r, a in simulated.items()} == {
+        r: sample_partitions(4, 0.5, 2, 0, r) for r in (1, 2, 3)}  # [2, 3], [1, 3], [0, 3]
+    assert simulated == run_plain(cfg)
+    assert set(summary["final_accuracy_by_client"]) == {"0", "1", "2", "3"}  # each its last report
+
+
+def test_whoami_is_asked_once_and_answers_only_the_partition_id(half):
+    _, summary, waves, _ = half
+    kinds = [(r, stats.message_type, stats.replied) for r, _, stats in waves]
+    assert kinds == [(1, "query.whoami", 4), (1, "train.distill", 2), (2, "train.distill", 2),
+                     (3, "train.distill", 2)]
+    for reply in waves[0][1]:
+        assert list(reply.content.keys()) == ["metrics"]
+        assert list(reply.content["metrics"].keys()) == ["partition-id"]
+    assert summary["bytes_up"] == sum(stats.bytes_up for _, _, stats in waves)
+
+
+@pytest.mark.slow
+def test_partial_participation_same_seed_same_run(half, tmp_path):
+    cfg, summary, _, out = half
+    again = run(cfg, tmp_path)
+    keys = ["final_accuracy_by_client", "final_mean_accuracy", "bytes_up", "bytes_down"]
+    assert {k: again[k] for k in keys} == {k: summary[k] for k in keys}
+    frames = [pd.read_parquet(d / "metrics.parquet") for d in (out, tmp_path)]
+    frames = [f[f.metric != "elapsed_s"].reset_index(drop=True) for f in frames]
+    pd.testing.assert_frame_equal(*frames)

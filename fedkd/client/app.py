@@ -5,6 +5,7 @@ Handlers
   answer with logits on the next transfer batch, evaluate when due.
 - ``query``: logits on inputs a black-box generator proposes (and seeded perturbations of them);
   nothing is trained or kept.
+- ``query.whoami``: the node's partition id, nothing else (the server samples partition ids).
 - ``train`` / ``evaluate``: parameter exchange for Flower's own strategies (FedAvg baseline).
 Only logits, weights (for parameter strategies) and metrics leave the client.
 """
@@ -15,13 +16,14 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedkd.client.data import partition_id_of
 from fedkd.client.fd import fd_round
 from fedkd.client.report import report_mod
 from fedkd.client.round import eval_due, open_round, round_of
 from fedkd.losses import distill_loss
 from fedkd.protocol import (
     ARRAYS, CONFIG, DIGEST_LOSS, LOGITS, METRICS, NEXT, NUM_EXAMPLES, PARTITION_ID, QUERY, QUERY_DIRECTIONS,
-    QUERY_MU, QUERY_SEED, TARGETS, TEST_ACCURACY, TEST_LOSS, TRAIN_LOSS, TRANSFER,
+    QUERY_MU, QUERY_SEED, TARGETS, TEST_ACCURACY, TEST_LOSS, TRAIN_LOSS, TRANSFER, WHOAMI_ACTION,
     expand_query,
 )
 from fedkd.records import rows_from
@@ -86,6 +88,13 @@ def query(msg: Message, context: Context) -> Message:
         METRICS: MetricRecord({PARTITION_ID: pid, NUM_EXAMPLES: len(data.x)}),
     })
     return Message(content, reply_to=msg)
+
+
+@app.query(WHOAMI_ACTION)
+def whoami(msg: Message, context: Context) -> Message:
+    """This node's partition id and nothing else: no data is read, no model is built."""
+    return Message(RecordDict({METRICS: MetricRecord({PARTITION_ID: partition_id_of(context)})}),
+                   reply_to=msg)
 
 
 @app.train()

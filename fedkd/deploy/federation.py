@@ -22,11 +22,10 @@ from typing import Any
 from fedkd.deploy.files import FederationFiles, export_node_files
 from fedkd.deploy.processes import Process, free_port, wait_for_port
 from fedkd.deploy.security import Certificates, make_certificates, make_node_key, register_node
+from fedkd.simulations.flwr_app import write_app
 
 log = logging.getLogger(__name__)
 
-APP_DIR = Path(__file__).resolve().parents[2]
-"""The Flower app (pyproject.toml with [tool.flwr.app]) that ``flwr run`` packs."""
 CONNECTION = "fedkd-local"
 LAUNCHERS = ("worker", "cold", "flower")
 HOST = "127.0.0.1"  # the insecure mode never leaves loopback
@@ -42,7 +41,8 @@ class Options:
     archs: tuple[str, ...] = ("cnn_small", "mlp", "cnn_teacher")
     """Node i runs archs[i % len(archs)] (node config ``arch``); empty: the server's assignment."""
     secure: bool = False
-    """TLS (openssl certificates) plus SuperNode authentication (registered ECDSA keys)."""
+    """TLS (a private CA and SuperLink certificate) plus SuperNode authentication (registered
+    ECDSA P-384 keys), all made by `fedkd.deploy.security`."""
     public: str = "file"
     """``file``: nodes and server read public.npz; ``embedded``: everybody rebuilds digits'."""
     dataset: str = "digits"
@@ -240,7 +240,8 @@ class LocalFederation:
     def run_command(self) -> list[str]:
         """``flwr run`` of the app against this federation, with the run's Hydra overrides."""
         run_config = f'overrides="{" ".join(self.server_overrides())}" output-dir="{self.results}"'
-        return [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), CONNECTION,
+        app = write_app(self.workdir / "app")  # the installed fedkd's app: works from a wheel too
+        return [str(Path(sys.executable).parent / "flwr"), "run", str(app), CONNECTION,
                 "--stream", "--run-config", run_config]
 
     def start_run(self) -> Process:

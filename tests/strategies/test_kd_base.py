@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
 from fedkd.aggregation import mean_logits, mean_probs, softmax, weighted
 from fedkd.errors import ConfigError
+from fedkd.sampling import sample_partitions
 from fedkd.strategies.fedmd import FedMD
 from fedkd.strategies.local import Local
+from fedkd.wire import WireGrid
 from tests.conftest import reply
-from tests.test_wire import FakeGrid
-from tests.helpers import bound
+from tests.helpers import FakeGrid, bound
 
 
 def _configure(strategy, small_run, server_round=1, arrays=None, nodes=(11, 12, 13, 14)):
@@ -21,8 +22,57 @@ def _configure(strategy, small_run, server_round=1, arrays=None, nodes=(11, 12, 
     return bound(strategy, small_run.settings).configure_train(server_round, arrays or ArrayRecord(), small_run.settings.to_config(), grid)
 
 
-def test_fedmd_is_a_flower_strategy():
-    assert isinstance(FedMD(), Strategy) and isinstance(Local(), Strategy)
+def _start(strategy, small_run, num_rounds=3, nodes=(11, 12, 13, 14)):
+    """Flower's own round loop (`Strategy.start`, as the ServerApp calls it) on a WireGrid over
+    an in-memory grid whose node 11 + p answers as partition p with logits and test accuracy."""
+    c = small_run.data.num_classes
+
+    def answer(msg):
+        pid, rnd = msg.metadata.dst_node_id - nodes[0], int(msg.metadata.group_id)
+        transfer = msg.content["transfer"]
+        rows = len(transfer["next.indices"].numpy()) if "next.indices" in transfer else 0
+        logits = np.tile(np.arange(c, dtype=np.float32) * (pid + rnd), (rows, 1)) if rows else None
+        return reply(msg, logits=logits, partition_id=pid, **{"test-accuracy": 0.1 * rnd + 0.01 * pid})
+
+    fake = FakeGrid(list(nodes), answer=answer)
+    config = ConfigRecord(small_run.settings.to_config())
+    result = bound(strategy, small_run.settings).start(
+        grid=WireGrid(fake, poll_interval=0.0), initial_arrays=ArrayRecord(), num_rounds=num_rounds,
+        timeout=60, train_config=config, evaluate_config=config)
+    return result, fake
+
+
+def test_fedmd_runs_flower_s_round_loop(flower_ids, small_run):
+    aggregates = []
+
+    def spy(stacked, meta, temperature):
+        aggregates.append(mean_logits(stacked, meta, temperature=temperature))
+        return aggregates[-1]
+
+    assert isinstance(FedMD(), Strategy)
+    result, fake = _start(FedMD(aggregator=spy, min_available_nodes=1, wait_for_nodes_s=0), small_run)
+
+    sent = [(m.metadata.group_id, m.metadata.message_type, m.metadata.dst_node_id) for m in fake.pushed]
+    assert sent == [(str(r), "train.distill", n) for r in (1, 2, 3) for n in (11, 12, 13, 14)]
+    assert len(aggregates) == 3  # aggregate_train in every round
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
+    for rnd, metrics in result.train_metrics_clientapp.items():
+        assert metrics["test-accuracy"] == pytest.approx(0.1 * rnd + 0.015)  # mean over 4 partitions
+    # The loop hands each round's aggregate to the next configure_train: round r + 1 carries it.
+    assert "targets.probs" not in fake.pushed[0].content["transfer"]
+    for rnd in (2, 3):
+        carried = fake.pushed[4 * (rnd - 1)].content["transfer"]["targets.probs"].numpy()
+        np.testing.assert_allclose(carried, aggregates[rnd - 2], rtol=1e-6)
+    np.testing.assert_allclose(result.arrays["targets.probs"].numpy(), aggregates[-1], rtol=1e-6)
+    assert not np.allclose(aggregates[0], aggregates[1])  # the rounds did differ
+
+
+def test_local_runs_flower_s_round_loop(flower_ids, small_run):
+    result, fake = _start(Local(min_available_nodes=1, wait_for_nodes_s=0), small_run, num_rounds=2)
+    assert [(m.metadata.group_id, len(m.content["transfer"])) for m in fake.pushed] == [
+        (str(r), 0) for r in (1, 2) for _ in range(4)]
+    assert {r: m["test-accuracy"] for r, m in result.train_metrics_clientapp.items()} == pytest.approx(
+        {1: 0.115, 2: 0.215})
 
 
 def test_round_one_sends_the_whole_public_set_as_indices_and_no_targets(flower_ids, small_run):
@@ -156,3 +206,20 @@ def test_aggregator_reports_reach_the_server_metric_sinks(flower_ids, small_run)
     _round(strategy, small_run, {0: np.zeros((n, c), np.float32), 1: np.ones((n, c), np.float32)},
            order=[1, 0])
     assert seen == [(1, {"epsilon": 1.5})]
+
+
+@pytest.mark.parametrize("fraction, size", [(0.25, 1), (0.5, 2), (0.75, 3), (1.0, 4)])
+def test_each_round_trains_the_fraction_train_sample_of_partitions(flower_ids, small_run, fraction,
+                                                                    size):
+    """`max(int(4 * fraction_train), min_train_nodes)` partitions per round, the seeded sample of
+    partition ids mapped to their nodes (ignoring fraction_train would train all 4 every round)."""
+    pid_of = {230 + 7 * p: p for p in range(4)}  # node ids unrelated to the partition ids
+    grid = WireGrid(FakeGrid(list(pid_of), answer=lambda m: reply(
+        m, partition_id=pid_of[m.metadata.dst_node_id])), poll_interval=0.0)
+    strategy = bound(FedMD(fraction_train=fraction, min_train_nodes=1, min_available_nodes=1,
+                           wait_for_nodes_s=0, seed=9), small_run.settings)
+    for rnd in (1, 2, 3):
+        msgs = strategy.configure_train(rnd, ArrayRecord(), small_run.settings.to_config(), grid)
+        assert {m.metadata.message_type for m in msgs} == {"train.distill"} and len(msgs) == size
+        assert sorted(pid_of[m.metadata.dst_node_id] for m in msgs) == sample_partitions(
+            4, fraction, 1, 9, rnd)

@@ -1,0 +1,68 @@
+"""Flower's FedAvg, sampling partition ids instead of node ids.
+
+Flower's `FedAvg.configure_train` samples node ids with Python's global `random`; node ids are
+random per run, so with ``fraction_train < 1`` the same seed trained other partitions each run.
+This subclass keeps everything of Flower's FedAvg but the sample, which is fedkd's
+(`fedkd.strategies.partitions.PartitionSampling`: the free nodes of this round's seeded sample of
+partition ids). Evaluation (``fraction_evaluate``) stays Flower's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from fedkd.protocol import SERVER_ROUND
+from fedkd.settings import ClientSettings
+from fedkd.strategies.partitions import PartitionMap, PartitionSampling
+
+log = logging.getLogger(__name__)
+
+
+class FedAvg(PartitionSampling, FlowerFedAvg):
+    """Flower's FedAvg whose training sample is a seeded sample of partition ids.
+
+    Parameters
+    ----------
+    seed : int
+        Seeds the partition sample (with the round).
+    wait_for_nodes_s : float
+        Longest wait for `min_available_nodes`; then the round goes on with those connected.
+    **kwargs
+        Flower's `FedAvg` parameters (fraction_train, min_train_nodes, min_available_nodes, ...).
+    """
+
+    def __init__(self, seed: int = 0, wait_for_nodes_s: float = 60.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.wait_for_nodes_s = wait_for_nodes_s
+        self.partitions = PartitionMap()
+        self.settings: ClientSettings | None = None
+
+    def bind(self, settings: ClientSettings) -> None:
+        """Tell the strategy which run it drives (its number of partitions)."""
+        self.settings = settings
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's train messages, to the nodes of this round's partition sample."""
+        if self.fraction_train == 0.0:
+            return []
+        node_ids = self.sample(grid, server_round)
+        log.info("configure_train: sampled %d node(s)", len(node_ids))
+        config[SERVER_ROUND] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's FedAvg aggregation; the replies' ``partition-id`` refresh the partition map."""
+        replies = list(replies)
+        self.learn_partitions(server_round, replies)
+        return super().aggregate_train(server_round, replies)
