@@ -89,3 +89,8 @@ def test_accuracy_history_matches_the_plain_loop_shape() -> None:
          (1, 0, "a", "train-loss", 2.0), (2, 0, "a", "test-accuracy", 0.75)],
         columns=["round", "client", "model", "metric", "value"])
     assert svp.accuracy_history(frame) == {1: {0: 0.5, 1: 0.25}, 2: {0: 0.75}}
+
+
+def test_last_accuracies_take_each_clients_last_report_under_partial_participation() -> None:
+    history = {1: {0: 0.5, 1: 0.6}, 2: {1: 0.7, 2: 0.4}, 3: {0: 0.8}}  # round -> client -> acc
+    assert svp.last_accuracies(history) == {0: 0.8, 1: 0.7, 2: 0.4}
