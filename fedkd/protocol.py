@@ -42,7 +42,7 @@ QUERY = "query"
 """A black-box generator's query wave (record ``query``, message type ``query``)."""
 WHOAMI_ACTION = "whoami"
 WHOAMI = f"{QUERY}.{WHOAMI_ACTION}"
-"""Which partition a node holds (empty request; the reply's ``metrics`` hold ``partition-id`` only)."""
+"""Which partition a node holds (empty request; the reply's ``metrics``: ``partition-id`` only)."""
 TRAIN, EVALUATE = "train", "evaluate"
 """Parameter exchange (Flower's FedAvg, FedDF)."""
 
@@ -103,10 +103,20 @@ def query_directions(seed: int, directions: int, shape: tuple[int, ...]) -> np.n
     return rng.standard_normal((directions, *shape), dtype=np.float32)
 
 
+MAX_QUERY_DIRECTIONS = 1024
+"""Most perturbations a client computes per queried input."""
+MAX_QUERY_VALUES = 1 << 26
+"""Most input values (float32) a client expands one query into (256 MiB)."""
+
+
 def expand_query(inputs: np.ndarray, seed: int, directions: int, mu: float) -> np.ndarray:
     """``[x, x + mu * u_1, ..., x + mu * u_Q]`` stacked along rows: ``[(1 + Q) * N, ...]``."""
     x = np.asarray(inputs, dtype=np.float32)
-    if directions < 0 or not np.isfinite(mu):
-        raise ValueError(f"query-directions must be >= 0 and query-mu finite, got {directions}, {mu}")
+    if not 0 <= directions <= MAX_QUERY_DIRECTIONS or not np.isfinite(mu):
+        raise ValueError(f"query-directions must be in 0..{MAX_QUERY_DIRECTIONS} and query-mu "
+                         f"finite, got {directions}, {mu}")
+    if (1 + directions) * x.size > MAX_QUERY_VALUES:
+        raise ValueError(f"a query of {(1 + directions) * x.size:,} values exceeds "
+                         f"{MAX_QUERY_VALUES:,}")
     u = query_directions(seed, directions, x.shape)
     return np.concatenate([x[None], x[None] + np.float32(mu) * u]).reshape(-1, *x.shape[1:])

@@ -51,3 +51,28 @@ def reply_logits(reply: Message, rows: int, num_classes: int) -> np.ndarray:
         raise ValueError("logits must be finite floating-point numbers")
     return logits.astype(np.float32)
 
+
+
+def soft_targets(record: ArrayRecord, rows: int, num_classes: int) -> np.ndarray:
+    """The ``targets.probs`` of a transfer record: float32 [rows, num_classes] probabilities.
+
+    Raises ValueError unless every entry is finite and >= 0 and every row sums to 1 (1e-3).
+    """
+    probs = record[f"{TARGETS}.probs"].numpy()
+    if probs.shape != (rows, num_classes):
+        raise ValueError(f"soft targets have shape {probs.shape}, expected {(rows, num_classes)}")
+    probs = probs.astype(np.float32)
+    if not np.isfinite(probs).all() or (probs < 0).any():
+        raise ValueError("soft targets must be finite and >= 0")
+    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError("soft targets' rows must sum to 1")
+    return probs
+
+
+def finite_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The state dict of a weights record; raises ValueError if a floating value is not finite."""
+    state = record.to_torch_state_dict()
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"weights {key!r} are not finite")
+    return state

@@ -207,3 +207,10 @@ def test_black_box_fit_learns_from_logits_alone_within_its_budget(small_run, tea
     assert len(calls) == 30 and calls[0] == (32, 1, 8, 8)  # the budget stopped it after 30 waves
     assert metrics["gen-queries"] == 32 * 9 * 30 == source.queries
     assert before < 0.5 and after > 0.75, (before, after)
+
+
+@pytest.mark.parametrize("directions, rows", [(-1, 2), (1025, 2), (1000, 70_000)])
+def test_a_client_refuses_queries_beyond_its_bounds(directions, rows):
+    x = np.zeros((rows, 64), dtype=np.float32)
+    with pytest.raises(ValueError, match="query"):
+        expand_query(x, seed=0, directions=directions, mu=0.1)

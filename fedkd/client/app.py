@@ -22,11 +22,11 @@ from fedkd.client.report import report_mod
 from fedkd.client.round import eval_due, open_round, round_of
 from fedkd.losses import distill_loss
 from fedkd.protocol import (
-    ARRAYS, CONFIG, DIGEST_LOSS, LOGITS, METRICS, NEXT, NUM_EXAMPLES, PARTITION_ID, QUERY, QUERY_DIRECTIONS,
-    QUERY_MU, QUERY_SEED, TARGETS, TEST_ACCURACY, TEST_LOSS, TRAIN_LOSS, TRANSFER, WHOAMI_ACTION,
-    expand_query,
+    ARRAYS, CONFIG, DIGEST_LOSS, LOGITS, METRICS, NEXT, NUM_EXAMPLES, PARTITION_ID, QUERY,
+    QUERY_DIRECTIONS, QUERY_MU, QUERY_SEED, TARGETS, TEST_ACCURACY, TEST_LOSS, TRAIN_LOSS,
+    TRANSFER, WHOAMI_ACTION, expand_query,
 )
-from fedkd.records import rows_from
+from fedkd.records import finite_state, rows_from, soft_targets
 from fedkd.training import digest, evaluate, predict_logits, revisit, round_generator
 
 app = ClientApp(mods=[report_mod])  # deployed nodes report arch, role, compute time
@@ -45,9 +45,8 @@ def distill(msg: Message, context: Context) -> Message:
 
     target_x = rows_from(transfer, TARGETS, data.public_x)
     if target_x is not None and settings.role_of(pid) == "student":  # teachers are never taught
-        soft = torch.from_numpy(transfer[f"{TARGETS}.probs"].numpy().astype("float32"))
-        if soft.shape != (len(target_x), int(settings.data["num_classes"])):
-            raise ValueError(f"soft targets have shape {tuple(soft.shape)}, inputs {len(target_x)}")
+        soft = torch.from_numpy(
+            soft_targets(transfer, len(target_x), int(settings.data["num_classes"])))
         metrics[DIGEST_LOSS] = digest(
             student.model, student.optimizer, target_x, soft, data.x, data.y,
             loss=distill_loss(train.alpha, train.temperature), epochs=train.digest_epochs,
@@ -107,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
     settings, pid, data, student = open_round(msg, context)
     arrays = msg.content.array_records.get(ARRAYS)
     if arrays:
-        student.model.load_state_dict(arrays.to_torch_state_dict())
+        student.model.load_state_dict(finite_state(arrays))
         student.reset_optimizer(settings)
     budget = settings.train.local_budget(first_round=not arrays and student.rounds_done == 0)
     loss = revisit(
@@ -127,7 +126,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the received global weights on the common test set."""
     _, pid, data, student = open_round(msg, context)
-    student.model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+    student.model.load_state_dict(finite_state(msg.content[ARRAYS]))
     acc, loss = evaluate(student.model, data.test_x, data.test_y)
     metrics = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.test_y), TEST_ACCURACY: acc,
                TEST_LOSS: loss}

@@ -153,3 +153,39 @@ def test_teachers_are_never_taught(flower_ids, small_run):
         out = client_app.distill(_msg(settings, 2, transfer_record(soft, rows, rows), 2), ctx)
         assert ("digest-loss" in out.content["metrics"]) is digests
         assert "logits" in out.content  # teachers still teach
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda p: p * np.nan, "finite"),
+    (lambda p: -p, ">= 0"),
+    (lambda p: p * 2, "sum to 1"),
+    (lambda p: p[:, :-1], "shape"),
+])
+def test_bad_soft_targets_are_refused_before_any_training(flower_ids, small_run, corrupt, message):
+    settings, info = small_run.settings, small_run.data
+    ctx = _context(2)
+    rows = np.arange(8)
+    client_app.distill(_msg(settings, 1, transfer_record(next_rows=rows), 2), ctx)
+    probs = np.full((len(rows), info.num_classes), 1.0 / info.num_classes, dtype=np.float32)
+    with pytest.raises(ValueError, match=message):
+        client_app.distill(_msg(settings, 2, transfer_record(corrupt(probs), rows, rows), 2), ctx)
+    assert ctx.state[PROGRESS]["rounds-done"] == 1  # nothing was trained or saved
+
+
+def test_non_finite_weights_are_refused(flower_ids, small_run):
+    import torch
+
+    settings = small_run.settings
+    ctx = _context(0)
+    client_app.distill(_msg(settings, 1, transfer_record(next_rows=np.arange(4)), 0), ctx)
+    state = {k: v.clone() for k, v in ctx.state["fedkd.student"].to_torch_state_dict().items()}
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first][...] = float("inf")
+    config = ConfigRecord({**settings.to_config(), "server-round": 2})
+    msg = request(RecordDict({"config": config, "arrays": ArrayRecord(state)}), dst=100,
+                  server_round=2, message_type="train")
+    with pytest.raises(ValueError, match="not finite"):
+        client_app.train(msg, ctx)
+    assert torch.isfinite(torch.cat([v.flatten().float() for v in
+                                     ctx.state["fedkd.student"].to_torch_state_dict().values()
+                                     ])).all()
