@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 from collections.abc import Mapping
@@ -41,6 +43,7 @@ class Recorder:
         self.replies: dict[int, tuple[int, int, int]] = {}  # round -> (ok, asked, errors)
         self.first_error: str | None = None
         self.server_metrics: dict[str, float] = {}
+        self.last_round = 0  # the last round whose accuracies are all in
         self._t0 = time.monotonic()
 
     @classmethod
@@ -54,12 +57,10 @@ class Recorder:
             "aggregator": _component_name(cfg, "aggregator"),
             "transfer": _component_name(cfg, "transfer"),
             "dataset": str(cfg.dataset.name),
-            "partition": str(cfg.partition.name),
             "num_clients": int(cfg.num_clients),
             "num_rounds": int(cfg.num_rounds),
             "seed": int(cfg.seed),
-            "partition_seed": int(cfg.partition_seed),
-            **describe(run),
+            **describe(run),  # partition, partition_seed (none with dataset=nodes), archs, ...
         }
         return cls(out_dir, run.archs, info)
 
@@ -125,6 +126,7 @@ class Recorder:
     def end_round(self, server_round: int) -> None:
         """Log one progress line for the round and flush the rows to disk."""
         acc = [v for r, c, _, m, v in self.rows if r == server_round and m == "test-accuracy"]
+        self.last_round = max(self.last_round, int(server_round))
         ok, asked, errors = self.replies.get(server_round, (len(acc), len(acc), 0))
         err = f" ({errors} errors)" if errors else ""
         elapsed = time.monotonic() - self._t0
@@ -132,7 +134,7 @@ class Recorder:
         log.info("round %d/%d | replies %d/%d%s | accuracy mean %.3f min %.3f max %.3f | %.1f s",
                  server_round, self.info["num_rounds"], ok, asked, err, np.mean(acc), np.min(acc),
                  np.max(acc), elapsed)
-        self.frame().to_parquet(self.out_dir / "metrics.parquet", index=False)
+        write_parquet(self.frame(), self.out_dir / "metrics.parquet")
 
     # --- reporting ------------------------------------------------------------------------
     def frame(self) -> pd.DataFrame:
@@ -147,10 +149,18 @@ class Recorder:
                 last[c] = (r, v)
         return {c: v for c, (_, v) in sorted(last.items())}
 
-    def finish(self, status: str = "ok", error: str | None = None) -> dict[str, Any]:
-        """Write metrics.parquet, summary.json and accuracy.png; return the summary."""
-        frame = self.frame()
-        frame.to_parquet(self.out_dir / "metrics.parquet", index=False)
+    def finish(self, status: str = "ok", error: str | None = None,
+               stop_signal: int | None = None, quick: bool = False) -> dict[str, Any]:
+        """Write summary.json, metrics.parquet and accuracy.png; return the summary.
+
+        `status` is ``ok``, ``failed`` (then `error` says why; never null) or ``interrupted``
+        (`stop_signal` says by which signal; ``last_round`` is the last completed round).
+        The summary goes first (a forced exit may follow at any time); an interrupted run gets
+        no plot (a stop must be quick), and `quick` writes summary.json alone (a forced exit:
+        metrics.parquet is current to the last completed round).
+        """
+        if status == "failed" and not error:
+            error = self.first_error or "failed without an error message"
         final = self.final_accuracies()
         values = list(final.values())
         by_arch: dict[str, list[float]] = {}
@@ -162,7 +172,9 @@ class Recorder:
         summary = {
             **self.info,
             "status": status,
-            "error": error or (None if values else self.first_error),
+            "error": error or (None if values or status == "interrupted" else self.first_error),
+            "last_round": self.last_round,
+            "stop_signal": signal.Signals(stop_signal).name if stop_signal else None,
             "final_mean_accuracy": float(np.mean(values)) if values else None,
             "final_min_accuracy": float(np.min(values)) if values else None,
             "final_max_accuracy": float(np.max(values)) if values else None,
@@ -174,12 +186,30 @@ class Recorder:
             "wall_time_s": round(time.monotonic() - self._t0, 3),
             **self.server_metrics,
         }
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if values:
+        write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
+        if quick:
+            return summary
+        frame = self.frame()
+        write_parquet(frame, self.out_dir / "metrics.parquet")
+        if values and status != "interrupted":
             from fedkd.simulations.plots import plot_accuracy
 
             plot_accuracy(frame, self.out_dir / "accuracy.png", title=_title(self.info))
         return summary
+
+
+def write_text(text: str, path: Path) -> None:
+    """Write `path` whole or not at all (a stop may end the process mid-write)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write `frame` to `path` whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
 
 
 def _component_name(cfg: Any, key: str) -> str | None:
