@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -14,6 +16,7 @@ def readme_snippet() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow  # a Ray simulation; the default suite keeps one (tests/test_simulation.py)
 def test_the_readme_snippet_runs_a_real_simulation(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path / "cache"))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,26 +60,36 @@ class Result:
     root: Path
 
 
+CASE_TIMEOUT = 600.0
+"""Seconds one case may take: each needs ~5 s of CPU (imports), but a loaded machine stretches
+that many times; the limit only matters if a case hangs."""
+
+
+def _run_case(case: Case, root: Path) -> Result:
+    """`fedkd-sim` with the case's overrides, in its own process group (killed whole on timeout)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [*COMMAND, *case.overrides, f"hydra.run.dir={root / 'out'}"],
+        cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=CASE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        output += f"\n[killed after {CASE_TIMEOUT:.0f} s]"
+    return Result(proc.returncode, output, time.monotonic() - t0, root)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
-    """Run every case at once (they mostly wait on imports), then collect them all."""
-    started = {}
-    for name, case in CASES.items():
-        root = tmp_path_factory.mktemp(name.replace(" ", "_"))
-        proc = subprocess.Popen(
-            [*COMMAND, *case.overrides, f"hydra.run.dir={root / 'out'}"],
-            cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        started[name] = (proc, root, time.monotonic())
-    done = {}
-    for name, (proc, root, t0) in started.items():
-        try:
-            output, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-        done[name] = Result(proc.returncode, output, time.monotonic() - t0, root)
-    return done
+    """Run every case, at most one per CPU at a time (each is CPU-bound while it imports)."""
+    roots = {name: tmp_path_factory.mktemp(name.replace(" ", "_")) for name in CASES}
+    workers = max(1, min(len(CASES), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        running = {name: pool.submit(_run_case, case, roots[name]) for name, case in CASES.items()}
+        return {name: future.result() for name, future in running.items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))

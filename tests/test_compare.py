@@ -213,6 +213,6 @@ def test_cli(sweep, tmp_path, capsys):
 def test_cli_without_runs_exits_2_naming_the_path(tmp_path):
     script = Path(sys.executable).with_name("fedkd-compare")
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "fedkd.simulations.compare"]
-    done = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     assert str(tmp_path) in done.stderr and "no runs" in done.stderr

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from fedkd.errors import ConfigError
 from fedkd.losses import CELoss, KDLoss, WeightedSum, distill_loss
 from fedkd.models import MLP
+from fedkd.training import digest
 
 STUDENT = [[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]]
 TEACHER_PROBS = [[0.2, 0.3, 0.5], [0.0, 0.25, 0.75]]  # a zero: its term 0 * log 0 counts as 0
@@ -126,40 +127,34 @@ def test_weighted_sum_rejects_bad_terms() -> None:
         WeightedSum([(1.0, F.cross_entropy)])
 
 
-def _train(composite: WeightedSum | None, skip_inactive: bool = True, steps: int = 5) -> dict[str, torch.Tensor]:
-    """A few SGD steps of an MLP with dropout: KD on a 'public' batch, CE on a 'private' batch."""
+def _digest(loss: WeightedSum) -> dict[str, torch.Tensor]:
+    """`fedkd.training.digest` (a client's distillation step) for two epochs, on an MLP with dropout:
+    KD on a 'transfer' batch, CE on a private batch, every step."""
     data = torch.Generator().manual_seed(1)
     x_priv, y_priv = torch.randn(16, 8, generator=data), torch.randint(0, 3, (16,), generator=data)
     x_pub = torch.randn(12, 8, generator=data)
     soft = torch.softmax(torch.randn(12, 3, generator=data) / 2.0, dim=-1)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # weights and dropout masks
     model = MLP((8,), 3, hidden=(16,), dropout=0.3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        if composite is None:
-            loss = F.cross_entropy(model(x_priv), y_priv)
-        else:
-            terms = composite.active_terms() if skip_inactive else list(zip(composite.weights, composite.terms))
-            values = [
-                term(model(x_pub), soft_targets=soft) if isinstance(term, KDLoss)
-                else term(model(x_priv), labels=y_priv)
-                for _, term in terms
-            ]
-            loss = composite.combine(values) if skip_inactive else sum(w * v for (w, _), v in zip(terms, values))
-        loss.backward()
-        optimizer.step()
+    digest(model, optimizer, x_pub, soft, x_priv, y_priv, loss=loss, epochs=2, batch_size=4,
+           gen=torch.Generator().manual_seed(2))
     return model.state_dict()
 
 
-def test_alpha_zero_equals_plain_cross_entropy_training() -> None:
-    plain = _train(None)
-    composite = _train(distill_loss(0.0, 2.0))
-    assert all(torch.equal(plain[k], composite[k]) for k in plain)
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_running_a_zero_weight_term_would_change_training() -> None:
-    # Why active_terms() matters: the KD forward pass draws dropout masks even at weight 0.
-    plain = _train(None)
-    not_skipped = _train(distill_loss(0.0, 2.0), skip_inactive=False)
-    assert not all(torch.equal(plain[k], not_skipped[k]) for k in plain)
+def test_alpha_zero_distillation_is_plain_cross_entropy_training() -> None:
+    # digest's promise: alpha = 0 is CE training bit for bit, dropout included.
+    assert _equal(_digest(distill_loss(0.0, 2.0)), _digest(WeightedSum([(1.0, CELoss())])))
+
+
+def test_a_zero_weight_term_that_ran_would_be_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Why the test above can fail: were the KD term of weight 0 evaluated (active_terms not
+    # skipping it), its forward pass would draw dropout masks and shift every later step, though
+    # it adds 0 * KD to the loss.
+    plain = _digest(WeightedSum([(1.0, CELoss())]))
+    monkeypatch.setattr(WeightedSum, "active_terms", lambda self: list(zip(self.weights, self.terms)))
+    assert not _equal(_digest(distill_loss(0.0, 2.0)), plain)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord
 
-from benchmarks.plain_loop import run_plain
+from tests.helpers import run_plain
 from fedkd.errors import ConfigError
 from fedkd.server import compose_config, prepare_run
 from fedkd.transfer import GaussianNoise, Public, UniformNoise
 from fedkd.strategies.fedmd import FedMD
 from tests.conftest import SMALL, reply
-from tests.test_wire import FakeGrid
+from tests.helpers import FakeGrid
 from tests.helpers import bound
 
 

@@ -4,52 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedkd.wire import WireGrid, content_bytes
 from tests.conftest import reply, request
-
-
-class FakeGrid(Grid):
-    """In-memory grid: nodes answer at once unless listed in `silent`."""
-
-    def __init__(self, nodes: list[int], answer=None) -> None:
-        self.nodes = nodes
-        self.silent: set[int] = set()
-        self.answer = answer or (lambda m: reply(m, partition_id=m.metadata.dst_node_id))
-        self.inbox: dict[str, Message] = {}
-        self.outbox: dict[str, Message] = {}
-        self.pushed: list[Message] = []
-
-    def set_run(self, run): ...
-    @property
-    def run(self): ...
-    def create_message(self, *a, **k): ...
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = f"id{len(self.pushed)}"
-            self.pushed.append(m)
-            self.inbox[m.metadata.message_id] = m
-            ids.append(m.metadata.message_id)
-        return ids
-
-    def deliver(self) -> None:
-        """Nodes that are not silent answer everything in their inbox."""
-        for mid, m in list(self.inbox.items()):
-            if m.metadata.dst_node_id not in self.silent:
-                self.outbox[mid] = self.answer(self.inbox.pop(mid))
-
-    def pull_messages(self, message_ids):
-        self.deliver()
-        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise AssertionError("WireGrid must use its own loop")
+from tests.helpers import FakeGrid
 
 
 def _wave(nodes, server_round=1):

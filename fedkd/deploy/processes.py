@@ -86,26 +86,48 @@ class Process:
             self._log.close()
             self._log = None
 
+    def log_text(self) -> str:
+        """The whole log so far ("" before the first line)."""
+        if not self.log_path.is_file():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def log_contains(self, text: str) -> bool:
+        """Whether `text` appears anywhere in the log (a traceback after it does not hide it)."""
+        return text in self.log_text()
+
     def wait_for_log(self, text: str, timeout: float) -> bool:
-        """Wait until `text` appears in the log; False if the process ends first or on timeout."""
+        """Wait until `text` appears anywhere in the log; False on timeout, or if the process
+        ended without writing it (its last words are read after it exits)."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.log_path.is_file() and text in self.log_path.read_text(errors="replace"):
+        while True:
+            exited = not self.alive  # before reading: a line written just before exit is seen
+            if self.log_contains(text):
                 return True
-            if not self.alive:
+            if exited or time.monotonic() >= end:
                 return False
             time.sleep(0.1)
-        return False
+
+    def wait_for_exit(self, timeout: float) -> int | None:
+        """Wait until the main process exits; its exit code, or None if it still runs after
+        `timeout` seconds (it is left running: `stop` ends it)."""
+        if self.popen is None:
+            raise RuntimeError(f"{self.name} was never started")
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def tail(self, lines: int = 20) -> str:
         """The last lines of the log."""
-        if not self.log_path.is_file():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
-def wait_for_port(port: int, proc: Process, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
-    """Wait until `host:port` accepts connections; fail early if `proc` died."""
+def wait_for_port(port: int, proc: Process, timeout: float = 120.0, host: str = "127.0.0.1") -> None:
+    """Wait until `host:port` accepts connections; fail early if `proc` died.
+
+    The timeout is generous (a loaded machine can take a minute to import Flower): waiting
+    ends as soon as the port opens or the process exits."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if not proc.alive:

@@ -22,7 +22,7 @@ from fedkd.server import PreparedRun, compose_config, prepare_run
 from fedkd.wire import WireGrid
 from fedkd.strategies.fd import FD, class_weighted_mean
 from tests.conftest import SMALL, reply, request
-from tests.test_wire import FakeGrid
+from tests.helpers import FakeGrid
 from tests.helpers import bound
 
 ALLOWED_METRICS = {"partition-id", "num-examples", "train-loss", "test-accuracy", "test-loss"}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
+from omegaconf import OmegaConf
 from torch import nn
 
 from fedkd.aggregation import mean_logits, mean_probs
@@ -25,8 +26,7 @@ from fedkd.simulations.run import run
 from fedkd.strategies.feddf import FedDF
 from fedkd.strategies.fedmd import FedMD
 from tests.conftest import SMALL, reply
-from tests.test_wire import FakeGrid
-from tests.helpers import bound
+from tests.helpers import FakeGrid, bound
 
 NODES = (101, 102, 103, 104)  # node ids of partitions 0..3 in these tests (archs cnn_small, mlp, ...)
 
@@ -244,6 +244,28 @@ def test_evaluate_sends_known_nodes_their_distilled_model(flower_ids, small_run)
     assert strategy.aggregate_evaluate(1, answers)["test-accuracy"] == pytest.approx(0.7)
 
 
+@pytest.mark.parametrize(("num_rounds", "eval_every", "evaluated"), [
+    (3, 2, [2, 3]),  # 3 is not a multiple of 2: the last round is evaluated all the same
+    (5, 2, [2, 4, 5]),
+    (4, 3, [3, 4]),
+    (4, 2, [2, 4]),  # a multiple: evaluated once, not twice
+    (2, 1, [1, 2]),
+])
+def test_evaluation_runs_every_eval_every_rounds_and_always_in_the_last(
+        flower_ids, small_run, num_rounds, eval_every, evaluated):
+    settings = dataclasses.replace(small_run.settings, num_rounds=num_rounds,
+                                   train=dataclasses.replace(small_run.settings.train, eval_every=eval_every))
+    strategy = _strategy(server_epochs=0)
+    _, (arrays, _) = _round_one(strategy, small_run)
+    bound(strategy, settings)
+
+    sent = {rnd: strategy.configure_evaluate(rnd, arrays, settings.to_config(), FakeGrid(list(NODES)))
+            for rnd in range(1, num_rounds + 1)}
+
+    assert [rnd for rnd, msgs in sent.items() if msgs] == evaluated
+    assert all(len(sent[rnd]) == len(NODES) for rnd in evaluated)
+
+
 def test_teachers_are_never_taught_but_join_the_ensemble(flower_ids, small_run):
     settings = dataclasses.replace(small_run.settings, roles=["teacher", "student", "student", "student"])
     strategy = _strategy(server_epochs=0)  # no distillation: the group models are the averages
@@ -274,6 +296,7 @@ def test_a_weights_reply_outweighs_a_logits_reply_by_the_model_minus_the_logits(
 
 
 # --- end to end (Ray) -------------------------------------------------------------------------
+@pytest.mark.slow  # a second Ray simulation; tests/test_simulation.py keeps one in the default suite
 def test_feddf_runs_end_to_end_and_uploads_every_clients_weights(tmp_path):
     waves = []
     original = Recorder.on_replies
@@ -299,4 +322,4 @@ def test_feddf_runs_end_to_end_and_uploads_every_clients_weights(tmp_path):
 
 
 def _state_of(cfg, arch: str) -> dict[str, torch.Tensor]:
-    return build_model(dict(cfg.model.archs[arch]), (1, 8, 8), 10).state_dict()
+    return build_model(OmegaConf.to_container(cfg.model.archs[arch]), (1, 8, 8), 10).state_dict()

@@ -17,7 +17,7 @@ from fedkd.wire import WireGrid
 from fedkd.strategies.dsfl import DSFL
 from fedkd.strategies.fedmd import FedMD
 from tests.strategies.test_feddf import _round_one, _strategy
-from tests.test_wire import FakeGrid
+from tests.helpers import FakeGrid
 from tests.helpers import bound
 
 
