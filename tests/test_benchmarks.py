@@ -57,7 +57,9 @@ def test_tree_memory_samples_this_process_and_its_children() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
     try:
         with svp.TreeMemory(interval=0.05, full_every=0.2) as mem:
-            time.sleep(0.5)
+            deadline = time.monotonic() + 60  # waits on the sampler, not a fixed time
+            while mem.samples < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert child.pid in {p.pid for p in mem.processes()}
     finally:
         child.kill()

@@ -100,7 +100,9 @@ def _stop_mid_run(tmp_path: Path, cache: Path, signum: int, to_group: bool) -> N
     assert code == 128 + signum, output
     assert seconds < STOP_WITHIN_S, output
     assert "Segmentation fault" not in output and "Traceback" not in output, output
-    time.sleep(0.5)  # killed processes need a moment to vanish
+    deadline = time.monotonic() + 10  # killed processes need a moment to vanish
+    while (_running(tree) or _running(_in_session(proc.pid))) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _running(tree) == [] and _running(_in_session(proc.pid)) == []
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["error"] is None

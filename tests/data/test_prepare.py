@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -97,15 +96,6 @@ def test_seed_in_partition_cfg_cannot_diverge_from_partition_seed(tmp_path: Path
     b = prepare_data(DIGITS_CFG, {**DIRICHLET, "seed": 1}, 4, 1, tmp_path)
 
     assert a.partition_hash == b.partition_hash
-
-
-def test_digits_with_ten_clients_prepares_fast_once_imports_are_warm(tmp_path: Path) -> None:
-    prepare_data(DIGITS_CFG, DIRICHLET, 10, 0, tmp_path / "warm-up")  # imports sklearn, datasets
-    start = time.perf_counter()
-
-    prepare_data(DIGITS_CFG, DIRICHLET, 10, 1, tmp_path / "timed")
-
-    assert time.perf_counter() - start < 2.0
 
 
 def test_fingerprint_is_stable_and_shape_aware() -> None:
