@@ -24,18 +24,7 @@ def simulated(tmp_path_factory):
     """Run the small config once through Flower's simulation engine, capturing every reply."""
     tmp = tmp_path_factory.mktemp("sim")
     cfg = compose_config([*SMALL, f"simulation.cache_dir={tmp / 'cache'}"])
-    waves = []
-    original = Recorder.on_replies
-
-    def spy(self, server_round, replies, stats):
-        waves.append((server_round, list(replies), stats))
-        original(self, server_round, replies, stats)
-
-    Recorder.on_replies = spy
-    try:
-        summary = run(cfg, tmp / "out")
-    finally:
-        Recorder.on_replies = original
+    summary, waves = _run_spied(cfg, tmp / "out")
     return cfg, summary, waves, tmp / "out"
 
 
