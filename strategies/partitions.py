@@ -36,10 +36,11 @@ class PartitionMap:
 
     def __init__(self) -> None:
         self.by_node: dict[int, int] = {}
+        self._by_partition: dict[int, int] = {}  # the inverse, for O(1) look-ups
 
     def holder(self, partition_id: int) -> int | None:
         """The node known to hold `partition_id`, if any."""
-        return next((n for n, p in self.by_node.items() if p == partition_id), None)
+        return self._by_partition.get(partition_id)
 
     def learn(self, node: int, value: object, num_partitions: int, server_round: int,
               quiet: bool = False) -> bool:
@@ -60,7 +61,9 @@ class PartitionMap:
         if self.by_node.get(node, value) != value:
             log.warning("round %d: node %s now reports %s %d (was %d)", server_round, node,
                         PARTITION_ID, value, self.by_node[node])
+            del self._by_partition[self.by_node[node]]
         self.by_node[node] = value
+        self._by_partition[value] = node
         return True
 
     def refresh(self, replies: Iterable[Message], num_partitions: int, server_round: int) -> None:
@@ -75,6 +78,7 @@ class PartitionMap:
         """Drop nodes no longer connected (a restarted node comes back under a new id)."""
         alive = set(connected)
         self.by_node = {n: p for n, p in self.by_node.items() if n in alive}
+        self._by_partition = {p: n for n, p in self.by_node.items()}
 
 
 def free_nodes(grid: Grid, nodes: Iterable[int]) -> list[int]:
