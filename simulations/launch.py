@@ -30,7 +30,9 @@ from omegaconf import OmegaConf
 
 from fedkd.server import PreparedRun, make_server_app
 from fedkd.simulations.results import Recorder
-from fedkd.simulations.run import Interrupted, StopSignals, active_stop, running
+from fedkd.simulations.run import (
+    Interrupted, StopSignals, active_stop, kill_and_wait, running,
+)
 
 log = logging.getLogger(__name__)
 
@@ -221,18 +223,6 @@ def reap(processes: list[Any], timeout: float = REAP_TIMEOUT_S) -> None:
     ``ray.shutdown()`` stops the raylet and GCS but leaves idle ClientAppActor workers to
     notice on their own, sometimes never (an orphan of init).
     """
-    import psutil
-
-    left = running(processes)
-    for proc in left:
-        try:
-            log.debug("killing leftover process %s (%s)", proc.pid, proc.name())
-            proc.kill()
-        except psutil.Error:
-            pass
-    end = time.monotonic() + timeout
-    while left and time.monotonic() < end:
-        time.sleep(0.05)
-        left = running(left)
+    left = kill_and_wait(running(processes), timeout, poll=0.05)
     if left:
         log.warning("processes still running after ray.shutdown(): %s", [p.pid for p in left])

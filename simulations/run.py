@@ -165,16 +165,24 @@ def kill_children(timeout: float = 1.0) -> None:
         import psutil
     except ImportError:  # psutil ships with Ray (ray/thirdparty_files)
         return
-    children = psutil.Process().children(recursive=True)
-    for child in children:
+    kill_and_wait(psutil.Process().children(recursive=True), timeout)
+
+
+def kill_and_wait(processes: list[Any], timeout: float, poll: float = 0.02) -> list[Any]:
+    """SIGKILL `processes` (psutil) and wait up to `timeout` s; return those still running."""
+    import psutil
+
+    for proc in processes:
         try:
-            child.kill()
+            log.debug("killing process %s (%s)", proc.pid, proc.name())
+            proc.kill()
         except psutil.Error:
             pass
     end = time.monotonic() + timeout
-    while children and time.monotonic() < end:
-        time.sleep(0.02)
-        children = running(children)
+    while processes and time.monotonic() < end:
+        time.sleep(poll)
+        processes = running(processes)
+    return processes
 
 
 def running(processes: list[Any]) -> list[Any]:
