@@ -20,27 +20,36 @@ import torch
 
 from fedkd.aggregation import TeacherMeta
 from fedkd.client.state import new_optimizer
-from fedkd.training import digest, evaluate, predict_logits, revisit, round_generator
 from fedkd.data import load_client, load_public, load_test
+from fedkd.data.cache import load_own_test
 from fedkd.generators import LogitGuided, ModelGuided
 from fedkd.generators.base import models_query
 from fedkd.losses import distill_loss
 from fedkd.models import build_model
 from fedkd.protocol import rows_to_inputs
+from fedkd.optim import base_lr, scheduled_lr, set_lr
 from fedkd.sampling import sample_partitions
 from fedkd.server import PreparedRun
+from fedkd.timing import PhaseTimer
+from fedkd.training import (
+    digest, evaluate, own_accuracy, predict_logits, revisit, round_generator,
+)
 from fedkd.transfer import Public
 
 log = logging.getLogger(__name__)
 
 
 def run_plain(
-    run: PreparedRun, on_round: Callable[[int], None] | None = None
+    run: PreparedRun, on_round: Callable[[int], None] | None = None,
+    timer: PhaseTimer | None = None,
 ) -> dict[int, dict[int, float]]:
     """Run all rounds sequentially; return test accuracy per round and partition id.
 
-    `on_round(rnd)` is called at the end of each round (the benchmark's per-round timings).
+    `on_round(rnd)` is called at the end of each round (the benchmark's per-round timings);
+    `timer` accumulates the clients' phases (digest, revisit, logits, evaluate) as the
+    simulation's clients report them with ``distill.profile=true``.
     """
+    timer = timer or PhaseTimer()
     torch.set_num_threads(1)
     s, info, cfg = run.settings, run.data, run.cfg
     t = s.train
@@ -56,11 +65,13 @@ def run_plain(
     clients = []
     for pid in range(len(s.assignment)):
         x, y = load_client(info.cache_dir, pid)
+        own = load_own_test(info.cache_dir, pid)
         _, spec = s.arch_of(pid)
         torch.manual_seed(s.seed + pid)
         model = build_model(spec, tuple(info.input_shape), info.num_classes)
         opt = new_optimizer(s, model)
-        clients.append((model, opt, torch.from_numpy(x).float(), torch.from_numpy(y).long()))
+        clients.append((model, opt, torch.from_numpy(x).float(), torch.from_numpy(y).long(),
+                        None if own is None else torch.from_numpy(own)))
     loss = distill_loss(t.alpha, t.temperature)
     soft = rows = None
     history: dict[int, dict[int, float]] = {}
@@ -77,22 +88,31 @@ def run_plain(
         history[rnd] = {}
         target_x = None if rows is None else rows_to_inputs(rows, public)
         for pid in sampled:
-            model, opt, x, y = clients[pid]
+            model, opt, x, y, own = clients[pid]
             gen = round_generator(s.seed, pid, rnd)
+            set_lr(opt, scheduled_lr(base_lr(t.optimizer), t.lr_decay, rounds_done[pid]))
             if soft is not None and s.role_of(pid) == "student":  # teachers are never taught
-                digest(model, opt, target_x, soft, x, y, loss=loss, epochs=t.digest_epochs,
-                       batch_size=t.batch_size, gen=gen)
-            revisit(model, opt, x, y, batch_size=t.batch_size, gen=gen,
-                    **t.local_budget(first_round=rounds_done[pid] == 0))
+                with timer("digest"):
+                    digest(model, opt, target_x, soft, x, y, loss=loss, epochs=t.digest_epochs,
+                           batch_size=t.batch_size, gen=gen)
+            with timer("revisit"):
+                revisit(model, opt, x, y, batch_size=t.batch_size, gen=gen,
+                        **t.local_budget(first_round=rounds_done[pid] == 0))
             rounds_done[pid] += 1
             if next_rows is not None:
-                logits.append(predict_logits(model, next_x))
+                with timer("logits"):
+                    logits.append(predict_logits(model, next_x))
                 sizes.append(len(x))
-            if rnd % t.eval_every == 0 or rnd == s.num_rounds:
-                history[rnd][pid] = evaluate(model, test_x, test_y)[0]
+            with timer("evaluate"):
+                own_accuracy(model, test_x, test_y, own)
+                if rnd % t.eval_every == 0 or rnd == s.num_rounds:
+                    history[rnd][pid] = evaluate(model, test_x, test_y)[0]
         if aggregator is not None and len(logits) >= int(flower.get("min_replies", 1)):
+            counts = (np.array([info.class_histograms[p] for p in sampled], dtype=np.float64)
+                      if t.share_class_counts else None)
             meta = TeacherMeta(num_examples=np.array(sizes, dtype=np.float64),
-                               partition_ids=np.array(sampled), server_round=rnd,
+                               partition_ids=np.array(sampled), class_counts=counts,
+                               server_round=rnd,
                                seed=int(flower.get("seed", cfg.seed)))
             targets = aggregator(np.stack(logits), meta, temperature=float(flower.temperature))
             soft, rows = torch.from_numpy(np.asarray(targets, dtype=np.float32)), next_rows

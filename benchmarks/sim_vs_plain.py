@@ -30,7 +30,9 @@ import psutil  # noqa: E402  (not a direct dependency of fedkd)
 
 import fedkd.simulations.run as sim_run
 from benchmarks.plain_loop import run_plain
+from fedkd.protocol import PHASES, phase_key
 from fedkd.server import compose_config, prepare_run
+from fedkd.timing import PhaseTimer
 from fedkd.simulations.results import WIRE, Recorder
 
 GIB = 1024**3
@@ -189,6 +191,35 @@ def timed_hooks(marks: dict[str, float]) -> Iterator[None]:
         yield
 
 
+def phase_totals(frame: pd.DataFrame) -> dict[str, float]:
+    """Seconds per client phase, summed over every client and round of a profiled run."""
+    keys = {phase_key(p): p for p in PHASES}
+    rows = frame[frame["metric"].isin(list(keys))]
+    sums = rows.groupby("metric")["value"].sum()
+    return {p: round(float(sums.get(k, 0.0)), 3) for k, p in keys.items()}
+
+
+def workers(cfg: Any) -> int:
+    """Clients the simulation runs at once: Ray's CPUs over each client's CPUs."""
+    cpus = cfg.simulation.ray_init.get("num_cpus") or os.cpu_count() or 1
+    return max(1, int(cpus // max(float(cfg.simulation.client_resources.num_cpus), 1e-9)))
+
+
+def phase_table(r: dict[str, Any]) -> list[str]:
+    """Where a round's time goes, per client phase, in both arms."""
+    plain, sim = r["phases"]["plain"], r["phases"]["simulation"]
+    lines = [f"client phases, s summed over clients and rounds ({r['workers']} simulated "
+             f"clients run at once):", f"  {'phase':<12}{'plain':>10}{'simulation':>12}"]
+    lines += [f"  {p:<12}{plain[p]:>10.2f}{sim[p]:>12.2f}" for p in PHASES]
+    plain_sum, sim_sum = sum(plain.values()), sum(sim.values())
+    lines.append(f"  {'sum':<12}{plain_sum:>10.2f}{sim_sum:>12.2f}")
+    outside_plain = r["plain_wall_s"] - plain_sum
+    outside_sim = r["sim_wall_s"] - sim_sum / r["workers"]
+    lines.append(f"  {'outside':<12}{outside_plain:>10.2f}{outside_sim:>12.2f}   (wall minus "
+                 f"client phases [/ parallel clients]: server, Flower, Ray, start-up)")
+    return lines
+
+
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     """Split argv into options (`--json PATH` or `--json=PATH`) and Hydra overrides."""
     opts, overrides, it = {}, [], iter(argv)
@@ -206,14 +237,16 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 def benchmark(overrides: list[str]) -> dict[str, Any]:
     """Run both arms (plain first) and return all measurements."""
     start, load_start = time.time(), os.getloadavg()[0]
-    cfg = compose_config(overrides)
+    cfg = compose_config([*overrides, "distill.profile=true"])  # clients report their phases
     t = time.monotonic()
     prepared = prepare_run(cfg)
     prepare_s = time.monotonic() - t
     marks: dict[int, float] = {}
+    plain_timer = PhaseTimer()
     with TreeMemory(since=start) as plain_mem:
         t = time.monotonic()
-        history = run_plain(prepared, on_round=lambda r: marks.__setitem__(r, time.monotonic() - t))
+        history = run_plain(prepared, on_round=lambda r: marks.__setitem__(r, time.monotonic() - t),
+                            timer=plain_timer)
         plain_wall = time.monotonic() - t
     sim_marks: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, timed_hooks(sim_marks), \
@@ -222,6 +255,7 @@ def benchmark(overrides: list[str]) -> dict[str, Any]:
         summary = sim_run.run(cfg, tmp)
         sim_wall = time.monotonic() - t
         frame = pd.read_parquet(Path(tmp) / "metrics.parquet")
+        sim_phases = phase_totals(frame)
     parts = breakdown(elapsed_rounds(frame), marks, sim_wall=sim_wall,
                       recorder_at=sim_marks["recorder"] - t, finish_at=sim_marks["finish"] - t)
     sim_final = {int(k): v for k, v in summary["final_accuracy_by_client"].items()}
@@ -235,6 +269,9 @@ def benchmark(overrides: list[str]) -> dict[str, Any]:
         "final_accuracies_identical": last_accuracies(history) == sim_final,
         "all_rounds_identical": history == accuracy_history(frame),
         "final_mean_accuracy": summary["final_mean_accuracy"],
+        "phases": {"plain": {p: round(plain_timer.seconds.get(p, 0.0), 3) for p in PHASES},
+                   "simulation": sim_phases},
+        "workers": workers(cfg),
         "plain_memory": plain_mem.result(), "sim_memory": sim_mem.result(),
         "loadavg_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "cpus": os.cpu_count(),
@@ -264,6 +301,7 @@ def table(r: dict[str, Any]) -> str:
                        ("write_results_s", "summary + plot"),
                        ("extra_total_s", "total")]:
         lines.append(f"  {label:<32}{r[key]:>10.3f} s")
+    lines += phase_table(r)
     lines.append(f"accuracies identical: final {r['final_accuracies_identical']}, every round "
                  f"{r['all_rounds_identical']}; 1-min load average {r['loadavg_1min'][0]} at "
                  f"start, {r['loadavg_1min'][1]} at end ({r['cpus']} CPUs)")

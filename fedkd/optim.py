@@ -129,3 +129,21 @@ def build_optimizer(spec: Mapping[str, Any], params: Iterable[torch.nn.Parameter
     """
     name, kwargs = check_optimizer(spec)
     return getattr(torch.optim, name)(params, **kwargs)
+
+
+def base_lr(spec: Mapping[str, Any]) -> float:
+    """The learning rate a spec sets, or its optimizer's default."""
+    name, kwargs = check_optimizer(spec)
+    return float(kwargs.get("lr", _arguments(name).get("lr", 1e-3)))
+
+
+def scheduled_lr(lr: float, decay: float, rounds_done: int) -> float:
+    """``lr * decay**rounds_done``: the rate of a client's round after `rounds_done` earlier ones
+    (a per-client ``torch.optim.lr_scheduler.ExponentialLR(gamma=decay)`` stepped once a round)."""
+    return float(lr * decay ** rounds_done)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

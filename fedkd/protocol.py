@@ -65,7 +65,19 @@ QUERY_SEED, QUERY_DIRECTIONS, QUERY_MU = "query-seed", "query-directions", "quer
 PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
 TRAIN_LOSS, DIGEST_LOSS = "train-loss", "digest-loss"
 TEST_ACCURACY, TEST_LOSS = "test-accuracy", "test-loss"
-REPLY_METRICS = (PARTITION_ID, NUM_EXAMPLES, TRAIN_LOSS, DIGEST_LOSS, TEST_ACCURACY, TEST_LOSS)
+OWN_ACCURACY = "test-accuracy-own"
+"""Accuracy on the client's own-label test chunk (FedGen's per-user metric), every round."""
+PHASES = ("restore", "digest", "revisit", "logits", "evaluate", "save")
+"""The timed phases of a client's round (`fedkd.timing`), reported with ``distill.profile``."""
+
+
+def phase_key(phase: str) -> str:
+    """The metric key of a phase's wall seconds: ``time-<phase>-s``."""
+    return f"time-{phase}-s"
+
+
+REPLY_METRICS = (PARTITION_ID, NUM_EXAMPLES, TRAIN_LOSS, DIGEST_LOSS, TEST_ACCURACY, TEST_LOSS,
+                 OWN_ACCURACY, *(phase_key(p) for p in PHASES))
 """Every metric a fedkd client sends (a deployed node's report mod adds `fedkd.client.report`'s)."""
 
 

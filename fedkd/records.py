@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
 
-from fedkd.protocol import LOGITS, NEXT, TARGETS, rows_key, rows_to_inputs
+from fedkd.protocol import CLASS_COUNTS, LOGITS, NEXT, TARGETS, rows_key, rows_to_inputs
 
 
 def transfer_record(
@@ -51,6 +51,26 @@ def reply_logits(reply: Message, rows: int, num_classes: int) -> np.ndarray:
         raise ValueError("logits must be finite floating-point numbers")
     return logits.astype(np.float32)
 
+
+
+def reply_class_counts(reply: Message, num_classes: int) -> np.ndarray:
+    """Validated per-class private row counts of a reply: float64 [num_classes], whole, >= 0.
+
+    Raises ValueError naming what is wrong (missing, shape, not whole numbers, negative).
+    """
+    record = reply.content[LOGITS] if LOGITS in reply.content else None
+    if record is None or CLASS_COUNTS not in record:
+        raise ValueError(f"reply carries no {LOGITS}.{CLASS_COUNTS}")
+    counts = record[CLASS_COUNTS].numpy()
+    if counts.shape != (num_classes,):
+        raise ValueError(f"{CLASS_COUNTS} have shape {counts.shape}, expected {(num_classes,)}")
+    if counts.dtype.kind not in "iuf":
+        raise ValueError(f"{CLASS_COUNTS} must be numbers, got {counts.dtype}")
+    counts = counts.astype(np.float64)
+    if not np.isfinite(counts).all() or (counts < 0).any() or (counts != np.round(counts)).any() \
+            or (counts > 2**53).any():
+        raise ValueError(f"{CLASS_COUNTS} must be whole numbers in [0, 2**53]")
+    return counts
 
 
 def soft_targets(record: ArrayRecord, rows: int, num_classes: int) -> np.ndarray:

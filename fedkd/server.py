@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedkd.settings import ClientSettings, TrainSettings
 from fedkd.data import DataInfo, prepare_data
 from fedkd.errors import ConfigError
-from fedkd.models import assign_models, assign_roles, build_model, count_parameters
+from fedkd.models import assign_models, assign_roles, build_model, count_parameters, resolve_model
 from fedkd.wire import ReplyObserver, WireGrid
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
             partition_seed=int(cfg.partition_seed),
             cache_root=str(cfg.simulation.cache_dir),
         ), {}
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = resolve_model(OmegaConf.to_container(cfg.model, resolve=True),  # auto: by input
+                              data.input_shape, data.num_classes)
     homogeneous = bool(cfg.strategy.get("homogeneous", False))
     assignment = assign_models(model_cfg, int(cfg.num_clients), homogeneous=homogeneous)
     archs = {name: dict(spec) for name, spec in assignment}

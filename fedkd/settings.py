@@ -47,6 +47,15 @@ class TrainSettings:
     """Weight of the KD term while digesting; 1 - alpha weighs CE on private batches."""
     eval_every: int = 1
     """Evaluate the student on the test set every N rounds (and always in the last round)."""
+    lr_decay: float = 1.0
+    """Per-client exponential learning-rate decay: a client's k-th training round (k = 0, 1, ...)
+    runs at ``lr * lr_decay**k``, as a per-user ``ExponentialLR(gamma=lr_decay)`` stepped once per
+    round the client trains."""
+    share_class_counts: bool = False
+    """Clients send their private rows per class with their logits (class-aware aggregators such
+    as `fedkd.aggregation.class_weighted` need them; it reveals each client's label histogram)."""
+    profile: bool = False
+    """Report each round's per-phase wall times (``time-<phase>-s`` metrics, `fedkd.timing`)."""
 
     def local_budget(self, first_round: bool) -> dict[str, int | None]:
         """`revisit` keyword arguments for a client's first round (warm-up) or a later one."""
@@ -65,6 +74,12 @@ class TrainSettings:
             raise ConfigError(f"distill.alpha must be a number in [0, 1], got {self.alpha!r}")
         if not (_is_number(self.temperature) and self.temperature > 0):
             raise ConfigError(f"distill.temperature must be a number > 0, got {self.temperature!r}")
+        for name in ("profile", "share_class_counts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"distill.{name} must be true or false, got "
+                                  f"{getattr(self, name)!r}")
+        if not (_is_number(self.lr_decay) and 0.0 < self.lr_decay <= 1.0):
+            raise ConfigError(f"distill.lr_decay must be a number in (0, 1], got {self.lr_decay!r}")
         check_optimizer(self.optimizer)
 
 

@@ -124,3 +124,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     loss = nn.functional.cross_entropy(logits, y).item()
     acc = (logits.argmax(1) == y).float().mean().item()
     return acc, loss
+
+
+@torch.no_grad()
+def own_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 own: torch.Tensor | None) -> float | None:
+    """Accuracy on the test rows `own` (a client's own-label chunk); None without a chunk."""
+    if own is None or len(own) == 0:
+        return None
+    return evaluate(model, x[own], y[own])[0]

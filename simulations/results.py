@@ -20,11 +20,15 @@ import numpy as np
 import pandas as pd
 from flwr.app import Message
 
+from fedkd.protocol import PHASES, phase_key
 from fedkd.wire import WireStats
 
 log = logging.getLogger("fedkd.progress")
 
-RECORDED = ("test-accuracy", "test-loss", "train-loss", "digest-loss", "compute-s")
+RECORDED = ("test-accuracy", "test-loss", "test-accuracy-own", "train-loss", "digest-loss",
+            "compute-s", *(phase_key(p) for p in PHASES))
+OWN = "test-accuracy-own"
+TOP_K = 5  # FedGen reports the mean of the top 5 rounds
 NODE = "node"  # deployed nodes report their arch and role (fedkd.client.report)
 COLUMNS = ["round", "client", "model", "metric", "value"]
 WIRE = -1  # client id of the rows that describe traffic
@@ -61,6 +65,7 @@ class Recorder:
             "num_rounds": int(cfg.num_rounds),
             "seed": int(cfg.seed),
             **describe(run),  # partition, partition_seed (none with dataset=nodes), archs, ...
+            "client_sizes": list(run.data.client_sizes),
         }
         return cls(out_dir, run.archs, info)
 
@@ -106,7 +111,7 @@ class Recorder:
             for key in RECORDED:
                 if key in metrics:
                     self.record(server_round, client, key, float(metrics[key]))
-            got_accuracy |= "test-accuracy" in metrics
+            got_accuracy |= "test-accuracy" in metrics or OWN in metrics
         if got_accuracy:
             self.end_round(server_round)
 
@@ -131,9 +136,13 @@ class Recorder:
         err = f" ({errors} errors)" if errors else ""
         elapsed = time.monotonic() - self._t0
         self.record(server_round, WIRE, "elapsed_s", elapsed)
-        log.info("round %d/%d | replies %d/%d%s | accuracy mean %.3f min %.3f max %.3f | %.1f s",
-                 server_round, self.info["num_rounds"], ok, asked, err, np.mean(acc), np.min(acc),
-                 np.max(acc), elapsed)
+        text = (f"accuracy mean {np.mean(acc):.3f} min {np.min(acc):.3f} max {np.max(acc):.3f}"
+                if acc else "")
+        own = own_accuracy_rounds(self.frame(), self.info.get("client_sizes")).get(server_round)
+        if own is not None:
+            text += f"{' | ' if text else ''}own-label {own:.3f}"
+        log.info("round %d/%d | replies %d/%d%s | %s | %.1f s", server_round,
+                 self.info["num_rounds"], ok, asked, err, text, elapsed)
         write_parquet(self.frame(), self.out_dir / "metrics.parquet")
 
     # --- reporting ------------------------------------------------------------------------
@@ -163,6 +172,7 @@ class Recorder:
             error = self.first_error or "failed without an error message"
         final = self.final_accuracies()
         values = list(final.values())
+        own = own_accuracy_rounds(self.frame(), self.info.get("client_sizes"))
         by_arch: dict[str, list[float]] = {}
         by_role: dict[str, list[float]] = {}
         roles = self.info.get("roles") or ["student"] * len(self.archs)
@@ -181,6 +191,8 @@ class Recorder:
             "final_accuracy_by_arch": {k: float(np.mean(v)) for k, v in sorted(by_arch.items())},
             "final_accuracy_by_role": {k: float(np.mean(v)) for k, v in sorted(by_role.items())},
             "final_accuracy_by_client": {str(k): v for k, v in final.items()},
+            "final_own_accuracy": own[max(own)] if own else None,
+            f"top{TOP_K}_own_accuracy": top_k_mean(list(own.values()), TOP_K) if own else None,
             "bytes_up": int(self.bytes_up),
             "bytes_down": int(self.bytes_down),
             "wall_time_s": round(time.monotonic() - self._t0, 3),
@@ -196,6 +208,29 @@ class Recorder:
 
             plot_accuracy(frame, self.out_dir / "accuracy.png", title=_title(self.info))
         return summary
+
+
+def own_accuracy_rounds(frame: pd.DataFrame, sizes: list[int] | None) -> dict[int, float]:
+    """Round -> own-label accuracy of the clients evaluated in it, weighted by their data size.
+
+    FedGen's per-round metric: correct predictions over all evaluated users' own-label test
+    chunks, whose sizes follow the users' data sizes. Unweighted without `sizes`.
+    """
+    rows = frame[frame["metric"] == OWN]
+    out: dict[int, float] = {}
+    for server_round, group in rows.groupby("round"):
+        clients = group["client"].to_numpy()
+        weights = (np.ones(len(clients)) if not sizes else
+                   np.array([sizes[c] if 0 <= c < len(sizes) else 0 for c in clients], float))
+        if weights.sum() <= 0:
+            weights = np.ones(len(clients))
+        out[int(server_round)] = float(np.average(group["value"].to_numpy(), weights=weights))
+    return out
+
+
+def top_k_mean(values: list[float], k: int) -> float:
+    """Mean of the `k` largest values (all of them when there are fewer)."""
+    return float(np.mean(sorted(values, reverse=True)[:k]))
 
 
 def write_text(text: str, path: Path) -> None:

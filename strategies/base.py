@@ -35,7 +35,7 @@ from fedkd.protocol import (
     CONFIG, MESSAGE_TYPE, METRICS, NUM_EXAMPLES, PARTITION_ID, QUERY, QUERY_DIRECTIONS, QUERY_MU,
     QUERY_SEED, SERVER_ROUND, TARGETS, TRANSFER,
 )
-from fedkd.records import reply_logits, transfer_record
+from fedkd.records import reply_class_counts, reply_logits, transfer_record
 from fedkd.strategies.partitions import PartitionMap, PartitionSampling, free_nodes
 from fedkd.transfer import Public, TransferSource
 from fedkd.wire import reply_order
@@ -245,13 +245,19 @@ class KDStrategy(PartitionSampling, Strategy):
         if server_round not in self._asked:
             return None
         rows, num_classes = self._asked.pop(server_round)
-        parsed = [facts for _, facts in parse_replies(
-            server_round, replies, lambda r: (reply_logits(r, len(rows), num_classes), *teacher_facts(r)))]
+        counted = self.run_settings().train.share_class_counts
+
+        def parse(reply: Message) -> tuple:
+            counts = reply_class_counts(reply, num_classes) if counted else None
+            return reply_logits(reply, len(rows), num_classes), *teacher_facts(reply), counts
+
+        parsed = [facts for _, facts in parse_replies(server_round, replies, parse)]
         if not self.enough(server_round, len(parsed)):
             return None
-        valid, sizes, pids = zip(*parsed)
+        valid, sizes, pids, counts = zip(*parsed)
         meta = TeacherMeta(num_examples=np.array(sizes, dtype=np.float64),
                            partition_ids=np.array(pids, dtype=np.int64),
+                           class_counts=np.stack(counts) if counted else None,
                            server_round=server_round, seed=self.seed)
         soft = self.aggregate_logits(np.stack(valid), meta)
         return transfer_record(soft_targets=soft, target_rows=rows)

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from fedkd.aggregation import (
     TeacherMeta,
+    class_weighted,
     confidence_weighted,
     entropy_weighted,
     era,
@@ -40,8 +41,13 @@ LOGITS = np.array(
 e = math.e
 
 
-def make_meta(num_examples=(1, 3)) -> TeacherMeta:
-    return TeacherMeta(num_examples=np.array(num_examples), partition_ids=np.arange(10, 10 + len(num_examples)))
+def make_meta(num_examples=(1, 3), num_classes: int | None = None) -> TeacherMeta:
+    """Teacher metadata; with `num_classes`, class counts spreading each teacher's rows evenly."""
+    counts = None
+    if num_classes is not None:
+        counts = np.array([[n // num_classes] * num_classes for n in num_examples])
+    return TeacherMeta(num_examples=np.array(num_examples), class_counts=counts,
+                       partition_ids=np.arange(10, 10 + len(num_examples)))
 
 
 def torch_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -321,10 +327,41 @@ def test_hydra_config_selects_aggregator(name: str) -> None:
 @pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_aggregator_yaml_maps_logits_to_probabilities(path: Path) -> None:
     cfg = OmegaConf.load(path)
+    if path.read_text().startswith("# @package _global_"):  # it also sets distill keys
+        cfg = cfg.aggregator
     assert "name" not in cfg  # a partial would pass it to the function
     assert path.read_text().startswith("# ")
     aggregate = hydra.utils.instantiate(cfg)
     logits = np.random.default_rng(8).normal(size=(3, 7, 10))
-    out = aggregate(logits, make_meta((10, 20, 30)), temperature=3.0)
+    out = aggregate(logits, make_meta((10, 20, 30), num_classes=10), temperature=3.0)
     assert out.dtype == np.float32 and out.shape == (7, 10) and (out >= 0).all()
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-6)
+
+
+# --- class_weighted ------------------------------------------------------------------------------
+def test_class_weighted_golden():
+    # two teachers, two classes; teacher 0 holds only class 0, teacher 1 holds 1 of class 0, 3 of 1
+    logits = np.log(np.array([[[0.9, 0.1]], [[0.2, 0.8]]]))
+    meta = TeacherMeta(num_examples=np.array([4, 4]), partition_ids=np.arange(2),
+                       class_counts=np.array([[4, 0], [1, 3]]))
+    # column 0: (4 * 0.9 + 1 * 0.2) / 5 = 0.76; column 1: (0 * 0.1 + 3 * 0.8) / 3 = 0.8
+    expected = np.array([[0.76, 0.8]]) / 1.56
+    np.testing.assert_allclose(class_weighted(logits, meta), expected, rtol=1e-6)
+
+
+def test_class_weighted_with_equal_counts_is_mean_probs():
+    logits = np.random.default_rng(3).normal(size=(4, 6, 5))
+    meta = make_meta((50, 50, 50, 50), num_classes=5)
+    np.testing.assert_allclose(class_weighted(logits, meta, temperature=2.0),
+                               mean_probs(logits, meta, temperature=2.0), atol=1e-6)
+
+
+def test_class_weighted_unheld_class_gets_the_plain_mean_and_needs_counts():
+    logits = np.random.default_rng(4).normal(size=(2, 3, 3))
+    meta = TeacherMeta(num_examples=np.array([5, 5]), partition_ids=np.arange(2),
+                       class_counts=np.array([[5, 0, 0], [0, 5, 0]]))
+    probs = softmax(logits, 1.0)
+    q = np.stack([probs[0, :, 0], probs[1, :, 1], probs[:, :, 2].mean(axis=0)], axis=1)
+    np.testing.assert_allclose(class_weighted(logits, meta), q / q.sum(1, keepdims=True), rtol=1e-6)
+    with pytest.raises(ConfigError, match="needs the teachers' class counts"):
+        class_weighted(logits, make_meta((5, 5)))

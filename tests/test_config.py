@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from fedkd.aggregation import TeacherMeta
 from fedkd.settings import TrainSettings
 from fedkd.errors import ConfigError
-from fedkd.models import build_model
+from fedkd.models import build_model, resolve_model
 from fedkd.server import CONF_DIR, PreparedRun, compose_config, prepare_run
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))
@@ -33,6 +33,7 @@ MNIST1D_SMALL = ["dataset=mnist1d", "dataset.source.num_samples=600", "dataset.p
 """MNIST-1D small enough to generate and split in a fraction of a second."""
 
 MODEL_DATASETS = {
+    "auto": ["digits", "mnist1d"],  # the default: the families follow the input (tests/models/test_auto.py)
     "cnn": ["digits"],
     "hetero": ["digits"],
     "mlp": ["digits", "mnist1d"],
@@ -108,7 +109,8 @@ def test_aggregator_maps_logits_to_probs(tmp_path: Path, option: str) -> None:
     cfg = compose(tmp_path, f"aggregator={option}")
     k, n, c = 3, 7, 10
     logits = np.random.default_rng(0).normal(size=(k, n, c)).astype(np.float32)
-    meta = TeacherMeta(num_examples=np.array([10, 20, 30]), partition_ids=np.arange(k))
+    meta = TeacherMeta(num_examples=np.array([10, 20, 30]), partition_ids=np.arange(k),
+                       class_counts=np.full((k, c), 2))
 
     aggregator = hydra.utils.instantiate(cfg.aggregator)
     probs = aggregator(logits, meta, temperature=3.0)
@@ -131,13 +133,15 @@ def test_model_option_builds_every_arch(tmp_path: Path, model: str, dataset: str
     extra = MNIST1D_SMALL if dataset == "mnist1d" else [f"dataset={dataset}"]
     cfg = compose(tmp_path, f"model={model}", *extra)
     raw = hydra.utils.instantiate(cfg.dataset.source)
-    archs = OmegaConf.to_container(cfg.model.archs, resolve=True)
+    resolved = resolve_model(OmegaConf.to_container(cfg.model, resolve=True), raw.input_shape,
+                             raw.num_classes)  # model=auto: the archs for this input
+    archs = resolved["archs"]
 
     for name, spec in archs.items():
         net = build_model(spec, tuple(raw.input_shape), raw.num_classes)
         out = net(torch.zeros(4, *raw.input_shape))
         assert out.shape == (4, raw.num_classes), name
-    assert set(cfg.model.cycle) <= set(archs)
+    assert set(resolved["cycle"]) <= set(archs)
 
 
 def _check_run(run: PreparedRun, num_clients: int) -> None:
@@ -186,7 +190,7 @@ def test_prepare_fedavg_gives_everyone_one_arch(tmp_path: Path) -> None:
     run = prepare_run(cfg)
 
     _check_run(run, 10)
-    assert set(run.archs) == {cfg.model.cycle[0]}
+    assert set(run.archs) == {"cnn_small"}  # the first of the cycle (model=auto on digits: hetero's)
     assert len(run.settings.archs) == 1
     # the strategy's `client` delta overrides distill.* for its clients only
     assert run.settings.train.local_epochs == cfg.strategy.client.local_epochs == 4

@@ -66,7 +66,40 @@ def test_fedgen_preset_matches_the_paper_setting(tmp_path, mnist_like):
     assert (cfg.num_clients, cfg.num_rounds) == (20, 200)
     assert cfg.strategy.flower.fraction_train == 0.5
     assert (cfg.distill.local_steps, cfg.distill.batch_size) == (20, 32)
+    assert OmegaConf.to_container(cfg.distill.optimizer) == {"_target_": "torch.optim.SGD",
+                                                             "lr": 0.01}
+    assert cfg.distill.lr_decay == 0.99
     assert cfg.partition.partitioner.alpha == 0.1
+    assert cfg.partition.partitioner.min_partition_size == 10
+    assert (cfg.dataset.public_size, cfg.dataset.max_private_rows,
+            cfg.dataset.max_client_rows) == (1000, 15000, 1500)
+    assert list(cfg.model.cycle) == ["fedgen_cnn"]
+    assert cfg.model.archs.fedgen_cnn._target_ == "fedkd.models.FedGenCNN"
+
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MNIST / "mnist_train.npz").is_file(), reason="MNIST files absent")
+@pytest.mark.parametrize("alpha", [0.05, 1])
+def test_fedgen_preset_on_mnist_caps_and_chunks_as_the_paper(tmp_path, alpha):
+    cfg = compose_config(["+experiment=fedgen_mnist", f"simulation.cache_dir={tmp_path}",
+                          f"dataset.path={MNIST / 'mnist_train.npz'}",
+                          f"dataset.test_path={MNIST / 'mnist_test.npz'}",
+                          f"partition.partitioner.alpha={alpha}"])
+    prepared = prepare_run(cfg)
+    sizes = prepared.data.client_sizes
+    assert len(sizes) == 20 and min(sizes) >= 10 and max(sizes) <= 1500 and sum(sizes) <= 15000
+    assert prepared.data.num_public == 1000 and prepared.data.num_test == 10000
+    assert prepared.param_counts == {"fedgen_cnn": 26434}
+    from fedkd.data import load_test
+    from fedkd.data.cache import load_own_test
+
+    _, test_y = load_test(prepared.data.cache_dir)
+    chunks = [load_own_test(prepared.data.cache_dir, i) for i in range(20)]
+    for hist, chunk in zip(prepared.data.class_histograms, chunks):
+        assert set(test_y[chunk].tolist()) <= {c for c, n in enumerate(hist) if n}
 
 
 def test_teachers_preset_has_two_large_teachers(tmp_path, mnist_like):

@@ -77,3 +77,22 @@ def test_server_metrics_become_rows_and_summary_keys(tmp_path):
     frame = pd.read_parquet(tmp_path / "metrics.parquet")
     eps = frame[frame.metric == "epsilon"]
     assert eps["value"].tolist() == [3.0, 5.5] and set(eps.model) == {"server"}
+
+
+def test_own_label_accuracy_is_size_weighted_and_top5_is_the_mean_of_the_best_rounds(tmp_path):
+    from fedkd.simulations.results import own_accuracy_rounds, top_k_mean
+
+    rows = [(r, c, "m", "test-accuracy-own", v)
+            for r, accs in {1: [0.5, 0.8], 2: [0.6, 0.9], 3: [0.7, 1.0]}.items()
+            for c, v in enumerate(accs)]
+    frame = pd.DataFrame(rows, columns=["round", "client", "model", "metric", "value"])
+    own = own_accuracy_rounds(frame, sizes=[100, 300])
+    assert own == pytest.approx({1: 0.725, 2: 0.825, 3: 0.925})  # (1 * a0 + 3 * a1) / 4
+    assert own_accuracy_rounds(frame, None)[1] == pytest.approx(0.65)
+    assert top_k_mean([0.1, 0.9, 0.5, 0.7, 0.3, 0.8], 5) == pytest.approx(0.64)
+    assert top_k_mean([0.4, 0.6], 5) == pytest.approx(0.5)
+    rec = Recorder(tmp_path, ["cnn", "cnn"], {**INFO, "client_sizes": [100, 300]})
+    rec.rows = [tuple(r) for r in rows]
+    summary = rec.finish()
+    assert summary["final_own_accuracy"] == pytest.approx(0.925)
+    assert summary["top5_own_accuracy"] == pytest.approx((0.725 + 0.825 + 0.925) / 3)

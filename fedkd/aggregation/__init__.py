@@ -14,7 +14,8 @@ returns into the round's metrics (``NoisyVote`` reports its privacy spent: ``eps
 ``delta``, ``queries``). Stochastic aggregators draw their noise from ``noise_rng(meta)``, keyed on
 ``meta.seed`` and ``meta.server_round``, so runs are reproducible.
 
-Modules: ``core`` (TeacherMeta, checks, softmax), ``averaging`` (means), ``robust`` (median, trimmed mean),
+Modules: ``core`` (TeacherMeta, checks, softmax), ``averaging`` (means), ``classwise`` (per-class
+count weights), ``robust`` (median, trimmed mean),
 ``voting`` (majority and noisy votes).
 """
 
@@ -26,6 +27,7 @@ from fedkd.aggregation.averaging import (
     mean_probs,
     weighted,
 )
+from fedkd.aggregation.classwise import class_weighted
 from fedkd.aggregation.core import (
     TeacherMeta,
     as_soft_targets,
@@ -47,6 +49,7 @@ __all__ = [
     "check_logits",
     "check_number",
     "check_temperature",
+    "class_weighted",
     "confidence_weighted",
     "entropy_weighted",
     "era",

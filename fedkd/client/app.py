@@ -12,6 +12,7 @@ Only logits, weights (for parameter strategies) and metrics leave the client.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,15 +20,16 @@ from flwr.clientapp import ClientApp
 from fedkd.client.data import partition_id_of
 from fedkd.client.fd import fd_round
 from fedkd.client.report import report_mod
-from fedkd.client.round import eval_due, open_round, round_of
+from fedkd.client.round import open_round, round_of, test_metrics
 from fedkd.losses import distill_loss
 from fedkd.protocol import (
-    ARRAYS, CONFIG, DIGEST_LOSS, LOGITS, METRICS, NEXT, NUM_EXAMPLES, PARTITION_ID, QUERY,
-    QUERY_DIRECTIONS, QUERY_MU, QUERY_SEED, TARGETS, TEST_ACCURACY, TEST_LOSS, TRAIN_LOSS,
+    ARRAYS, CLASS_COUNTS, CONFIG, DIGEST_LOSS, LOGITS, METRICS, NEXT, NUM_EXAMPLES, PARTITION_ID, QUERY,
+    QUERY_DIRECTIONS, QUERY_MU, QUERY_SEED, TARGETS, TRAIN_LOSS,
     TRANSFER, WHOAMI_ACTION, expand_query,
 )
 from fedkd.records import finite_state, rows_from, soft_targets
-from fedkd.training import digest, evaluate, predict_logits, revisit, round_generator
+from fedkd.timing import PhaseTimer
+from fedkd.training import digest, predict_logits, revisit, round_generator
 
 app = ClientApp(mods=[report_mod])  # deployed nodes report arch, role, compute time
 app.train("fd")(fd_round)  # FD / FedDistill: per-class mean logits (fedkd.client.fd)
@@ -36,7 +38,9 @@ app.train("fd")(fd_round)  # FD / FedDistill: per-class mean logits (fedkd.clien
 @app.train("distill")
 def distill(msg: Message, context: Context) -> Message:
     """One fused KD round."""
-    settings, pid, data, student = open_round(msg, context)
+    timer = PhaseTimer()
+    with timer("restore"):
+        settings, pid, data, student = open_round(msg, context)
     train = settings.train
     server_round = round_of(msg)
     gen = round_generator(settings.seed, pid, server_round)
@@ -45,28 +49,37 @@ def distill(msg: Message, context: Context) -> Message:
 
     target_x = rows_from(transfer, TARGETS, data.public_x)
     if target_x is not None and settings.role_of(pid) == "student":  # teachers are never taught
-        soft = torch.from_numpy(
-            soft_targets(transfer, len(target_x), int(settings.data["num_classes"])))
-        metrics[DIGEST_LOSS] = digest(
-            student.model, student.optimizer, target_x, soft, data.x, data.y,
-            loss=distill_loss(train.alpha, train.temperature), epochs=train.digest_epochs,
-            batch_size=train.batch_size, gen=gen,
+        with timer("digest"):
+            soft = torch.from_numpy(
+                soft_targets(transfer, len(target_x), int(settings.data["num_classes"])))
+            metrics[DIGEST_LOSS] = digest(
+                student.model, student.optimizer, target_x, soft, data.x, data.y,
+                loss=distill_loss(train.alpha, train.temperature), epochs=train.digest_epochs,
+                batch_size=train.batch_size, gen=gen,
+            )
+    with timer("revisit"):
+        metrics[TRAIN_LOSS] = revisit(
+            student.model, student.optimizer, data.x, data.y, batch_size=train.batch_size,
+            gen=gen, **train.local_budget(first_round=student.rounds_done == 0),
         )
-    metrics[TRAIN_LOSS] = revisit(
-        student.model, student.optimizer, data.x, data.y, batch_size=train.batch_size, gen=gen,
-        **train.local_budget(first_round=student.rounds_done == 0),
-    )
     student.rounds_done += 1
 
     content = RecordDict()
     next_x = rows_from(transfer, NEXT, data.public_x)
     if next_x is not None:
-        content[LOGITS] = ArrayRecord({LOGITS: Array(predict_logits(student.model, next_x))})
-    if eval_due(settings, server_round):
-        metrics[TEST_ACCURACY], metrics[TEST_LOSS] = evaluate(
-            student.model, data.test_x, data.test_y
-        )
-    student.save(context)
+        with timer("logits"):
+            record = {LOGITS: Array(predict_logits(student.model, next_x))}
+            if train.share_class_counts:
+                num_classes = int(settings.data["num_classes"])
+                record[CLASS_COUNTS] = Array(np.bincount(data.y.numpy(), minlength=num_classes)
+                                             [:num_classes].astype(np.int64))
+            content[LOGITS] = ArrayRecord(record)
+    with timer("evaluate"):
+        metrics.update(test_metrics(student.model, data, settings, server_round))
+    with timer("save"):
+        student.save(context)
+    if train.profile:
+        metrics.update(timer.metrics())
     content[METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
 
@@ -103,31 +116,43 @@ def train(msg: Message, context: Context) -> Message:
     Without weights in the message (FedDF's first round) the client trains its own model from its
     warm-up budget; with them, the weights replace its model and the optimizer starts afresh.
     """
-    settings, pid, data, student = open_round(msg, context)
-    arrays = msg.content.array_records.get(ARRAYS)
-    if arrays:
-        student.model.load_state_dict(finite_state(arrays))
-        student.reset_optimizer(settings)
+    timer = PhaseTimer()
+    with timer("restore"):
+        settings, pid, data, student = open_round(msg, context)
+        arrays = msg.content.array_records.get(ARRAYS)
+        if arrays:
+            student.model.load_state_dict(finite_state(arrays))
+            student.reset_optimizer(settings)
     budget = settings.train.local_budget(first_round=not arrays and student.rounds_done == 0)
-    loss = revisit(
-        student.model, student.optimizer, data.x, data.y, batch_size=settings.train.batch_size,
-        gen=round_generator(settings.seed, pid, round_of(msg)), **budget,
-    )
+    with timer("revisit"):
+        loss = revisit(
+            student.model, student.optimizer, data.x, data.y,
+            batch_size=settings.train.batch_size,
+            gen=round_generator(settings.seed, pid, round_of(msg)), **budget,
+        )
     student.rounds_done += 1
-    student.save(context)
+    with timer("save"):
+        student.save(context)
+    metrics = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.x), TRAIN_LOSS: loss}
+    if settings.train.profile:
+        metrics.update(timer.metrics())
     content = RecordDict({
         ARRAYS: ArrayRecord(student.model.state_dict()),
-        METRICS: MetricRecord({PARTITION_ID: pid, NUM_EXAMPLES: len(data.x), TRAIN_LOSS: loss}),
+        METRICS: MetricRecord(metrics),
     })
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the received global weights on the common test set."""
-    _, pid, data, student = open_round(msg, context)
-    student.model.load_state_dict(finite_state(msg.content[ARRAYS]))
-    acc, loss = evaluate(student.model, data.test_x, data.test_y)
-    metrics = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.test_y), TEST_ACCURACY: acc,
-               TEST_LOSS: loss}
+    """Evaluate the received global weights on the test set (and the own-label chunk)."""
+    timer = PhaseTimer()
+    with timer("restore"):
+        settings, pid, data, student = open_round(msg, context)
+        student.model.load_state_dict(finite_state(msg.content[ARRAYS]))
+    with timer("evaluate"):
+        metrics = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.test_y),
+                   **test_metrics(student.model, data, settings, round_of(msg))}
+    if settings.train.profile:
+        metrics.update(timer.metrics())
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

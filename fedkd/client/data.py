@@ -18,6 +18,7 @@ from flwr.app import Context
 from fedkd.client.node import NodeConfig
 from fedkd.settings import ClientSettings
 from fedkd.data import fingerprint, load_client, load_public, load_test
+from fedkd.data.cache import load_own_test
 
 
 class PublicSetMismatch(ValueError):
@@ -33,6 +34,8 @@ class ClientData:
     public_x: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    own_test: torch.Tensor | None = None
+    """Indices of this client's own-label test chunk (simulation), or None."""
 
 
 @lru_cache(maxsize=8)
@@ -53,6 +56,12 @@ def _private(cache_dir: str, partition_id: int) -> tuple[torch.Tensor, torch.Ten
     return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
 
 
+@lru_cache(maxsize=64)
+def _own_test(cache_dir: str, partition_id: int) -> torch.Tensor | None:
+    idx = load_own_test(cache_dir, partition_id)
+    return None if idx is None else torch.from_numpy(idx.astype(np.int64))
+
+
 def partition_id_of(context: Context) -> int:
     """The node's partition id (simulation sets it; deployment passes it as node config)."""
     return NodeConfig.from_context(context).partition_id
@@ -68,7 +77,8 @@ def client_data(context: Context, settings: ClientSettings) -> ClientData:
         public_x, digest = _public(cache_dir)
         x, y = _private(cache_dir, node.partition_id)
         test_x, test_y = _test(cache_dir)
-        data = ClientData(x=x, y=y, public_x=public_x, test_x=test_x, test_y=test_y), digest
+        data = ClientData(x=x, y=y, public_x=public_x, test_x=test_x, test_y=test_y,
+                          own_test=_own_test(cache_dir, node.partition_id)), digest
     check_public(data[1], str(settings.data["public_fingerprint"]))
     return data[0]
 

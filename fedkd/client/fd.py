@@ -26,12 +26,12 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from fedkd.client.round import eval_due, open_round, round_of
-from fedkd.training import evaluate, predict_logits, private_batches, round_generator
+from fedkd.client.round import open_round, round_of, test_metrics
+from fedkd.training import predict_logits, private_batches, round_generator
 from fedkd.losses import CELoss, KDLoss, WeightedSum, distill_loss
 from fedkd.protocol import (
-    CLASS_COUNTS, CLASS_LOGITS, LOGITS, METRICS, NUM_EXAMPLES, PARTITION_ID, TARGETS, TEST_ACCURACY,
-    TEST_LOSS, TRAIN_LOSS, TRANSFER,
+    CLASS_COUNTS, CLASS_LOGITS, LOGITS, METRICS, NUM_EXAMPLES, PARTITION_ID, TARGETS, TRAIN_LOSS,
+    TRANSFER,
 )
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,7 @@ def fd_round(msg: Message, context: Context) -> Message:
     )
     student.rounds_done += 1
     class_logits, class_counts = class_mean_logits(student.model, data.x, data.y, num_classes)
-    if eval_due(settings, server_round):
-        metrics[TEST_ACCURACY], metrics[TEST_LOSS] = evaluate(
-            student.model, data.test_x, data.test_y)
+    metrics.update(test_metrics(student.model, data, settings, server_round))
     student.save(context)
     log.debug("client %d round %d: %s", pid, server_round, metrics)
     content = RecordDict({

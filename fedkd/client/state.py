@@ -19,7 +19,7 @@ from torch import nn
 
 from fedkd.client import checkpoint
 from fedkd.models import build_model
-from fedkd.optim import build_optimizer
+from fedkd.optim import base_lr, build_optimizer, scheduled_lr, set_lr
 from fedkd.settings import ClientSettings
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,19 @@ class Student:
             student.rounds_done = saved.rounds_done
             log.info("partition %d: student (%s) resumed from checkpoint %s after %d rounds",
                      partition_id, arch, saved.path, saved.rounds_done)
+        student.schedule(settings)
         return student
+
+    def schedule(self, settings: ClientSettings) -> None:
+        """Set this round's learning rate (`fedkd.settings.TrainSettings.lr_decay`)."""
+        train = settings.train
+        set_lr(self.optimizer, scheduled_lr(base_lr(train.optimizer), train.lr_decay,
+                                            self.rounds_done))
 
     def reset_optimizer(self, settings: ClientSettings) -> None:
         """Start the optimizer afresh (parameter exchange: the weights were just replaced)."""
         self.optimizer = new_optimizer(settings, self.model)
+        self.schedule(settings)
 
     def save(self, context: Context) -> None:
         """Write the model, the optimizer state and the counters to `context.state` (and, on a

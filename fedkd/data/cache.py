@@ -94,6 +94,12 @@ def load_client(cache_dir: str | Path, partition_id: int) -> tuple[np.ndarray, n
     return data["x"], data["y"]
 
 
+def load_own_test(cache_dir: str | Path, partition_id: int) -> np.ndarray | None:
+    """Indices into the test set of a client's own-label chunk (`fedkd.data.limits`), if any."""
+    data = _load(Path(cache_dir) / f"client_{partition_id}.npz")
+    return data.get("own_test")
+
+
 def load_private_pool(cache_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """All clients' private rows concatenated in client order (centralised baseline)."""
     num_clients = len(read_meta(Path(cache_dir)).client_sizes)

@@ -50,7 +50,8 @@ def make_partitioner(
     _check_counts(num_partitions, num_samples)
     _check_alpha(node.get("alpha"))
     _check_classes_per_partition(node.get("num_classes_per_partition"), num_classes)
-    _check_min_size(node.get("min_partition_size"), num_partitions, num_samples)
+    min_size = node.get("min_partition_size", _default_argument(node, "min_partition_size"))
+    _check_min_size(min_size, num_partitions, num_samples)
     node.pop("num_partitions", None)
     if seed is not None and _accepts_seed(node):
         if node.get("seed", seed) != seed:
@@ -84,7 +85,8 @@ def partition_indices(
                 for i in range(num_partitions)
             ]
         except Exception as err:
-            raise ConfigError(f"partition: {name} failed on {len(labels)} rows: {err}") from err
+            message = _explain_failure(partitioner, num_partitions, len(labels), err)
+            raise ConfigError(message) from err
     for warning in caught:
         log.warning("%s: %s", name, warning.message)
     empty = [i for i, part in enumerate(parts) if len(part) == 0]
@@ -149,10 +151,50 @@ def _check_min_size(min_size: Any, num_partitions: int, num_samples: int) -> Non
     if not _is_int(min_size) or min_size < 0:
         raise ConfigError(f"partition.partitioner.min_partition_size must be an int >= 0, got {min_size!r}")
     if min_size * num_partitions > num_samples:
-        raise ConfigError(
-            f"partition.partitioner.min_partition_size={min_size} x num_clients={num_partitions} exceeds "
-            f"the {num_samples} private samples"
-        )
+        raise ConfigError(_too_few_rows(num_partitions, int(min_size), num_samples))
+
+
+def _too_few_rows(num_partitions: int, min_size: int, num_samples: int) -> str:
+    """Why a partition cannot give every client ``min_size`` rows: there are too few in all."""
+    return (
+        f"partition: {num_partitions} clients x min_partition_size={min_size} needs "
+        f"{num_partitions * min_size} private rows, but only {num_samples} private rows remain "
+        f"after the test and public rows; use fewer clients (num_clients), a smaller "
+        f"partition.partitioner.min_partition_size, a smaller dataset.public_size or more data"
+    )
+
+
+def _draws_failed(num_partitions: int, min_size: int, num_samples: int, alpha: Any,
+                  self_balancing: bool) -> str:
+    """Why a Dirichlet partition failed although the rows suffice in total."""
+    balance = "" if self_balancing else ", partition.partitioner.self_balancing=true"
+    return (
+        f"partition: {num_partitions} clients x min_partition_size={min_size} needs "
+        f"{num_partitions * min_size} of the {num_samples} private rows "
+        f"({num_samples / num_partitions:.1f} per client on average): enough in total, but "
+        f"every Dirichlet draw (alpha={alpha}) left a client with fewer; use a larger "
+        f"partition.partitioner.alpha{balance}, fewer clients (num_clients), a smaller "
+        f"partition.partitioner.min_partition_size or more data"
+    )
+
+
+def _explain_failure(partitioner: Any, num_partitions: int, num_samples: int, err: Exception) -> str:
+    """A one-line ConfigError message for a partitioner's failure on ``num_samples`` rows.
+
+    flwr-datasets' DirichletPartitioner gives up after repeated draws that leave a client under
+    ``min_partition_size`` rows and blames alpha; the counts tell whether rows are simply too
+    few. Its settings are private attributes (flwr-datasets 0.6), read only to explain.
+    """
+    name = type(partitioner).__name__
+    min_size = getattr(partitioner, "_min_partition_size", None)
+    if "max number of attempts" not in str(err) or not _is_int(min_size):
+        return f"partition: {name} failed on {num_samples} rows: {err}"
+    if min_size * num_partitions > num_samples:
+        return _too_few_rows(num_partitions, int(min_size), num_samples)
+    alphas = np.unique(np.asarray(getattr(partitioner, "_alpha", np.nan), dtype=float)).tolist()
+    alpha = alphas[0] if len(alphas) == 1 else alphas
+    balancing = bool(getattr(partitioner, "_self_balancing", False))
+    return _draws_failed(num_partitions, int(min_size), num_samples, alpha, balancing)
 
 
 def _is_int(value: Any) -> bool:
@@ -161,8 +203,17 @@ def _is_int(value: Any) -> bool:
 
 def _accepts_seed(node: Mapping[str, Any]) -> bool:
     """Whether the ``_target_`` callable takes a ``seed`` argument."""
-    if "seed" in node:
-        return True
+    return "seed" in node or "seed" in _parameters(node)
+
+
+def _default_argument(node: Mapping[str, Any], key: str) -> Any:
+    """The default of the ``_target_`` callable's argument ``key`` (None if it has none)."""
+    param = _parameters(node).get(key)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def _parameters(node: Mapping[str, Any]) -> Mapping[str, inspect.Parameter]:
+    """The ``_target_`` callable's parameters (empty if it has no signature)."""
     from hydra.utils import get_object
 
     try:
@@ -172,6 +223,6 @@ def _accepts_seed(node: Mapping[str, Any]) -> bool:
             f"partition.partitioner._target_='{node['_target_']}' cannot be imported: {err}"
         ) from err
     try:
-        return "seed" in inspect.signature(target).parameters
+        return inspect.signature(target).parameters
     except (TypeError, ValueError):
-        return False
+        return {}

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,14 @@ from fedkd.data.partition import (
     partition_hash,
     partition_indices,
 )
+from fedkd.data.limits import cap_partitions, check_limit, own_label_chunks, stratified_subset
 from fedkd.data.raw import RawData
 from fedkd.data.split import normalize, split_data
 from fedkd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when the cache layout or the preparation logic changes."""
 
 __all__ = [
@@ -130,10 +132,20 @@ def _build(
         raise ConfigError(f"dataset.source '{target}' must return RawData, got {type(raw)}")
     split = split_data(raw, dataset.get("test_fraction"), dataset.get("public_size"), seed)
     split = normalize(split, dataset.get("normalize", "none"))
+    max_private = check_limit(dataset.get("max_private_rows"), "max_private_rows")
+    max_client = check_limit(dataset.get("max_client_rows"), "max_client_rows")
+    if max_private is not None and len(split.private_y) > max_private:
+        keep = stratified_subset(split.private_y, max_private, seed + 2)
+        log.info("Private pool capped at %d of %d rows (dataset.max_private_rows)", len(keep),
+                 len(split.private_y))
+        split = replace(split, private_x=split.private_x[keep], private_y=split.private_y[keep],
+                        private_ids=split.private_ids[keep])
     partitioner = make_partitioner(
         partition, num_clients, len(split.private_y), seed=seed, num_classes=raw.num_classes
     )
     parts = partition_indices(split.private_y, partitioner, num_clients)
+    if max_client is not None:
+        parts = cap_partitions(parts, max_client, seed + 3)
     unassigned = len(split.private_y) - sum(len(p) for p in parts)
     if unassigned:
         log.warning("The partitioner left %d private rows unassigned", unassigned)
@@ -155,8 +167,10 @@ def _build(
         "public.npz": {"x": split.public_x},
         "test.npz": {"x": split.test_x, "y": split.test_y},
     }
+    chunks = own_label_chunks(split.test_y, np.array(info.class_histograms), seed + 4)
     for i, part in enumerate(parts):
-        arrays[f"client_{i}.npz"] = {"x": split.private_x[part], "y": split.private_y[part]}
+        arrays[f"client_{i}.npz"] = {"x": split.private_x[part], "y": split.private_y[part],
+                                     "own_test": chunks[i]}
     return info, arrays
 
 

@@ -86,7 +86,7 @@ def split_data(raw: RawData, test_fraction: float, public_size: int | float, see
 
 
 def normalize(split: Split, mode: str) -> Split:
-    """Normalise every set with scalar statistics of the public set.
+    """Normalise every set with statistics of the public set.
 
     The public set is the only data every node holds, so its statistics can be computed
     anywhere without leaking private data.
@@ -94,7 +94,10 @@ def normalize(split: Split, mode: str) -> Split:
     Parameters
     ----------
     mode : str
-        ``none``, ``minmax`` (public min/max to [0, 1]) or ``standard`` (public mean/std).
+        One of `NORMALIZE_MODES`: ``none``, ``minmax`` (public min/max to [0, 1]) and
+        ``standard`` (public mean/std) use one scalar shift and scale for all features;
+        ``columns`` standardises each feature (column) on its own; ``auto`` is ``columns`` for
+        rank-1 inputs (feature vectors, table rows) and ``standard`` for images and signals.
     """
     apply = normalizer(split.public_x, mode)
     return replace(
@@ -106,17 +109,18 @@ def normalize(split: Split, mode: str) -> Split:
 
 
 def normalizer(public_x: np.ndarray, mode: str) -> Callable[[np.ndarray], np.ndarray]:
-    """``x -> float32((x - shift) / scale)`` with scalar statistics of the public set.
+    """``x -> float32((x - shift) / scale)`` with statistics of the public set ``[N, *shape]``.
 
-    A deployed node computes the same function from its own copy of the public set.
+    ``shift`` and ``scale`` are scalars, or arrays of one example's shape (``columns``). A
+    deployed node computes the same function from its own copy of the public set.
     """
     stats = _NORMALIZERS.get(mode)
     if stats is None:
         raise ConfigError(
-            f"dataset.normalize='{mode}' is unknown; allowed: {', '.join(_NORMALIZERS)}"
+            f"dataset.normalize='{mode}' is unknown; allowed: {', '.join(NORMALIZE_MODES)}"
         )
     shift, scale = stats(public_x)
-    log.info("Normalisation '%s' from the public set: shift=%.4g scale=%.4g", mode, shift, scale)
+    _log_stats(mode, shift, scale)
 
     def apply(x: np.ndarray) -> np.ndarray:
         return ((x - shift) / scale).astype(np.float32)
@@ -124,24 +128,57 @@ def normalizer(public_x: np.ndarray, mode: str) -> Callable[[np.ndarray], np.nda
     return apply
 
 
-def _no_stats(x: np.ndarray) -> tuple[float, float]:
+Stats = tuple[float | np.ndarray, float | np.ndarray]
+"""(shift, scale): scalars, or float64 arrays shaped like one example."""
+
+
+def _no_stats(x: np.ndarray) -> Stats:
     return 0.0, 1.0
 
 
-def _minmax_stats(x: np.ndarray) -> tuple[float, float]:
+def _minmax_stats(x: np.ndarray) -> Stats:
     low, high = float(x.min()), float(x.max())
     return low, (high - low) or 1.0
 
 
-def _standard_stats(x: np.ndarray) -> tuple[float, float]:
+def _standard_stats(x: np.ndarray) -> Stats:
     return float(x.mean()), float(x.std()) or 1.0
 
 
-_NORMALIZERS: dict[str, Callable[[np.ndarray], tuple[float, float]]] = {
+def _column_stats(x: np.ndarray) -> Stats:
+    """Mean and std of every feature over the rows (float64); a constant feature gets scale 1."""
+    wide = np.asarray(x, dtype=np.float64)
+    constant = wide.max(axis=0) == wide.min(axis=0)  # std 0, whatever the rounding of the mean
+    if constant.any():
+        log.info("%d feature(s) constant on the public set: shifted, scale left at 1",
+                 int(constant.sum()))
+    return wide.mean(axis=0), np.where(constant, 1.0, wide.std(axis=0))
+
+
+def _auto_stats(x: np.ndarray) -> Stats:
+    """Per-column statistics for rank-1 inputs (tables), one scalar mean/std otherwise."""
+    return _column_stats(x) if x.ndim == 2 else _standard_stats(x)
+
+
+_NORMALIZERS: dict[str, Callable[[np.ndarray], Stats]] = {
     "none": _no_stats,
     "minmax": _minmax_stats,
     "standard": _standard_stats,
+    "columns": _column_stats,
+    "auto": _auto_stats,
 }
+NORMALIZE_MODES = tuple(_NORMALIZERS)
+"""Allowed values of ``dataset.normalize``."""
+
+
+def _log_stats(mode: str, shift: float | np.ndarray, scale: float | np.ndarray) -> None:
+    if np.ndim(shift) == 0:
+        log.info("Normalisation '%s' from the public set: shift=%.4g scale=%.4g",
+                 mode, shift, scale)
+        return
+    log.info("Normalisation '%s' from the public set, per feature (%d): shift in [%.4g, %.4g], "
+             "scale in [%.4g, %.4g]", mode, np.size(shift), np.min(shift), np.max(shift),
+             np.min(scale), np.max(scale))
 
 
 def _check_fraction(value: object, key: str) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from fedkd.errors import ConfigError
 from fedkd.models._common import plain_mapping
 from fedkd.models.cnn import CNN1d, CNN2d
+from fedkd.models.fedgen import FedGenCNN
 from fedkd.models.mlp import MLP
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 ALLOWED_PREFIX = "fedkd.models."
 """Targets name a class under this package: specs may arrive over the network."""
 
-FAMILIES: tuple[type[nn.Module], ...] = (MLP, CNN2d, CNN1d)
+FAMILIES: tuple[type[nn.Module], ...] = (MLP, CNN2d, CNN1d, FedGenCNN)
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     **{f"{ALLOWED_PREFIX}{cls.__name__}": cls for cls in FAMILIES},
     **{f"{cls.__module__}.{cls.__name__}": cls for cls in FAMILIES},  # fedkd.models.mlp.MLP

@@ -18,7 +18,7 @@ from fedkd.records import transfer_record
 from tests.conftest import request
 
 ALLOWED_METRICS = {"partition-id", "num-examples", "train-loss", "digest-loss", "test-accuracy",
-                   "test-loss"}
+                   "test-loss", "test-accuracy-own"}
 
 
 def _context(pid: int) -> Context:
@@ -189,3 +189,32 @@ def test_non_finite_weights_are_refused(flower_ids, small_run):
     assert torch.isfinite(torch.cat([v.flatten().float() for v in
                                      ctx.state["fedkd.student"].to_torch_state_dict().values()
                                      ])).all()
+
+
+def test_class_counts_leave_only_when_the_run_shares_them(flower_ids, small_run):
+    settings, info = small_run.settings, small_run.data
+    rows = np.arange(info.num_public)
+    plain = client_app.distill(_msg(settings, 1, transfer_record(next_rows=rows), 2), _context(2))
+    assert list(plain.content["logits"].keys()) == ["logits"]
+    shared = dataclasses.replace(
+        settings, train=dataclasses.replace(settings.train, share_class_counts=True))
+    out = client_app.distill(_msg(shared, 1, transfer_record(next_rows=rows), 2), _context(2))
+    counts = out.content["logits"]["class_counts"].numpy()
+    assert counts.tolist() == list(info.class_histograms[2])
+
+
+def test_profiled_rounds_report_phase_times_and_own_label_accuracy(flower_ids, small_run):
+    settings, info = small_run.settings, small_run.data
+    profiled = dataclasses.replace(
+        settings, train=dataclasses.replace(settings.train, profile=True))
+    rows = np.arange(info.num_public)
+    metrics = client_app.distill(_msg(profiled, 1, transfer_record(next_rows=rows), 0),
+                                 _context(0)).content["metrics"]
+    phases = {k for k in metrics if k.startswith("time-")}
+    assert phases == {"time-restore-s", "time-revisit-s", "time-logits-s", "time-evaluate-s",
+                      "time-save-s"}
+    assert all(metrics[k] >= 0 for k in phases)
+    assert 0.0 <= metrics["test-accuracy-own"] <= 1.0
+    plain = client_app.distill(_msg(settings, 1, transfer_record(next_rows=rows), 0),
+                               _context(0)).content["metrics"]
+    assert not any(k.startswith("time-") for k in plain)

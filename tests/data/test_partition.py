@@ -99,13 +99,70 @@ def test_bad_partition_config_raises_config_error(case: str) -> None:
         make_partitioner(cfg, clients, 600, seed=0, num_classes=num_classes)
 
 
-def test_dirichlet_that_cannot_meet_min_size_is_a_config_error() -> None:
+def test_dirichlet_whose_draws_fail_with_enough_rows_says_so() -> None:
     labels = np.arange(100) % 10
     cfg = {**DIRICHLET, "alpha": 0.05, "min_partition_size": 9}
     partitioner = make_partitioner(cfg, 10, len(labels), seed=0)
 
-    with pytest.raises(ConfigError, match=r"DirichletPartitioner failed.*max number of attempts"):
+    with pytest.raises(ConfigError) as err:
         partition_indices(labels, partitioner, 10)
+
+    message = str(err.value)
+    assert message.startswith("partition: 10 clients x min_partition_size=9 needs 90 of the 100 "
+                              "private rows (10.0 per client on average): enough in total")
+    assert "alpha=0.05" in message and "larger partition.partitioner.alpha" in message
+    assert "partition.partitioner.self_balancing=true" in message and "\n" not in message
+
+
+def test_dirichlet_failure_with_self_balancing_does_not_suggest_it() -> None:
+    labels = np.arange(100) % 10
+    cfg = {**DIRICHLET, "alpha": 0.05, "min_partition_size": 9, "self_balancing": True}
+    partitioner = make_partitioner(cfg, 10, len(labels), seed=0)
+
+    with pytest.raises(ConfigError, match=r"enough in total") as err:
+        partition_indices(labels, partitioner, 10)
+
+    assert "self_balancing" not in str(err.value)
+
+
+def test_dirichlet_with_too_few_rows_names_clients_rows_and_min_size() -> None:
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    labels = np.arange(40) % 4  # built directly: make_partitioner would refuse it up front
+    partitioner = DirichletPartitioner(10, "label", alpha=0.5, min_partition_size=5, seed=0)
+
+    with pytest.raises(ConfigError) as err:
+        partition_indices(labels, partitioner, 10)
+
+    assert str(err.value) == (
+        "partition: 10 clients x min_partition_size=5 needs 50 private rows, but only 40 private "
+        "rows remain after the test and public rows; use fewer clients (num_clients), a smaller "
+        "partition.partitioner.min_partition_size, a smaller dataset.public_size or more data"
+    )
+
+
+def test_too_few_rows_is_caught_before_partitioning() -> None:
+    with pytest.raises(ConfigError, match=r"^partition: 10 clients x min_partition_size=5 needs 50 "
+                                          r"private rows, but only 40 private rows .*num_clients"):
+        make_partitioner(DIRICHLET, 10, 40, seed=0)
+
+
+def test_too_few_rows_for_the_partitioners_default_min_size() -> None:
+    cfg = {k: v for k, v in DIRICHLET.items() if k != "min_partition_size"}  # flwr default: 10
+
+    with pytest.raises(ConfigError, match=r"10 clients x min_partition_size=10 needs 100 .* 60 "):
+        make_partitioner(cfg, 10, 60, seed=0)
+
+
+def test_other_partitioner_failures_keep_their_own_message() -> None:
+    class _Broken:
+        dataset = None
+
+        def load_partition(self, partition_id: int):
+            raise ValueError("something else")
+
+    with pytest.raises(ConfigError, match=r"^partition: _Broken failed on 4 rows: something else$"):
+        partition_indices(np.array([0, 1, 0, 1]), _Broken(), 2)
 
 
 class _EmptyLastPartitioner:

@@ -8,13 +8,14 @@ from torch import nn
 
 from fedkd.errors import ConfigError
 from fedkd.models import CNN1d, CNN2d, MLP, count_parameters
+from fedkd.models.fedgen import FedGenCNN
 
 DIGITS, FLAT, SIGNAL = (1, 8, 8), (64,), (1, 40)
 
 
 @pytest.mark.parametrize(
     ("family", "shape"),
-    [(MLP, DIGITS), (MLP, FLAT), (MLP, SIGNAL), (CNN2d, DIGITS), (CNN2d, (8, 8)), (CNN1d, SIGNAL), (CNN1d, (40,))],
+    [(FedGenCNN, (28, 28)), (FedGenCNN, (1, 28, 28)), (MLP, DIGITS), (MLP, FLAT), (MLP, SIGNAL), (CNN2d, DIGITS), (CNN2d, (8, 8)), (CNN1d, SIGNAL), (CNN1d, (40,))],
 )
 def test_output_shape(family: type[nn.Module], shape: tuple[int, ...]) -> None:
     # Prepare
@@ -35,6 +36,8 @@ def test_output_shape(family: type[nn.Module], shape: tuple[int, ...]) -> None:
 #   MLP [64] on 1x40:      40*64+64=2624, 650                                                       -> 3274
 #   MLP [] on 64 inputs (logistic regression): 64*10+10                                             -> 650
 #   CNN1d (16,32) k=5 on 1x40: conv 1*16*5+16=96, bn 32, conv 16*32*5+32=2592, bn 64, head 330    -> 3114
+#   FedGenCNN on 28x28 (stride 2: 28 -> 14 -> 7): conv 6*9+6=60, bn 12, conv 16*6*9+16=880, bn 32,
+#     Linear 784*32+32=25120, Linear 32*10+10=330 (FedGen's MNIST network)                        -> 26434
 @pytest.mark.parametrize(
     ("model", "expected"),
     [
@@ -47,6 +50,8 @@ def test_output_shape(family: type[nn.Module], shape: tuple[int, ...]) -> None:
         (lambda: MLP(SIGNAL, 10, hidden=(64,)), 3274),
         (lambda: MLP(FLAT, 10, hidden=()), 650),
         (lambda: CNN1d(SIGNAL, 10, channels=(16, 32), kernel_size=5), 3114),
+        (lambda: FedGenCNN((28, 28), 10), 26434),
+        (lambda: FedGenCNN((1, 28, 28), 10), 26434),
     ],
 )
 def test_parameter_counts(model, expected: int) -> None:

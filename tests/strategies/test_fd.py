@@ -25,7 +25,8 @@ from tests.conftest import SMALL, reply, request
 from tests.helpers import FakeGrid
 from tests.helpers import bound
 
-ALLOWED_METRICS = {"partition-id", "num-examples", "train-loss", "test-accuracy", "test-loss"}
+ALLOWED_METRICS = {"partition-id", "num-examples", "train-loss", "test-accuracy", "test-loss",
+                   "test-accuracy-own"}
 
 
 # --- factories -------------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""The FedGen paper's MNIST network (Zhu et al. 2021, github.com/zhuangdizhu/FedGen).
+
+Two stride-2 convolutions with BatchNorm and ReLU, then two Linear layers: 26,434 parameters on
+28x28 MNIST. It is the model of the FedGen Table 1 setting (``+experiment=fedgen_mnist``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fedkd.models._common import as_shape, check_num_classes, positive_ints
+
+
+def _strided(size: int) -> int:
+    """Side after a 3x3 convolution with stride 2 and padding 1."""
+    return (size - 1) // 2 + 1
+
+
+class FedGenCNN(nn.Module):
+    """Conv(3x3, stride 2) + BN + ReLU per channel width, flatten, Linear -> Linear.
+
+    As in FedGen's ``Net``, the two Linear layers have no activation between them (a linear
+    bottleneck of width `hidden`).
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(C, H, W)``, or ``(H, W)`` for single-channel images (a channel axis is added).
+    num_classes : int
+        Number of output logits.
+    channels : sequence of int
+        Output channels of each stride-2 conv block; FedGen uses ``(6, 16)``.
+    hidden : int
+        Width of the hidden Linear layer; FedGen uses 32.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (6, 16),
+        hidden: int = 32,
+    ) -> None:
+        super().__init__()
+        shape = as_shape(input_shape, "FedGenCNN", (2, 3), "(C, H, W) or (H, W)")
+        classes = check_num_classes(num_classes, "FedGenCNN")
+        widths = positive_ints(channels, "FedGenCNN", "channels")
+        (width,) = positive_ints([hidden], "FedGenCNN", "hidden")
+        self.add_channel = len(shape) == 2
+        in_channels, spatial = (1, shape) if self.add_channel else (shape[0], shape[1:])
+        layers: list[nn.Module] = []
+        for out in widths:
+            layers += [nn.Conv2d(in_channels, out, 3, stride=2, padding=1), nn.BatchNorm2d(out),
+                       nn.ReLU()]
+            in_channels, spatial = out, tuple(_strided(s) for s in spatial)
+        flat = in_channels * math.prod(spatial)
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(flat, width), nn.Linear(width, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, num_classes]`` for a batch ``[N, *input_shape]``."""
+        if self.add_channel:
+            x = x.unsqueeze(1)
+        return self.head(self.features(x))
