@@ -65,7 +65,7 @@ class Recorder:
             "num_rounds": int(cfg.num_rounds),
             "seed": int(cfg.seed),
             **describe(run),  # partition, partition_seed (none with dataset=nodes), archs, ...
-            "client_sizes": list(run.data.client_sizes),
+            "own_test_sizes": own_test_sizes(run.data),
         }
         return cls(out_dir, run.archs, info)
 
@@ -138,7 +138,7 @@ class Recorder:
         self.record(server_round, WIRE, "elapsed_s", elapsed)
         text = (f"accuracy mean {np.mean(acc):.3f} min {np.min(acc):.3f} max {np.max(acc):.3f}"
                 if acc else "")
-        own = own_accuracy_rounds(self.frame(), self.info.get("client_sizes")).get(server_round)
+        own = own_accuracy_rounds(self.frame(), self.info.get("own_test_sizes")).get(server_round)
         if own is not None:
             text += f"{' | ' if text else ''}own-label {own:.3f}"
         log.info("round %d/%d | replies %d/%d%s | %s | %.1f s", server_round,
@@ -172,7 +172,7 @@ class Recorder:
             error = self.first_error or "failed without an error message"
         final = self.final_accuracies()
         values = list(final.values())
-        own = own_accuracy_rounds(self.frame(), self.info.get("client_sizes"))
+        own = own_accuracy_rounds(self.frame(), self.info.get("own_test_sizes"))
         by_arch: dict[str, list[float]] = {}
         by_role: dict[str, list[float]] = {}
         roles = self.info.get("roles") or ["student"] * len(self.archs)
@@ -210,11 +210,22 @@ class Recorder:
         return summary
 
 
-def own_accuracy_rounds(frame: pd.DataFrame, sizes: list[int] | None) -> dict[int, float]:
-    """Round -> own-label accuracy of the clients evaluated in it, weighted by their data size.
+def own_test_sizes(data: Any) -> list[int] | None:
+    """Rows of each client's own-label test chunk in the prepared data (None without chunks)."""
+    from fedkd.data.cache import load_own_test
 
-    FedGen's per-round metric: correct predictions over all evaluated users' own-label test
-    chunks, whose sizes follow the users' data sizes. Unweighted without `sizes`.
+    try:
+        chunks = [load_own_test(data.cache_dir, i) for i in range(len(data.client_sizes))]
+    except (OSError, ValueError):  # deployment: the nodes hold the data
+        return None
+    return None if any(c is None for c in chunks) else [len(c) for c in chunks]
+
+
+def own_accuracy_rounds(frame: pd.DataFrame, sizes: list[int] | None) -> dict[int, float]:
+    """Round -> own-label accuracy of the clients evaluated in it, weighted by their chunk size.
+
+    FedGen's per-round metric: correct predictions over the evaluated users' own-label test
+    chunks (`sizes`: rows per client's chunk). Unweighted without `sizes`.
     """
     rows = frame[frame["metric"] == OWN]
     out: dict[int, float] = {}

@@ -67,12 +67,12 @@ def test_fedgen_preset_matches_the_paper_setting(tmp_path, mnist_like):
     assert cfg.strategy.flower.fraction_train == 0.5
     assert (cfg.distill.local_steps, cfg.distill.batch_size) == (20, 32)
     assert OmegaConf.to_container(cfg.distill.optimizer) == {"_target_": "torch.optim.SGD",
-                                                             "lr": 0.01}
+                                                             "lr": 0.01, "momentum": 0.9}
     assert cfg.distill.lr_decay == 0.99
     assert cfg.partition.partitioner.alpha == 0.1
     assert cfg.partition.partitioner.min_partition_size == 10
-    assert (cfg.dataset.public_size, cfg.dataset.max_private_rows,
-            cfg.dataset.max_client_rows) == (1000, 15000, 1500)
+    assert (cfg.dataset.public_size, cfg.dataset.max_class_rows) == (1000, 1500)
+    assert cfg.partition.partitioner.max_partition_size == 1500
     assert list(cfg.model.cycle) == ["fedgen_cnn"]
     assert cfg.model.archs.fedgen_cnn._target_ == "fedkd.models.FedGenCNN"
 
@@ -90,7 +90,8 @@ def test_fedgen_preset_on_mnist_caps_and_chunks_as_the_paper(tmp_path, alpha):
                           f"partition.partitioner.alpha={alpha}"])
     prepared = prepare_run(cfg)
     sizes = prepared.data.client_sizes
-    assert len(sizes) == 20 and min(sizes) >= 10 and max(sizes) <= 1500 and sum(sizes) <= 15000
+    assert len(sizes) == 20 and min(sizes) >= 10 and sum(sizes) == 15000
+    assert all(n == 1500 for n in np.sum(prepared.data.class_histograms, axis=0))
     assert prepared.data.num_public == 1000 and prepared.data.num_test == 10000
     assert prepared.param_counts == {"fedgen_cnn": 26434}
     from fedkd.data import load_test

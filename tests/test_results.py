@@ -91,7 +91,7 @@ def test_own_label_accuracy_is_size_weighted_and_top5_is_the_mean_of_the_best_ro
     assert own_accuracy_rounds(frame, None)[1] == pytest.approx(0.65)
     assert top_k_mean([0.1, 0.9, 0.5, 0.7, 0.3, 0.8], 5) == pytest.approx(0.64)
     assert top_k_mean([0.4, 0.6], 5) == pytest.approx(0.5)
-    rec = Recorder(tmp_path, ["cnn", "cnn"], {**INFO, "client_sizes": [100, 300]})
+    rec = Recorder(tmp_path, ["cnn", "cnn"], {**INFO, "own_test_sizes": [100, 300]})
     rec.rows = [tuple(r) for r in rows]
     summary = rec.finish()
     assert summary["final_own_accuracy"] == pytest.approx(0.925)

@@ -1,8 +1,7 @@
-"""Row limits of a prepared data set and each client's own-label test chunk (pure functions).
+"""A per-class cap on the private pool, and each client's own-label test chunk (pure functions).
 
-Papers often cap the private pool and each client's share (FedGen: 15,000 MNIST images, at most
-1,500 per user), and evaluate each user on a chunk of the test set that follows its own label
-distribution. These functions do both, deterministically from a seed.
+FedGen keeps 1,500 MNIST images per label and evaluates each user on a chunk of the test set
+holding only the user's labels. These functions do both, deterministically from a seed.
 """
 
 from __future__ import annotations
@@ -21,41 +20,24 @@ def check_limit(value: object, key: str) -> int | None:
     return int(value)
 
 
-def stratified_subset(labels: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
-    """Sorted indices of at most `max_rows` rows, each class keeping its share (largest remainder).
+def per_class_subset(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices keeping at most `max_per_class` rows of each class, drawn at random (seeded).
 
-    All rows when there are no more than `max_rows`.
+    FedGen keeps 1,500 MNIST training images per label (15,000 in all).
     """
     labels = np.asarray(labels)
-    if len(labels) <= max_rows:
-        return np.arange(len(labels))
     rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * max_rows / len(labels)
-    take = np.floor(quota).astype(int)
-    extra = np.argsort(-(quota - take), kind="stable")[: max_rows - take.sum()]
-    take[extra] += 1
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
-    return np.sort(np.concatenate(chosen))
-
-
-def cap_partitions(parts: list[np.ndarray], max_rows: int, seed: int) -> list[np.ndarray]:
-    """Each partition reduced to at most `max_rows` of its rows, drawn at random (seeded)."""
-    out = []
-    for i, part in enumerate(parts):
-        if len(part) > max_rows:
-            rng = np.random.default_rng([seed, i])
-            part = np.sort(rng.choice(part, size=max_rows, replace=False))
-        out.append(part)
-    return out
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:max_per_class]
+              for c in np.unique(labels)]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
 def own_label_chunks(test_y: np.ndarray, histograms: np.ndarray, seed: int) -> list[np.ndarray]:
-    """Disjoint test chunks, one per client, following each client's private label counts.
+    """Disjoint test chunks, one per client, holding only the labels the client trains on.
 
-    The test rows of class ``c`` are shuffled (seeded) and split among the clients in proportion
-    to how many rows of ``c`` each holds, as FedGen's data generator does: a client's chunk holds
-    only its own labels, in its own proportions.
+    FedGen's ``divide_test_data``: the test rows of class ``c`` are shuffled (seeded), and every
+    client holding at least one private row of ``c`` takes the next ``len(rows of c) // K`` of
+    them (``K`` clients). A chunk thus has equally many rows of each of its client's labels.
 
     Parameters
     ----------
@@ -71,10 +53,7 @@ def own_label_chunks(test_y: np.ndarray, histograms: np.ndarray, seed: int) -> l
     chunks: list[list[np.ndarray]] = [[] for _ in range(len(hist))]
     for c in range(hist.shape[1]):
         rows = rng.permutation(np.flatnonzero(np.asarray(test_y) == c))
-        total = hist[:, c].sum()
-        if total == 0 or len(rows) == 0:
-            continue
-        cuts = (np.cumsum(hist[:, c]) * len(rows) // total)[:-1]
-        for k, piece in enumerate(np.split(rows, cuts)):
-            chunks[k].append(piece)
+        share = len(rows) // max(len(hist), 1)
+        for i, k in enumerate(np.flatnonzero(hist[:, c] > 0)):
+            chunks[k].append(rows[i * share:(i + 1) * share])
     return [np.sort(np.concatenate(c)) if c else np.zeros(0, dtype=np.int64) for c in chunks]

@@ -35,7 +35,7 @@ from fedkd.data.partition import (
     partition_hash,
     partition_indices,
 )
-from fedkd.data.limits import cap_partitions, check_limit, own_label_chunks, stratified_subset
+from fedkd.data.limits import check_limit, own_label_chunks, per_class_subset
 from fedkd.data.raw import RawData
 from fedkd.data.split import normalize, split_data
 from fedkd.errors import ConfigError
@@ -132,20 +132,17 @@ def _build(
         raise ConfigError(f"dataset.source '{target}' must return RawData, got {type(raw)}")
     split = split_data(raw, dataset.get("test_fraction"), dataset.get("public_size"), seed)
     split = normalize(split, dataset.get("normalize", "none"))
-    max_private = check_limit(dataset.get("max_private_rows"), "max_private_rows")
-    max_client = check_limit(dataset.get("max_client_rows"), "max_client_rows")
-    if max_private is not None and len(split.private_y) > max_private:
-        keep = stratified_subset(split.private_y, max_private, seed + 2)
-        log.info("Private pool capped at %d of %d rows (dataset.max_private_rows)", len(keep),
-                 len(split.private_y))
+    max_class = check_limit(dataset.get("max_class_rows"), "max_class_rows")
+    if max_class is not None:
+        keep = per_class_subset(split.private_y, max_class, seed + 2)
+        log.info("Private pool capped at %d rows per class: %d of %d rows "
+                 "(dataset.max_class_rows)", max_class, len(keep), len(split.private_y))
         split = replace(split, private_x=split.private_x[keep], private_y=split.private_y[keep],
                         private_ids=split.private_ids[keep])
     partitioner = make_partitioner(
         partition, num_clients, len(split.private_y), seed=seed, num_classes=raw.num_classes
     )
     parts = partition_indices(split.private_y, partitioner, num_clients)
-    if max_client is not None:
-        parts = cap_partitions(parts, max_client, seed + 3)
     unassigned = len(split.private_y) - sum(len(p) for p in parts)
     if unassigned:
         log.warning("The partitioner left %d private rows unassigned", unassigned)
