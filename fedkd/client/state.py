@@ -9,7 +9,6 @@ empty.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from fedkd.settings import ClientSettings
 log = logging.getLogger(__name__)
 
 STUDENT, OPTIMIZER, PROGRESS = "fedkd.student", "fedkd.optimizer", "fedkd.progress"
+OPTIMIZER_EXTRA = "fedkd.optimizer-extra"
 
 
 @dataclass
@@ -38,24 +38,31 @@ class Student:
 
     @classmethod
     def restore(cls, context: Context, settings: ClientSettings, partition_id: int) -> Student:
-        """Rebuild the student from `context.state` or a checkpoint, or create it (seeded)."""
+        """Rebuild the student from `context.state` or a checkpoint, or create it (seeded).
+
+        A student kept in `context.state` is built without initialising its weights (on the meta
+        device) and takes the kept tensors as they are: a round's restore costs no init.
+        """
         arch, spec = settings.arch_of(partition_id)
-        data = settings.data
-        torch.manual_seed(settings.seed + partition_id)
-        model = build_model(spec, tuple(data["input_shape"]), int(data["num_classes"]))
-        student = cls(arch=arch, model=model, optimizer=new_optimizer(settings, model))
+        shape, classes = tuple(settings.data["input_shape"]), int(settings.data["num_classes"])
         state = context.state
         if STUDENT in state:
-            model.load_state_dict(state[STUDENT].to_torch_state_dict())
-            buffer = io.BytesIO(state[OPTIMIZER]["state"])
-            student.optimizer.load_state_dict(torch.load(buffer, weights_only=True))
+            with torch.device("meta"):
+                model = build_model(spec, shape, classes)
+            model.load_state_dict(state[STUDENT].to_torch_state_dict(), assign=True)
+            student = cls(arch=arch, model=model, optimizer=new_optimizer(settings, model))
+            load_optimizer_state(student.optimizer, state[OPTIMIZER], state[OPTIMIZER_EXTRA])
             student.rounds_done = int(state[PROGRESS]["rounds-done"])
-        elif (saved := checkpoint.load(context, arch)) is not None:
-            model.load_state_dict(saved.model)
-            student.optimizer.load_state_dict(saved.optimizer)
-            student.rounds_done = saved.rounds_done
-            log.info("partition %d: student (%s) resumed from checkpoint %s after %d rounds",
-                     partition_id, arch, saved.path, saved.rounds_done)
+        else:
+            torch.default_generator.manual_seed(settings.seed + partition_id)  # CPU init only
+            model = build_model(spec, shape, classes)
+            student = cls(arch=arch, model=model, optimizer=new_optimizer(settings, model))
+            if (saved := checkpoint.load(context, arch)) is not None:
+                model.load_state_dict(saved.model)
+                student.optimizer.load_state_dict(saved.optimizer)
+                student.rounds_done = saved.rounds_done
+                log.info("partition %d: student (%s) resumed from checkpoint %s after %d rounds",
+                         partition_id, arch, saved.path, saved.rounds_done)
         student.schedule(settings)
         return student
 
@@ -73,10 +80,8 @@ class Student:
     def save(self, context: Context) -> None:
         """Write the model, the optimizer state and the counters to `context.state` (and, on a
         deployed node, to its checkpoint)."""
-        buffer = io.BytesIO()
-        torch.save(self.optimizer.state_dict(), buffer)
         context.state[STUDENT] = ArrayRecord(self.model.state_dict())
-        context.state[OPTIMIZER] = ConfigRecord({"state": buffer.getvalue()})
+        context.state[OPTIMIZER], context.state[OPTIMIZER_EXTRA] = optimizer_state(self.optimizer)
         context.state[PROGRESS] = MetricRecord({"rounds-done": self.rounds_done})
         checkpoint.save(context, self.arch, self.model, self.optimizer, self.rounds_done)
 
@@ -84,3 +89,41 @@ class Student:
 def new_optimizer(settings: ClientSettings, model: nn.Module) -> torch.optim.Optimizer:
     """The configured (allowlisted, `fedkd.optim`) optimizer over the model's parameters."""
     return build_optimizer(settings.train.optimizer, model.parameters())
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[ArrayRecord, ConfigRecord]:
+    """The optimizer's per-parameter state as records: tensors (``<param>.<name>``) as arrays,
+    numbers and None (listed under ``none``) as config. Hyper-parameters are not kept: they come
+    from the settings every round."""
+    tensors, extra, nones = {}, {}, []
+    for index, values in optimizer.state_dict()["state"].items():
+        for name, value in values.items():
+            key = f"{index}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value
+            elif value is None:
+                nones.append(key)
+            else:
+                extra[key] = value
+    return ArrayRecord(tensors), ConfigRecord({**extra, "none": nones})
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, arrays: ArrayRecord,
+                         extra: ConfigRecord) -> None:
+    """Inverse of `optimizer_state` for an optimizer over the same parameters."""
+    state: dict[int, dict[str, object]] = {}
+
+    def put(key: str, value: object) -> None:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+
+    for key, value in arrays.to_torch_state_dict().items():
+        put(key, value)
+    for key, value in extra.items():
+        if key == "none":
+            for none_key in value:
+                put(none_key, None)
+        else:
+            put(key, value)
+    optimizer.load_state_dict({"state": state,
+                               "param_groups": optimizer.state_dict()["param_groups"]})
