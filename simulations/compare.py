@@ -2,7 +2,8 @@
 
 An *arm* is a set of runs with identical settings except the seed: the run's Hydra overrides
 (``.hydra/overrides.yaml``) minus ``seed=...``, or, without that file, its summary's
-``strategy, aggregator, dataset, partition, num_clients``. Failed runs are listed, not averaged.
+``strategy, aggregator, dataset, partition, num_clients``. Labels show file paths by their
+basename and leave out `SHARED_PATHS` that every run shares. Failed runs are listed, not averaged.
 Every compared arm must have used the same partition; a mismatch of partition hashes is flagged.
 """
 
@@ -22,15 +23,18 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from fedkd.simulations.compare_labels import override_labels
+
 log = logging.getLogger("fedkd.compare")
 
 FALLBACK = ("strategy", "aggregator", "dataset", "partition", "num_clients")
 FIELDS = (*FALLBACK, "num_rounds", "seed", "status", "error", "partition_hash",
-          "final_mean_accuracy", "final_min_accuracy", "bytes_up", "bytes_down", "wall_time_s")
+          "final_mean_accuracy", "final_min_accuracy", "top5_own_accuracy", "bytes_up",
+          "bytes_down", "wall_time_s")
 COLUMNS = ["arm", *FALLBACK, "num_rounds", "seeds", "failed", "final_acc_mean", "final_acc_std",
-           "worst_client_acc", "best_acc", "rounds_to_target", "seeds_reached", "bytes_up",
-           "bytes_down", "bytes_per_round", "epsilon", "wall_time_s", "partition_hash",
-           "partition_ok"]
+           "top5_own_mean", "top5_own_std", "worst_client_acc", "best_acc", "rounds_to_target",
+           "seeds_reached", "bytes_up", "bytes_down", "bytes_per_round", "epsilon", "wall_time_s",
+           "partition_hash", "partition_ok"]
 TOLERANCE = 1e-9  # rounds_to_target: float rounding, far below one test example
 _SEED = re.compile(r"^[+~]*seed=")
 
@@ -101,11 +105,11 @@ def _read(path: Path) -> Any:
         return None
 
 
-def _arm_overrides(overrides: Any) -> str | None:
+def _arm_overrides(overrides: Any) -> tuple[str, ...] | None:
     """The overrides that define the arm: sorted, without the seed; None without a list."""
     if not isinstance(overrides, list):
         return None
-    return " ".join(sorted(str(o) for o in overrides if not _SEED.match(str(o)))) or None
+    return tuple(sorted(str(o) for o in overrides if not _SEED.match(str(o)))) or None
 
 
 def arm_labels(runs: pd.DataFrame) -> pd.Series:
@@ -114,7 +118,8 @@ def arm_labels(runs: pd.DataFrame) -> pd.Series:
     keys = [k for k in FALLBACK if k == "strategy" or plain[k].nunique(dropna=False) > 1]
     fallback = plain.apply(lambda r: " ".join(f"{k}={r[k]}" for k in keys if pd.notna(r[k])),
                            axis=1)
-    return runs.overrides.fillna(fallback) if len(plain) else runs.overrides
+    labels = override_labels(runs.overrides)
+    return labels.fillna(fallback) if len(plain) else labels
 
 
 def per_round(metrics: pd.DataFrame | None) -> pd.DataFrame:
@@ -182,6 +187,8 @@ def arm_table(runs: pd.DataFrame, target: float = 0.9, sort_by: str = "final_acc
             "seeds": len(ok), "failed": len(group) - len(ok),
             "final_acc_mean": num["final_mean_accuracy"].mean(),
             "final_acc_std": num["final_mean_accuracy"].std(),
+            "top5_own_mean": num["top5_own_accuracy"].mean(),  # NaN: runs without own-label
+            "top5_own_std": num["top5_own_accuracy"].std(),  # test chunks (older runs)
             "worst_client_acc": num["final_min_accuracy"].min(),
             "best_acc": best.mean(),  # NaN-skipping means, over the seeds that have curves
             "rounds_to_target": hits.mean(), "seeds_reached": int(hits.notna().sum()),

@@ -120,6 +120,8 @@ def to_markdown(table: pd.DataFrame, header: str, warnings: Sequence[str] = (),
                 failed: Sequence[str] = (), keys: Sequence[str] = ()) -> str:
     """The table as Markdown: ``0.919 ± 0.004``, ``1,710,800`` bytes, WARNING lines first.
 
+    Accuracies without a value (``top-5 own-label`` of runs without own-label chunks) are ``-``.
+
     `keys` are the config columns shown after the arm (`fedkd.simulations.compare.FALLBACK`).
 
     `failed` lines (the failed runs) follow the table.
@@ -131,14 +133,14 @@ def to_markdown(table: pd.DataFrame, header: str, warnings: Sequence[str] = (),
         return "" if pd.isna(x) else format(x, fmt)
 
     lines = [f"**WARNING: partition mismatch: {w}**\n" for w in warnings] + [header, ""]
-    head = ["arm", *keys, "seeds", "failed", "final accuracy", "worst client", "best",
-            "rounds to target (seeds)", "bytes up", "bytes down", "bytes / round", "epsilon",
-            "wall s", "partition hash", "partition ok"]
+    head = ["arm", *keys, "seeds", "failed", "final accuracy", "top-5 own-label", "worst client",
+            "best", "rounds to target (seeds)", "bytes up", "bytes down", "bytes / round",
+            "epsilon", "wall s", "partition hash", "partition ok"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.itertuples():
         cells = [r.arm, *(num(getattr(r, k), "") for k in keys), r.seeds, r.failed,
-                 acc(r.final_acc_mean, r.final_acc_std), num(r.worst_client_acc, ".3f"),
-                 num(r.best_acc, ".3f"),
+                 acc(r.final_acc_mean, r.final_acc_std), acc(r.top5_own_mean, r.top5_own_std),
+                 num(r.worst_client_acc, ".3f"), num(r.best_acc, ".3f"),
                  f"{num(r.rounds_to_target, '.1f') or '-'} ({r.seeds_reached}/{r.seeds})",
                  num(r.bytes_up), num(r.bytes_down), num(r.bytes_per_round), num(r.epsilon, ".3g"),
                  num(r.wall_time_s, ".1f"), r.partition_hash, "yes" if r.partition_ok else "**NO**"]

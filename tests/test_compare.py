@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedkd.simulations.compare import (arm_table, check_partitions, compare, final_epsilon, load_runs,
-                                 main, rounds_to_target)
+from fedkd.simulations.compare import (COLUMNS, arm_table, check_partitions, compare, final_epsilon,
+                                      load_runs, main, rounds_to_target)
+from fedkd.simulations.compare_labels import override_labels, short_override
 
 UP, DOWN = 100, 300  # bytes per round
 # seed -> per-round client accuracies (3 rounds, 2 clients); round means:
@@ -27,8 +28,13 @@ CURVES = {
 
 def make_run(root: Path, seed: int, strategy: str = "fedmd", curve: list[list[float]] | None = None,
              *, status: str = "ok", partition_hash: str = "h1", overrides: bool = True,
-             epsilon_rows: list[float] | None = None, **summary: object) -> Path:
-    """A run folder as `fedkd-sim -m` leaves it: summary.json, metrics.parquet, overrides."""
+             epsilon_rows: list[float] | None = None, extra_overrides: tuple[str, ...] = (),
+             **summary: object) -> Path:
+    """A run folder as `fedkd-sim -m` leaves it: summary.json, metrics.parquet, overrides.
+
+    `extra_overrides` follow the strategy, seed and partition seed in ``overrides.yaml``;
+    `summary` adds or replaces summary keys (``top5_own_accuracy=0.8``).
+    """
     run_dir = root / f"seed={seed},strategy={strategy}"
     (run_dir / ".hydra").mkdir(parents=True)
     curve = CURVES[seed] if curve is None else curve
@@ -50,8 +56,8 @@ def make_run(root: Path, seed: int, strategy: str = "fedmd", curve: list[list[fl
         "bytes_up": UP * len(curve), "bytes_down": DOWN * len(curve), "wall_time_s": 10.0 + seed,
         **summary}))
     if overrides:
-        (run_dir / ".hydra" / "overrides.yaml").write_text(
-            f"- strategy={strategy}\n- seed={seed}\n- partition_seed=7\n")
+        lines = [f"strategy={strategy}", f"seed={seed}", "partition_seed=7", *extra_overrides]
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in lines))
     return run_dir
 
 
@@ -216,3 +222,91 @@ def test_cli_without_runs_exits_2_naming_the_path(tmp_path):
     done = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     assert str(tmp_path) in done.stderr and "no runs" in done.stderr
+
+
+def test_top5_own_accuracy_over_seeds_nan_for_runs_without_it(tmp_path):
+    for seed, top5 in zip(CURVES, (0.8, 0.9, 0.85)):
+        make_run(tmp_path, seed, final_own_accuracy=top5 - 0.01, top5_own_accuracy=top5)
+    make_run(tmp_path, 0, "local", [[0.5, 0.5]] * 3)  # an older run: no such keys
+    make_run(tmp_path, 1, "local", [[0.5, 0.5]] * 3, top5_own_accuracy=None)  # no chunks
+    table = arm_table(load_runs(tmp_path))
+
+    fedmd = row(table, "fedmd")
+    assert fedmd.top5_own_mean == pytest.approx(0.85)
+    assert fedmd.top5_own_std == pytest.approx(np.std([0.8, 0.9, 0.85], ddof=1))
+    local = row(table, "local")
+    assert math.isnan(local.top5_own_mean) and math.isnan(local.top5_own_std)
+    assert local.final_acc_mean == pytest.approx(0.5)  # the rest of the row is unchanged
+    assert COLUMNS.index("top5_own_mean") == COLUMNS.index("final_acc_std") + 1
+    by_top5 = arm_table(load_runs(tmp_path), sort_by="top5_own_mean", ascending=True)
+    assert list(by_top5.strategy) == ["fedmd", "local"]  # NaN last
+
+    paths = compare(tmp_path)
+    csv = pd.read_csv(paths["comparison.csv"]).set_index("strategy")
+    assert csv.loc["fedmd", "top5_own_mean"] == pytest.approx(0.85)
+    assert math.isnan(csv.loc["local", "top5_own_std"])
+    markdown = paths["comparison.md"].read_text()
+    assert "| final accuracy | top-5 own-label |" in markdown
+    assert "| 0.850 ± 0.050 |" in markdown and "| 0.500 ± 0.000 | - |" in markdown
+
+
+def test_short_override_shows_file_paths_by_basename():
+    assert short_override("dataset.path=/long/path/mnist_train.npz") == \
+        "dataset.path=mnist_train.npz"
+    assert short_override("+dataset.test_path='/a b/mnist_test.npz'") == \
+        "+dataset.test_path=mnist_test.npz"
+    assert short_override("paths.data_dir=data/mnist") == "paths.data_dir=mnist"  # key: a path
+    assert short_override("out=./runs/a") == "out=a"  # the value says path
+    assert short_override("model=cnn/small") == "model=cnn/small"  # a config-group choice
+    assert short_override("dataset.path=mnist.npz") == "dataset.path=mnist.npz"
+    assert short_override("strategy=fedmd") == "strategy=fedmd"
+
+
+def test_override_labels_leave_out_shared_data_paths_and_stay_distinct():
+    train, test = "dataset.path=/a/mnist_train.npz", "dataset.test_path=/a/mnist_test.npz"
+    labels = override_labels(pd.Series([(train, test, "s=1"), (train, test, "s=2")]))
+    assert list(labels) == ["s=1", "s=2"]
+    with_plain = override_labels(pd.Series([(train, test, "s=1"), None]))  # None: no overrides
+    assert with_plain[0] == "dataset.path=mnist_train.npz dataset.test_path=mnist_test.npz s=1"
+    assert pd.isna(with_plain[1])  # a run without overrides does not share them: kept
+
+    one = override_labels(pd.Series([(train, test), (train, test)]))  # nothing else: kept
+    assert list(one) == ["dataset.path=mnist_train.npz dataset.test_path=mnist_test.npz"] * 2
+
+    partly = override_labels(pd.Series([(train, test, "s=1"), (test, "s=1")]))  # not in all
+    assert list(partly) == ["dataset.path=mnist_train.npz s=1", "s=1"]
+
+    same_name = "dataset.path=/b/mnist_train.npz"  # another folder, the same file name
+    clash = override_labels(pd.Series([(train, "s=1"), (same_name, "s=1"), ("s=2",)]))
+    assert list(clash) == [f"{train} s=1", f"{same_name} s=1", "s=2"]
+
+
+def test_arms_on_shared_data_files_are_labelled_without_paths(tmp_path):
+    data = ("+experiment=fedgen_mnist", "dataset.path=/long/path/mnist_train.npz",
+            "dataset.test_path=/long/path/mnist_test.npz")
+    make_run(tmp_path, 0, "fedmd", extra_overrides=data)
+    make_run(tmp_path, 1, "fedmd", extra_overrides=data)
+    make_run(tmp_path, 0, "local", extra_overrides=data)
+    table = arm_table(load_runs(tmp_path))
+    assert dict(zip(table.arm, table.seeds)) == {
+        "+experiment=fedgen_mnist partition_seed=7 strategy=fedmd": 2,
+        "+experiment=fedgen_mnist partition_seed=7 strategy=local": 1}
+    assert "/long/path" not in compare(tmp_path)["comparison.md"].read_text()
+
+
+def test_runs_on_different_data_files_stay_different_arms(tmp_path):
+    test = "dataset.test_path=/data/mnist_test.npz"
+    for seed in (0, 1):
+        make_run(tmp_path / "a", seed, extra_overrides=("dataset.path=/a/mnist_train.npz", test))
+    make_run(tmp_path / "b", 0, extra_overrides=("dataset.path=/b/fmnist_train.npz", test))
+    table = arm_table(load_runs(tmp_path))
+    assert dict(zip(table.arm, table.seeds)) == {
+        "dataset.path=mnist_train.npz partition_seed=7 strategy=fedmd": 2,
+        "dataset.path=fmnist_train.npz partition_seed=7 strategy=fedmd": 1}
+
+    make_run(tmp_path / "c", 0, extra_overrides=("dataset.path=/c/mnist_train.npz", test))
+    table = arm_table(load_runs(tmp_path))  # two files named mnist_train.npz: full paths
+    assert sorted(zip(table.arm, table.seeds)) == [
+        ("dataset.path=/a/mnist_train.npz partition_seed=7 strategy=fedmd", 2),
+        ("dataset.path=/c/mnist_train.npz partition_seed=7 strategy=fedmd", 1),
+        ("dataset.path=fmnist_train.npz partition_seed=7 strategy=fedmd", 1)]
