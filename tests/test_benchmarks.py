@@ -96,3 +96,22 @@ def test_accuracy_history_matches_the_plain_loop_shape() -> None:
 def test_last_accuracies_take_each_clients_last_report_under_partial_participation() -> None:
     history = {1: {0: 0.5, 1: 0.6}, 2: {1: 0.7, 2: 0.4}, 3: {0: 0.8}}  # round -> client -> acc
     assert svp.last_accuracies(history) == {0: 0.8, 1: 0.7, 2: 0.4}
+
+
+def test_phase_totals_sum_each_phase_over_clients_and_rounds() -> None:
+    frame = pd.DataFrame(
+        [(1, 0, "m", "time-digest-s", 0.5), (1, 1, "m", "time-digest-s", 0.25),
+         (2, 0, "m", "time-restore-s", 0.125), (2, 0, "m", "test-accuracy", 0.9)],
+        columns=["round", "client", "model", "metric", "value"])
+    totals = svp.phase_totals(frame)
+    assert totals == {"restore": 0.125, "digest": 0.75, "revisit": 0.0, "logits": 0.0,
+                      "evaluate": 0.0, "save": 0.0}
+
+
+def test_phase_table_splits_the_wall_time() -> None:
+    phases = {p: 1.0 for p in ("restore", "digest", "revisit", "logits", "evaluate", "save")}
+    r = {"phases": {"plain": {**phases, "restore": 0.0, "save": 0.0}, "simulation": phases},
+         "workers": 2, "plain_wall_s": 5.0, "sim_wall_s": 10.0}
+    lines = "\n".join(svp.phase_table(r))
+    assert "sum" in lines and "4.00" in lines and "6.00" in lines
+    assert "outside           1.00        7.00" in lines  # 5 - 4; 10 - 6 / 2
