@@ -91,13 +91,16 @@ def run_plain(
             model, opt, x, y, own = clients[pid]
             gen = round_generator(s.seed, pid, rnd)
             set_lr(opt, scheduled_lr(base_lr(t.optimizer), t.lr_decay, rounds_done[pid]))
-            if soft is not None and s.role_of(pid) == "student":  # teachers are never taught
+            digested = soft is not None and s.role_of(pid) == "student"  # teachers: never taught
+            if digested:
                 with timer("digest"):
                     digest(model, opt, target_x, soft, x, y, loss=loss, epochs=t.digest_epochs,
                            batch_size=t.batch_size, gen=gen)
-            with timer("revisit"):
-                revisit(model, opt, x, y, batch_size=t.batch_size, gen=gen,
-                        **t.local_budget(first_round=rounds_done[pid] == 0))
+            first = rounds_done[pid] == 0
+            if t.revisits(first_round=first, digested=digested):
+                with timer("revisit"):
+                    revisit(model, opt, x, y, batch_size=t.batch_size, gen=gen,
+                            **t.local_budget(first_round=first))
             rounds_done[pid] += 1
             if next_rows is not None:
                 with timer("logits"):

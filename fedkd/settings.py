@@ -41,6 +41,11 @@ class TrainSettings:
     """Epochs on the private data in a client's first round."""
     digest_epochs: int = 3
     """Epochs over the received soft targets ("digest")."""
+    revisit: bool = True
+    """A KD client revisits its private data after digesting (FedMD). False: once soft targets
+    arrive, private data enters only through the digest's CE term (weight 1 - alpha), so a
+    label-skewed client does not drift back to its own labels before it answers and is tested.
+    Parameter-exchange clients (FedAvg) always train their local budget."""
     temperature: float = 3.0
     """Softmax temperature of the soft targets and the KD loss."""
     alpha: float = 0.8
@@ -56,6 +61,10 @@ class TrainSettings:
     as `fedkd.aggregation.class_weighted` need them; it reveals each client's label histogram)."""
     profile: bool = False
     """Report each round's per-phase wall times (``time-<phase>-s`` metrics, `fedkd.timing`)."""
+
+    def revisits(self, first_round: bool, digested: bool) -> bool:
+        """Whether a KD client trains on its private data after this round's digest."""
+        return self.revisit or first_round or not digested
 
     def local_budget(self, first_round: bool) -> dict[str, int | None]:
         """`revisit` keyword arguments for a client's first round (warm-up) or a later one."""
@@ -74,7 +83,7 @@ class TrainSettings:
             raise ConfigError(f"distill.alpha must be a number in [0, 1], got {self.alpha!r}")
         if not (_is_number(self.temperature) and self.temperature > 0):
             raise ConfigError(f"distill.temperature must be a number > 0, got {self.temperature!r}")
-        for name in ("profile", "share_class_counts"):
+        for name in ("profile", "share_class_counts", "revisit"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"distill.{name} must be true or false, got "
                                   f"{getattr(self, name)!r}")

@@ -8,17 +8,20 @@ speak for it.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from fedkd.aggregation.core import TeacherMeta, as_soft_targets, check_logits, softmax
-from fedkd.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
-def class_counts_of(meta: TeacherMeta | None, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """``meta.class_counts`` as float64 ``[K, C]`` for logits of `shape` ``[K, N, C]``."""
+def class_counts_of(meta: TeacherMeta | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``meta.class_counts`` as float64 ``[K, C]`` for logits of `shape` ``[K, N, C]``, checked;
+    None when the teachers sent none."""
     if meta is None or meta.class_counts is None:
-        raise ConfigError(f"aggregator {name!r} needs the teachers' class counts: choose it with "
-                          f"aggregator={name} (it sets distill.share_class_counts=true)")
+        return None
     counts = np.asarray(meta.class_counts, dtype=np.float64)
     if counts.shape != (shape[0], shape[2]):
         raise ValueError(f"class counts {counts.shape} must be [K={shape[0]}, C={shape[2]}]")
@@ -32,10 +35,17 @@ def class_weighted(logits: np.ndarray, meta: TeacherMeta | None = None, *,
     """Column ``c`` is the mean of ``p_k[c]`` weighted by ``n[k, c]``; rows renormalised.
 
     ``q[c] ∝ sum_k n[k, c] p_k[c] / sum_k n[k, c]`` with ``p_k = softmax(logits_k / T)``. A class
-    no teacher holds gets the plain mean of ``p_k[c]``.
+    no teacher holds gets the plain mean of ``p_k[c]``. Without class counts (a strategy whose
+    clients send none, such as FedDF, whose teachers are uploaded models) every class is weighted
+    by the teachers' data sizes (`weighted`), with a warning.
     """
     array = check_logits(logits, meta)
-    counts = class_counts_of(meta, array.shape, "class_weighted")
+    counts = class_counts_of(meta, array.shape)
+    if counts is None:
+        log.warning("class_weighted: the teachers sent no class counts; weighting them by data "
+                    "size instead")
+        sizes = np.ones(array.shape[0]) if meta is None else np.asarray(meta.num_examples, float)
+        counts = np.repeat(sizes[:, None], array.shape[2], axis=1)
     held = counts.sum(axis=0) > 0
     weights = np.where(held, counts, 1.0)  # [K, C]
     probs = softmax(array, temperature)  # [K, N, C]

@@ -57,11 +57,13 @@ def distill(msg: Message, context: Context) -> Message:
                 loss=distill_loss(train.alpha, train.temperature), epochs=train.digest_epochs,
                 batch_size=train.batch_size, gen=gen,
             )
-    with timer("revisit"):
-        metrics[TRAIN_LOSS] = revisit(
-            student.model, student.optimizer, data.x, data.y, batch_size=train.batch_size,
-            gen=gen, **train.local_budget(first_round=student.rounds_done == 0),
-        )
+    first = student.rounds_done == 0
+    if train.revisits(first_round=first, digested=DIGEST_LOSS in metrics):
+        with timer("revisit"):
+            metrics[TRAIN_LOSS] = revisit(
+                student.model, student.optimizer, data.x, data.y, batch_size=train.batch_size,
+                gen=gen, **train.local_budget(first_round=first),
+            )
     student.rounds_done += 1
 
     content = RecordDict()

@@ -218,3 +218,20 @@ def test_profiled_rounds_report_phase_times_and_own_label_accuracy(flower_ids, s
     plain = client_app.distill(_msg(settings, 1, transfer_record(next_rows=rows), 0),
                                _context(0)).content["metrics"]
     assert not any(k.startswith("time-") for k in plain)
+
+
+def test_without_revisit_a_digesting_client_trains_on_private_rows_only_in_the_digest(
+        flower_ids, small_run):
+    settings, info = small_run.settings, small_run.data
+    no_revisit = dataclasses.replace(
+        settings, train=dataclasses.replace(settings.train, revisit=False))
+    rows = np.arange(info.num_public)
+    ctx = _context(1)
+    first = client_app.distill(_msg(no_revisit, 1, transfer_record(next_rows=rows), 1), ctx)
+    assert "train-loss" in first.content["metrics"]  # the warm-up always trains privately
+    soft = np.full((len(rows), info.num_classes), 1.0 / info.num_classes, dtype=np.float32)
+    second = client_app.distill(_msg(no_revisit, 2, transfer_record(soft, rows, rows), 1), ctx)
+    assert "digest-loss" in second.content["metrics"]
+    assert "train-loss" not in second.content["metrics"]
+    third = client_app.distill(_msg(no_revisit, 3, transfer_record(next_rows=rows), 1), ctx)
+    assert "train-loss" in third.content["metrics"]  # nothing to digest: the revisit runs
