@@ -156,3 +156,25 @@ def test_bad_dataset_config(tmp_path: Path, case: str) -> None:
 def test_too_many_clients_names_the_private_count(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"num_clients=900 exceeds the 857 private samples"):
         prepare_data(DIGITS_CFG, IID, 900, 0, tmp_path)
+
+
+def test_each_client_gets_an_own_label_test_chunk(prepared: DataInfo) -> None:
+    from fedkd.data.cache import load_own_test
+
+    _, test_y = load_test(prepared.cache_dir)
+    chunks = [load_own_test(prepared.cache_dir, i) for i in range(len(prepared.client_sizes))]
+    flat = np.concatenate(chunks)
+    assert len(flat) == len(set(flat.tolist()))  # disjoint
+    for hist, chunk in zip(prepared.class_histograms, chunks):
+        held = {c for c, n in enumerate(hist) if n}
+        counts = np.bincount(test_y[chunk], minlength=len(hist))
+        assert {c for c, n in enumerate(counts) if n} == held
+        assert all(counts[c] == (test_y == c).sum() // 5 for c in held)
+
+
+def test_max_class_rows_caps_the_private_pool_per_label(tmp_path: Path) -> None:
+    info = prepare_data({**DIGITS_CFG, "max_class_rows": 50}, IID, 5, 0, tmp_path)
+    assert sum(info.client_sizes) == 500
+    assert np.sum(info.class_histograms, axis=0).tolist() == [50] * 10
+    with pytest.raises(ConfigError, match="dataset.max_class_rows must be an int >= 1 or null"):
+        prepare_data({**DIGITS_CFG, "max_class_rows": 0}, IID, 5, 0, tmp_path / "x")
