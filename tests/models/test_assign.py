@@ -70,8 +70,8 @@ def test_bad_num_clients_raises() -> None:
 @pytest.mark.parametrize(
     ("preset", "input_shape", "expected"),
     [
-        ("hetero", (1, 8, 8), [("cnn_small", 1466), ("mlp", 4810), ("cnn_small", 1466)]),
-        ("cnn", (1, 8, 8), [("cnn_small", 1466)] * 3),
+        ("hetero", (1, 8, 8), [("cnn_small", 1946), ("mlp", 4810), ("cnn_small", 1946)]),
+        ("cnn", (1, 8, 8), [("cnn_small", 1946)] * 3),
         ("mlp", (1, 8, 8), [("mlp", 4810)] * 3),
         ("hetero1d", (1, 40), [("cnn1d", 3114), ("mlp", 3274), ("cnn1d", 3114)]),
     ],

@@ -71,7 +71,7 @@ def test_digits_auto_is_hetero_to_the_letter() -> None:
     specs = resolve_model(preset("auto"), (1, 8, 8), 10)["archs"]
 
     assert names == ["cnn_small", "mlp", "cnn_small", "mlp"]
-    assert specs["cnn_small"] == {"_target_": "fedkd.models.CNN2d", "channels": [8, 16]}
+    assert specs["cnn_small"] == {"_target_": "fedkd.models.CNN2d", "channels": [8, 16], "head_pool": 2}
     assert specs["mlp"] == {"_target_": "fedkd.models.MLP", "hidden": [64]}
 
 
