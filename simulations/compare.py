@@ -203,31 +203,45 @@ def arm_table(runs: pd.DataFrame, target: float = 0.9, sort_by: str = "final_acc
                              kind="stable").reset_index(drop=True)
 
 
-def check_partitions(table: pd.DataFrame) -> tuple[pd.Series, list[str]]:
-    """Whether each arm used the partition most arms used (one hash), and what is wrong.
+DATA_KEYS = ("partition", "dataset", "num_clients", "partition_seed")
+"""Override keys (and their sub-keys) that change the data split: arms differing in them are
+expected to use different partitions."""
 
-    An arm is not ok when its seeds disagree, its hash is missing, or it differs from the most
-    common hash over arms (with a tie, no arm is ok). Arms with the same dataset, partition and
-    number of clients but different hashes get their own warning: the split did not reproduce.
+
+def data_setting(arm: str) -> str:
+    """The part of an arm label (its overrides) that changes the data split."""
+    tokens = [t for t in str(arm).split()
+              if t.partition("=")[0].lstrip("+~").split(".")[0] in DATA_KEYS]
+    return " ".join(sorted(tokens))
+
+
+def check_partitions(table: pd.DataFrame) -> tuple[pd.Series, list[str]]:
+    """Whether each arm used the partition of the arms with its data setting, and what is wrong.
+
+    Arms are compared within groups of equal data setting (dataset, partition, number of
+    clients and the overrides of `DATA_KEYS`, e.g. a sweep over ``partition.partitioner.alpha``
+    forms one group per alpha). An arm is not ok when its seeds disagree, its hash is missing, or
+    it differs from the most common hash of its group (with a tie, no arm of the group is ok).
     """
     warnings = []
     single = table.partition_hash.where(~table.partition_hash.str.contains(",") &
                                         (table.partition_hash != ""))
     for arm in table.arm[single.isna()]:
         warnings.append(f"arm '{arm}': seeds used different or unknown partitions")
-    counts = Counter(single.dropna()).most_common()
-    tie = len(counts) > 1 and counts[0][1] == counts[1][1]
-    reference = None if not counts or tie else counts[0][0]
-    if len(counts) > 1:
-        warnings.append(f"arms used {len(counts)} different partitions: " +
-                        "; ".join(f"{h} ({', '.join(table.arm[single == h])})" for h, _ in counts))
-    for key, group in table.assign(h=single).groupby(["dataset", "partition", "num_clients"],
-                                                     dropna=False):
-        if group.h.nunique() > 1:
-            hashes = sorted(group.h.dropna().unique())
-            warnings.append(f"same dataset/partition/num_clients {key} but different partition "
-                            f"hashes {hashes}: the split did not reproduce")
-    return (single == reference) if reference else pd.Series(False, index=table.index), warnings
+    ok = pd.Series(False, index=table.index)
+    groups = table.assign(h=single, data=table.arm.map(data_setting)).groupby(
+        ["dataset", "partition", "num_clients", "data"], dropna=False)
+    for key, group in groups:
+        counts = Counter(group.h.dropna()).most_common()
+        tie = len(counts) > 1 and counts[0][1] == counts[1][1]
+        if counts and not tie:
+            ok[group.index] = group.h == counts[0][0]
+        if len(counts) > 1:
+            warnings.append(
+                f"same data setting {key} but {len(counts)} different partitions: " +
+                "; ".join(f"{h} ({', '.join(group.arm[group.h == h])})" for h, _ in counts) +
+                ": the split did not reproduce")
+    return ok, warnings
 
 
 # --- writing ------------------------------------------------------------------------------

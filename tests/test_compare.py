@@ -310,3 +310,19 @@ def test_runs_on_different_data_files_stay_different_arms(tmp_path):
         ("dataset.path=/a/mnist_train.npz partition_seed=7 strategy=fedmd", 2),
         ("dataset.path=/c/mnist_train.npz partition_seed=7 strategy=fedmd", 1),
         ("dataset.path=fmnist_train.npz partition_seed=7 strategy=fedmd", 1)]
+
+
+def test_a_sweep_over_the_partition_compares_hashes_per_data_setting(tmp_path):
+    for alpha, digest in (("0.1", "h1"), ("1", "h2")):
+        for strategy in ("fedmd", "fedavg"):
+            make_run(tmp_path / alpha, 0, strategy, partition_hash=digest,
+                     extra_overrides=(f"partition.partitioner.alpha={alpha}",))
+    table = arm_table(load_runs(tmp_path))
+    ok, warnings = check_partitions(table)
+    assert ok.all() and warnings == []
+    make_run(tmp_path / "again", 1, "local", partition_hash="h3",
+             extra_overrides=("partition.partitioner.alpha=1",))
+    table = arm_table(load_runs(tmp_path))
+    ok, warnings = check_partitions(table)
+    assert not ok[table.strategy == "local"].any()
+    assert len(warnings) == 1 and "alpha=1" in warnings[0] and "did not reproduce" in warnings[0]
