@@ -27,7 +27,7 @@ from fedkd.generators.base import models_query
 from fedkd.losses import distill_loss
 from fedkd.models import build_model
 from fedkd.protocol import rows_to_inputs
-from fedkd.optim import base_lr, scheduled_lr, set_lr
+from fedkd.optim import schedule_lr
 from fedkd.sampling import sample_partitions
 from fedkd.server import PreparedRun
 from fedkd.timing import PhaseTimer
@@ -90,7 +90,7 @@ def run_plain(
         for pid in sampled:
             model, opt, x, y, own = clients[pid]
             gen = round_generator(s.seed, pid, rnd)
-            set_lr(opt, scheduled_lr(base_lr(t.optimizer), t.lr_decay, rounds_done[pid]))
+            schedule_lr(opt, t.lr_decay, rounds_done[pid])
             digested = soft is not None and s.role_of(pid) == "student"  # teachers: never taught
             if digested:
                 with timer("digest"):

@@ -131,19 +131,15 @@ def build_optimizer(spec: Mapping[str, Any], params: Iterable[torch.nn.Parameter
     return getattr(torch.optim, name)(params, **kwargs)
 
 
-def base_lr(spec: Mapping[str, Any]) -> float:
-    """The learning rate a spec sets, or its optimizer's default."""
-    name, kwargs = check_optimizer(spec)
-    return float(kwargs.get("lr", _arguments(name).get("lr", 1e-3)))
-
-
 def scheduled_lr(lr: float, decay: float, rounds_done: int) -> float:
     """``lr * decay**rounds_done``: the rate of a client's round after `rounds_done` earlier ones
     (a per-client ``torch.optim.lr_scheduler.ExponentialLR(gamma=decay)`` stepped once a round)."""
     return float(lr * decay ** rounds_done)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+def schedule_lr(optimizer: torch.optim.Optimizer, decay: float, rounds_done: int) -> None:
+    """Set every parameter group to `scheduled_lr` of the optimizer's configured rate (its
+    ``defaults["lr"]``: the spec's ``lr`` or the class default)."""
+    lr = scheduled_lr(optimizer.defaults["lr"], decay, rounds_done)
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -11,7 +11,7 @@ from flwr.app import Context, RecordDict
 
 from fedkd.client.state import Student
 from fedkd.errors import ConfigError
-from fedkd.optim import base_lr, scheduled_lr
+from fedkd.optim import build_optimizer, schedule_lr, scheduled_lr
 from fedkd.settings import TrainSettings
 
 
@@ -25,9 +25,14 @@ def test_scheduled_lr_equals_torch_exponential_lr():
         sched.step()
 
 
-def test_base_lr_defaults_to_the_optimizers_own():
-    assert base_lr({"_target_": "torch.optim.SGD", "lr": 0.05}) == 0.05
-    assert base_lr({"_target_": "torch.optim.Adam"}) == 0.001
+def test_scheduled_rate_starts_from_the_spec_lr_or_the_optimizers_default():
+    params = [torch.zeros(1, requires_grad=True)]
+    sgd = build_optimizer({"_target_": "torch.optim.SGD", "lr": 0.05}, params)
+    schedule_lr(sgd, 0.5, 0)
+    assert sgd.param_groups[0]["lr"] == 0.05
+    adam = build_optimizer({"_target_": "torch.optim.Adam"}, params)
+    schedule_lr(adam, 0.5, 2)
+    assert adam.param_groups[0]["lr"] == pytest.approx(0.001 * 0.25)
 
 
 @pytest.mark.parametrize("decay", [0, -0.5, 1.5, True, float("nan")])

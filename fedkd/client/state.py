@@ -18,7 +18,7 @@ from torch import nn
 
 from fedkd.client import checkpoint
 from fedkd.models import build_model
-from fedkd.optim import base_lr, build_optimizer, scheduled_lr, set_lr
+from fedkd.optim import build_optimizer, schedule_lr
 from fedkd.settings import ClientSettings
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ class Student:
 
     def schedule(self, settings: ClientSettings) -> None:
         """Set this round's learning rate (`fedkd.settings.TrainSettings.lr_decay`)."""
-        train = settings.train
-        set_lr(self.optimizer, scheduled_lr(base_lr(train.optimizer), train.lr_decay,
-                                            self.rounds_done))
+        schedule_lr(self.optimizer, settings.train.lr_decay, self.rounds_done)
 
     def reset_optimizer(self, settings: ClientSettings) -> None:
         """Start the optimizer afresh (parameter exchange: the weights were just replaced)."""
