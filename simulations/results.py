@@ -20,14 +20,13 @@ import numpy as np
 import pandas as pd
 from flwr.app import Message
 
-from fedkd.protocol import PHASES, phase_key
+from fedkd.protocol import OWN_ACCURACY, PHASES, phase_key
 from fedkd.wire import WireStats
 
 log = logging.getLogger("fedkd.progress")
 
-RECORDED = ("test-accuracy", "test-loss", "test-accuracy-own", "train-loss", "digest-loss",
+RECORDED = ("test-accuracy", "test-loss", OWN_ACCURACY, "train-loss", "digest-loss",
             "compute-s", *(phase_key(p) for p in PHASES))
-OWN = "test-accuracy-own"
 TOP_K = 5  # FedGen reports the mean of the top 5 rounds
 NODE = "node"  # deployed nodes report their arch and role (fedkd.client.report)
 COLUMNS = ["round", "client", "model", "metric", "value"]
@@ -111,7 +110,7 @@ class Recorder:
             for key in RECORDED:
                 if key in metrics:
                     self.record(server_round, client, key, float(metrics[key]))
-            got_accuracy |= "test-accuracy" in metrics or OWN in metrics
+            got_accuracy |= "test-accuracy" in metrics or OWN_ACCURACY in metrics
         if got_accuracy:
             self.end_round(server_round)
 
@@ -138,12 +137,14 @@ class Recorder:
         self.record(server_round, WIRE, "elapsed_s", elapsed)
         text = (f"accuracy mean {np.mean(acc):.3f} min {np.min(acc):.3f} max {np.max(acc):.3f}"
                 if acc else "")
-        own = own_accuracy_rounds(self.frame(), self.info.get("own_test_sizes")).get(server_round)
+        frame = self.frame()
+        own = own_accuracy_rounds(frame[frame["round"] == server_round],
+                                  self.info.get("own_test_sizes")).get(server_round)
         if own is not None:
             text += f"{' | ' if text else ''}own-label {own:.3f}"
         log.info("round %d/%d | replies %d/%d%s | %s | %.1f s", server_round,
                  self.info["num_rounds"], ok, asked, err, text, elapsed)
-        write_parquet(self.frame(), self.out_dir / "metrics.parquet")
+        write_parquet(frame, self.out_dir / "metrics.parquet")
 
     # --- reporting ------------------------------------------------------------------------
     def frame(self) -> pd.DataFrame:
@@ -227,7 +228,7 @@ def own_accuracy_rounds(frame: pd.DataFrame, sizes: list[int] | None) -> dict[in
     FedGen's per-round metric: correct predictions over the evaluated users' own-label test
     chunks (`sizes`: rows per client's chunk). Unweighted without `sizes`.
     """
-    rows = frame[frame["metric"] == OWN]
+    rows = frame[frame["metric"] == OWN_ACCURACY]
     out: dict[int, float] = {}
     for server_round, group in rows.groupby("round"):
         clients = group["client"].to_numpy()
