@@ -1,7 +1,8 @@
 """The on-disk form of prepared data: :class:`DataInfo`, atomic writes and the loaders.
 
 A cache directory holds ``public.npz`` (inputs only: no public labels anywhere),
-``test.npz``, ``client_<i>.npz`` and ``meta.json`` (the :class:`DataInfo`).
+``test.npz``, ``client_<i>.npz``, ``own_test.npz`` (each client's own-label test chunk) and
+``meta.json`` (the :class:`DataInfo`).
 """
 
 from __future__ import annotations
@@ -94,10 +95,15 @@ def load_client(cache_dir: str | Path, partition_id: int) -> tuple[np.ndarray, n
     return data["x"], data["y"]
 
 
+OWN_TEST = "own_test.npz"
+"""The clients' own-label test chunks (`fedkd.data.limits`): ``client_<i>`` -> test row indices.
+A file of its own, so reading a chunk never loads a client's private rows."""
+
+
 def load_own_test(cache_dir: str | Path, partition_id: int) -> np.ndarray | None:
-    """Indices into the test set of a client's own-label chunk (`fedkd.data.limits`), if any."""
-    data = _load(Path(cache_dir) / f"client_{partition_id}.npz")
-    return data.get("own_test")
+    """Indices into the test set of a client's own-label chunk, if the cache has chunks."""
+    file = Path(cache_dir) / OWN_TEST
+    return load_npz(file).get(f"client_{partition_id}") if file.is_file() else None
 
 
 def load_private_pool(cache_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:

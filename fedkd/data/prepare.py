@@ -1,8 +1,9 @@
 """Entry point of the data layer: build (or reuse) the cached split and partition.
 
 The server calls :func:`prepare_data` once; it writes ``public.npz`` (inputs only, no labels),
-``test.npz``, ``client_<i>.npz`` and ``meta.json`` into a directory named by a hash of the
-config, so every process (and every compared run) reads exactly the same rows.
+``test.npz``, ``client_<i>.npz``, ``own_test.npz`` (the own-label test chunks) and
+``meta.json`` into a directory named by a hash of the config, so every process (and every
+compared run) reads exactly the same rows.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from fedkd.data._config import instantiate, require_target, to_plain
 from fedkd.data.cache import (
     META,
+    OWN_TEST,
     DataInfo,
     fingerprint,
     load_client,
@@ -42,7 +44,7 @@ from fedkd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bump when the cache layout or the preparation logic changes."""
 
 __all__ = [
@@ -165,9 +167,9 @@ def _build(
         "test.npz": {"x": split.test_x, "y": split.test_y},
     }
     chunks = own_label_chunks(split.test_y, np.array(info.class_histograms), seed + 4)
+    arrays[OWN_TEST] = {f"client_{i}": chunk for i, chunk in enumerate(chunks)}
     for i, part in enumerate(parts):
-        arrays[f"client_{i}.npz"] = {"x": split.private_x[part], "y": split.private_y[part],
-                                     "own_test": chunks[i]}
+        arrays[f"client_{i}.npz"] = {"x": split.private_x[part], "y": split.private_y[part]}
     return info, arrays
 
 

@@ -39,7 +39,8 @@ def test_cache_holds_no_public_labels(prepared: DataInfo) -> None:
     with np.load(cache / "public.npz") as public:
         assert public.files == ["x"]
     assert sorted(p.name for p in cache.iterdir()) == sorted(
-        ["meta.json", "public.npz", "test.npz"] + [f"client_{i}.npz" for i in range(5)]
+        ["meta.json", "own_test.npz", "public.npz", "test.npz"]
+        + [f"client_{i}.npz" for i in range(5)]
     )
     assert "public" not in json.loads((cache / "meta.json").read_text())["class_histograms"]
 
