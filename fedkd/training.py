@@ -126,6 +126,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return acc, loss
 
 
+def label_counts(y: torch.Tensor, num_classes: int) -> np.ndarray:
+    """int64 [C]: rows per class of the labels `y` (each in ``0..num_classes-1``)."""
+    return np.bincount(y.numpy(), minlength=num_classes)[:num_classes].astype(np.int64)
+
+
 @torch.no_grad()
 def own_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  own: torch.Tensor | None) -> float | None:

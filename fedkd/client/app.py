@@ -12,7 +12,6 @@ Only logits, weights (for parameter strategies) and metrics leave the client.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -29,7 +28,7 @@ from fedkd.protocol import (
 )
 from fedkd.records import finite_state, rows_from, soft_targets
 from fedkd.timing import PhaseTimer
-from fedkd.training import digest, predict_logits, revisit, round_generator
+from fedkd.training import digest, label_counts, predict_logits, revisit, round_generator
 
 app = ClientApp(mods=[report_mod])  # deployed nodes report arch, role, compute time
 app.train("fd")(fd_round)  # FD / FedDistill: per-class mean logits (fedkd.client.fd)
@@ -73,8 +72,7 @@ def distill(msg: Message, context: Context) -> Message:
             record = {LOGITS: Array(predict_logits(student.model, next_x))}
             if train.share_class_counts:
                 num_classes = int(settings.data["num_classes"])
-                record[CLASS_COUNTS] = Array(np.bincount(data.y.numpy(), minlength=num_classes)
-                                             [:num_classes].astype(np.int64))
+                record[CLASS_COUNTS] = Array(label_counts(data.y, num_classes))
             content[LOGITS] = ArrayRecord(record)
     with timer("evaluate"):
         metrics.update(test_metrics(student.model, data, settings, server_round))

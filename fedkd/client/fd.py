@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from torch import nn
 
 from fedkd.client.round import open_round, round_of, test_metrics
-from fedkd.training import predict_logits, private_batches, round_generator
+from fedkd.training import label_counts, predict_logits, private_batches, round_generator
 from fedkd.losses import CELoss, KDLoss, WeightedSum, distill_loss
 from fedkd.protocol import (
     CLASS_COUNTS, CLASS_LOGITS, LOGITS, METRICS, NUM_EXAMPLES, PARTITION_ID, TARGETS, TRAIN_LOSS,
@@ -50,7 +50,7 @@ def class_mean_logits(
     """
     logits = predict_logits(model, x).astype(np.float64)
     labels = y.numpy()
-    counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
+    counts = label_counts(y, num_classes)
     sums = np.zeros((num_classes, num_classes))
     np.add.at(sums, labels, logits)
     means = np.divide(sums, counts[:, None], out=np.zeros_like(sums), where=counts[:, None] > 0)
