@@ -48,7 +48,7 @@ class TrainSettings:
     Parameter-exchange clients (FedAvg) always train their local budget."""
     temperature: float = 3.0
     """Softmax temperature of the soft targets and the KD loss."""
-    alpha: float = 0.8
+    alpha: float = 0.5
     """Weight of the KD term while digesting; 1 - alpha weighs CE on private batches."""
     eval_every: int = 1
     """Evaluate the student on the test set every N rounds (and always in the last round)."""
