@@ -48,6 +48,8 @@ def train_pooled(
                 schedule.step()
             acc, test_loss = evaluate(model, test_x, test_y)
             accuracy.setdefault(arch, []).append(acc)
+            log.info("centralized %s: round %d/%d | accuracy %.3f | train loss %.4f", arch,
+                     server_round, settings.num_rounds, acc, loss)
             for client, name in enumerate(settings.assignment):
                 if name == arch:
                     recorder.record(server_round, client, "test-accuracy", acc)

@@ -14,8 +14,12 @@ def _cfg(tmp_path, *overrides):
     return compose_config([*SMALL, f"simulation.cache_dir={tmp_path / 'cache'}", *overrides])
 
 
-def test_centralized_pools_the_private_data_and_credits_each_client_its_arch(tmp_path):
-    summary = run(_cfg(tmp_path, "strategy=centralized"), tmp_path / "out")
+def test_centralized_pools_the_private_data_and_credits_each_client_its_arch(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="fedkd.simulations.centralized"):
+        summary = run(_cfg(tmp_path, "strategy=centralized"), tmp_path / "out")
+    progress = [r.getMessage() for r in caplog.records if "round" in r.getMessage()]
+    assert len(progress) == 2 * 3  # one line per round and architecture: long work shows progress
+    assert progress[0].startswith("centralized cnn_small: round 1/3 | accuracy ")
     assert summary["final_mean_accuracy"] > 0.85  # 15 epochs on ~860 pooled rows
     assert summary["bytes_up"] == summary["bytes_down"] == 0
     frame = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
