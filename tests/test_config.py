@@ -36,6 +36,7 @@ MODEL_DATASETS = {
     "auto": ["digits", "mnist1d"],  # the default: the families follow the input (tests/models/test_auto.py)
     "cnn": ["digits"],
     "hetero": ["digits"],
+    "hetero_cnn": ["digits"],
     "mlp": ["digits", "mnist1d"],
     "hetero1d": ["mnist1d"],
     "teachers": ["digits"],
@@ -157,7 +158,7 @@ def test_prepare_default(tmp_path: Path) -> None:
 
     _check_run(run, 10)
     assert run.data.num_classes == 10 and tuple(run.data.input_shape) == (1, 8, 8)
-    assert run.archs == ["cnn_small", "mlp"] * 5
+    assert run.archs == ["cnn_small", "cnn_deep"] * 5
     assert Path(run.data.cache_dir).is_relative_to(tmp_path / "cache")
 
 
@@ -190,7 +191,7 @@ def test_prepare_fedavg_gives_everyone_one_arch(tmp_path: Path) -> None:
     run = prepare_run(cfg)
 
     _check_run(run, 10)
-    assert set(run.archs) == {"cnn_small"}  # the first of the cycle (model=auto on digits: hetero's)
+    assert set(run.archs) == {"cnn_small"}  # the first of the cycle (model=auto on digits: hetero_cnn's)
     assert len(run.settings.archs) == 1
     # the strategy's `client` delta overrides distill.* for its clients only
     assert run.settings.train.local_epochs == cfg.strategy.client.local_epochs == 4

@@ -14,7 +14,7 @@ from fedkd.simulations.run import run
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 TINY = ["num_rounds=2", "distill.warmup_epochs=2"]
-PLAIN_MODEL = {"digits": "hetero", "mnist1d": "hetero1d"}
+PLAIN_MODEL = {"digits": "hetero_cnn", "mnist1d": "hetero1d"}
 """Dataset -> the model option a plain run on it uses: picking only these three is no preset."""
 
 

@@ -11,7 +11,7 @@ The rule (`input_kind`), on the shape of one example (no batch axis):
 ``conf/model/auto.yaml`` holds a catalog ``archs`` and, under ``kinds``, the arch names and the
 cycle of each kind; `resolve_model` turns it into a plain model config (``archs``, ``cycle``,
 ``clients``, ``roles``) for `fedkd.models.assign_models`. Each kind's choice equals a named
-preset (`SAME_AS`), so ``model=auto`` on digits is ``model=hetero`` to the last parameter.
+preset (`SAME_AS`), so ``model=auto`` on digits is ``model=hetero_cnn`` to the last parameter.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 MIN_IMAGE_SIDE = 4
 """A rank-2 input is an image ``(H, W)`` when both sides are at least this, else ``(C, L)``."""
 
-SAME_AS = {"image": "hetero", "signal": "hetero1d", "vector": "mlp"}
+SAME_AS = {"image": "hetero_cnn", "signal": "hetero1d", "vector": "mlp"}
 """Input kind -> the named ``conf/model`` preset that ``model=auto`` chooses for it."""
 
 KINDS = tuple(SAME_AS)

@@ -43,7 +43,7 @@ def test_input_kind_follows_the_rank(shape: tuple[int, ...], kind: str) -> None:
     [
         ((13,), ["mlp"], ["mlp"]),
         ((1, 40), ["cnn1d", "mlp"], ["cnn1d", "mlp"]),
-        ((1, 8, 8), ["cnn_small", "mlp", "cnn_teacher"], ["cnn_small", "mlp"]),
+        ((1, 8, 8), ["cnn_small", "cnn_deep"], ["cnn_small", "cnn_deep"]),
     ],
 )
 def test_auto_choices_by_rank(shape: tuple[int, ...], archs: list[str], cycle: list[str]) -> None:
@@ -55,7 +55,7 @@ def test_auto_choices_by_rank(shape: tuple[int, ...], archs: list[str], cycle: l
 
 @pytest.mark.parametrize(
     ("shape", "named"),
-    [((1, 8, 8), "hetero"), ((1, 40), "hetero1d"), ((13,), "mlp")],
+    [((1, 8, 8), "hetero_cnn"), ((1, 40), "hetero1d"), ((13,), "mlp")],
 )
 def test_auto_equals_the_named_preset(shape: tuple[int, ...], named: str) -> None:
     auto, other = resolve_model(preset("auto"), shape, 10), resolve_model(preset(named), shape, 10)
@@ -66,21 +66,21 @@ def test_auto_equals_the_named_preset(shape: tuple[int, ...], named: str) -> Non
         assert assign_models(auto, 10, homogeneous) == assign_models(other, 10, homogeneous)
 
 
-def test_digits_auto_is_hetero_to_the_letter() -> None:
+def test_digits_auto_is_hetero_cnn_to_the_letter() -> None:
     names = [name for name, _ in assign_models(resolve_model(preset("auto"), (1, 8, 8), 10), 4)]
     specs = resolve_model(preset("auto"), (1, 8, 8), 10)["archs"]
 
-    assert names == ["cnn_small", "mlp", "cnn_small", "mlp"]
+    assert names == ["cnn_small", "cnn_deep", "cnn_small", "cnn_deep"]
     assert specs["cnn_small"] == {"_target_": "fedkd.models.CNN2d", "channels": [8, 16], "head_pool": 2}
-    assert specs["mlp"] == {"_target_": "fedkd.models.MLP", "hidden": [64]}
+    assert specs["cnn_deep"] == {"_target_": "fedkd.models.CNN2d", "channels": [8, 16, 32]}
 
 
 def test_auto_keeps_client_map_and_roles() -> None:
-    cfg = {**preset("auto"), "clients": {2: "cnn_teacher"}, "roles": {2: "teacher"}}
+    cfg = {**preset("auto"), "clients": {2: "cnn_deep", 1: "cnn_small"}, "roles": {2: "teacher"}}
 
     resolved = resolve_model(cfg, (1, 8, 8), 10)
 
-    assert [name for name, _ in assign_models(resolved, 3)] == ["cnn_small", "mlp", "cnn_teacher"]
+    assert [name for name, _ in assign_models(resolved, 3)] == ["cnn_small", "cnn_small", "cnn_deep"]
     assert resolved["roles"] == {2: "teacher"}
 
 
@@ -93,7 +93,7 @@ def test_named_model_passes_through_unchanged() -> None:
     [
         ("hetero", (13,), "use model=mlp (or model=auto)"),
         ("cnn", (13,), "use model=mlp (or model=auto)"),
-        ("hetero1d", (1, 8, 8), "use model=hetero (or model=auto)"),
+        ("hetero1d", (1, 8, 8), "use model=hetero_cnn (or model=auto)"),
     ],
 )
 def test_named_model_that_cannot_be_built_suggests_one(named: str, shape: tuple, hint: str) -> None:
