@@ -12,7 +12,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.server import PreparedRun, compose_config, prepare_run
 
-SMALL = ["num_clients=4", "num_rounds=3", "distill.warmup_epochs=5"]
+SMALL = ["num_clients=4", "num_rounds=3", "distill.warmup_epochs=5", "model=hetero"]
+"""The default config shrunk; `model=hetero` keeps two model families (a CNN and an MLP) in play."""
 _ids = itertools.count(1)
 
 

@@ -12,7 +12,7 @@ from fedkd.deploy.files import FederationFiles, export_node_files
 from fedkd.server import PreparedRun, compose_config, prepare_run
 
 NODES = 3
-BASE = [f"num_clients={NODES}", "num_rounds=2", "distill.warmup_epochs=5"]
+BASE = [f"num_clients={NODES}", "num_rounds=2", "distill.warmup_epochs=5", "model=hetero"]
 
 
 @dataclass
