@@ -10,34 +10,31 @@ table also gives the mean over the students evaluated in the last round itself.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 import pandas as pd
 
+from fedkd.simulations.compare import load_runs
+
 
 def runs(root: Path) -> pd.DataFrame:
-    """One row per run folder (a folder with summary.json and metrics.parquet) under `root`."""
+    """One row per run folder under `root` (read by `fedkd-compare`'s `load_runs`)."""
     rows = []
-    for summary_path in sorted(root.glob("*/*/summary.json")):
-        folder = summary_path.parent
-        summary = json.loads(summary_path.read_text())
-        alpha = re.search(r"alpha=([\d.]+)", folder.name)
-        metrics = pd.read_parquet(folder / "metrics.parquet")
-        acc = metrics[metrics.metric == "test-accuracy"]
-        last = acc[acc["round"] == acc["round"].max()] if len(acc) else acc
-        rounds = max(summary.get("last_round") or 1, 1)
+    for run in load_runs(root).itertuples():
+        alpha = re.search(r"alpha=([\d.]+)", Path(run.run).name)
+        accuracy = run.per_round["accuracy"].dropna()
+        rounds = max(int(run.per_round.index.max()) if len(run.per_round) else 1, 1)
         rows.append({
-            "strategy": summary["strategy"],
+            "strategy": run.strategy,
             "alpha": float(alpha.group(1)) if alpha else None,
-            "seed": summary["seed"],
-            "status": summary["status"],
-            "last_round_mean": 100 * last.value.mean() if len(last) else None,
-            "final_mean": 100 * summary["final_mean_accuracy"] if summary["final_mean_accuracy"] else None,
-            "top5_own": 100 * summary["top5_own_accuracy"] if summary.get("top5_own_accuracy") else None,
-            "mb_per_round": (summary["bytes_up"] + summary["bytes_down"]) / 1e6 / rounds,
-            "wall_s": summary["wall_time_s"],
+            "seed": run.seed,
+            "status": run.status,
+            "last_round_mean": 100 * accuracy.iloc[-1] if len(accuracy) else None,
+            "final_mean": 100 * run.final_mean_accuracy if run.final_mean_accuracy else None,
+            "top5_own": 100 * run.top5_own_accuracy if run.top5_own_accuracy else None,
+            "mb_per_round": (run.bytes_up + run.bytes_down) / 1e6 / rounds,
+            "wall_s": run.wall_time_s,
         })
     return pd.DataFrame(rows).sort_values(["strategy", "alpha", "seed"]).reset_index(drop=True)
 
