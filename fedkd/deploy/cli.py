@@ -27,7 +27,7 @@ log = logging.getLogger("fedkd.deploy")
 def _run(args: argparse.Namespace) -> int:
     opts = Options(
         num_nodes=args.nodes, rounds=args.rounds, strategy=args.strategy,
-        archs=tuple(a for a in args.archs.split(",") if a), secure=args.secure,
+        model=args.model, archs=tuple(a for a in args.archs.split(",") if a), secure=args.secure,
         public=args.public, poll_interval=args.poll_interval, launcher=args.launcher,
         round_timeout=args.round_timeout, overrides=tuple(args.overrides),
     )
@@ -119,6 +119,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--nodes", type=int, default=3)
     run.add_argument("--rounds", type=int, default=3)
     run.add_argument("--strategy", default="fedmd")
+    run.add_argument("--model", default="hetero",
+                     help="the server's model config group: the names --archs may use")
     run.add_argument("--archs", default="cnn_small,mlp,cnn_teacher",
                      help="comma-separated node architectures, cycled ('' = server assigns)")
     run.add_argument("--secure", action="store_true", help="TLS + SuperNode authentication")

@@ -38,6 +38,10 @@ class Options:
     num_nodes: int = 3
     rounds: int = 3
     strategy: str = "fedmd"
+    model: str = "hetero"
+    """The server's ``model=`` config group: the names `archs` may use (``hetero``: cnn_small,
+    mlp and cnn_teacher; the simulation's default ``auto`` offers cnn_small and cnn_deep on
+    images)."""
     archs: tuple[str, ...] = ("cnn_small", "mlp", "cnn_teacher")
     """Node i runs archs[i % len(archs)] (node config ``arch``); empty: the server's assignment."""
     secure: bool = False
@@ -234,7 +238,7 @@ class LocalFederation:
         public = opts.dataset if opts.public == "embedded" else str(self.files.public)
         return ["dataset=nodes", f"dataset.public={public}",
                 f"dataset.num_classes={self.files.num_classes}", f"num_clients={opts.num_nodes}",
-                f"num_rounds={opts.rounds}", f"strategy={opts.strategy}",
+                f"num_rounds={opts.rounds}", f"strategy={opts.strategy}", f"model={opts.model}",
                 f"simulation.round_timeout={opts.round_timeout}", *opts.overrides]
 
     def run_command(self) -> list[str]:

@@ -114,7 +114,8 @@ def test_secure_three_nodes_equal_the_simulation(workdir):
     opts = Options(num_nodes=3, rounds=3, secure=True, overrides=FAST)
     with LocalFederation(workdir, opts) as fed:
         result = fed.run(timeout=400)
-    sim = run(compose_config(["num_clients=3", "num_rounds=3", *FAST, "+model.clients.2=cnn_teacher",
+    sim = run(compose_config(["num_clients=3", "num_rounds=3", *FAST, "model=hetero",
+                              "+model.clients.2=cnn_teacher",
                               f"simulation.cache_dir={workdir / 'sim-cache'}"]), workdir / "sim")
 
     assert result.summary["archs"] == sim["archs"] == ["cnn_small", "mlp", "cnn_teacher"]
