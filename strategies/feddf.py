@@ -40,6 +40,7 @@ from fedkd.generators import LogitGuided, ModelGuided
 from fedkd.generators.base import models_query
 from fedkd.models import build_model
 from fedkd.protocol import ARRAYS, CONFIG, SERVER_ROUND, rows_to_inputs
+from fedkd.records import reply_class_counts
 from fedkd.server_distill import (
     StateDict, average_states, checked_state, distill, join_models, kd_divergence, split_models,
     teacher_logits,
@@ -62,6 +63,7 @@ class Teacher:
     num_examples: float
     state: StateDict
     model: nn.Module
+    class_counts: np.ndarray | None = None
 
 
 class FedDF(KDStrategy):
@@ -204,7 +206,10 @@ class FedDF(KDStrategy):
         model = self._build(arch, settings)
         state = checked_state(reply.content[ARRAYS], model.state_dict())
         model.load_state_dict(state)
-        return Teacher(arch=arch, partition_id=pid, num_examples=size, state=state, model=model)
+        counts = (reply_class_counts(reply, int(settings.data["num_classes"]))
+                  if settings.train.share_class_counts else None)
+        return Teacher(arch=arch, partition_id=pid, num_examples=size, state=state, model=model,
+                       class_counts=counts)
 
     def _transfer_x(self, server_round: int, settings: ClientSettings) -> torch.Tensor:
         """The inputs to distil on this round: the transfer source's public rows (all unless
@@ -230,6 +235,8 @@ class FedDF(KDStrategy):
         x = self._transfer_x(server_round, settings)
         meta = TeacherMeta(num_examples=np.array([t.num_examples for t in teachers]),
                            partition_ids=np.array([t.partition_id for t in teachers]),
+                           class_counts=(np.stack([t.class_counts for t in teachers])
+                                         if settings.train.share_class_counts else None),
                            server_round=server_round, seed=self.seed)
         logits = teacher_logits([t.model for t in teachers], x)
         soft = torch.from_numpy(self.aggregate_logits(logits, meta))

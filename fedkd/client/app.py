@@ -140,6 +140,9 @@ def train(msg: Message, context: Context) -> Message:
         ARRAYS: ArrayRecord(student.model.state_dict()),
         METRICS: MetricRecord(metrics),
     })
+    if settings.train.share_class_counts:  # FedDF's class_weighted ensemble
+        num_classes = int(settings.data["num_classes"])
+        content[LOGITS] = ArrayRecord({CLASS_COUNTS: Array(label_counts(data.y, num_classes))})
     return Message(content, reply_to=msg)
 
 

@@ -203,6 +203,23 @@ def test_class_counts_leave_only_when_the_run_shares_them(flower_ids, small_run)
     assert counts.tolist() == list(info.class_histograms[2])
 
 
+def test_parameter_exchange_sends_class_counts_only_when_the_run_shares_them(flower_ids, small_run):
+    """FedDF's class_weighted ensemble needs the counts with the weights (not in FedAvg's reply)."""
+    settings, info = small_run.settings, small_run.data
+
+    def train(run_settings):
+        config = ConfigRecord({**run_settings.to_config(), "server-round": 1})
+        return client_app.train(request(RecordDict({"config": config}), dst=102,
+                                        message_type="train"), _context(2))
+
+    assert "logits" not in train(settings).content
+    shared = dataclasses.replace(
+        settings, train=dataclasses.replace(settings.train, share_class_counts=True))
+    out = train(shared)
+    assert list(out.content["logits"].keys()) == ["class_counts"]
+    assert out.content["logits"]["class_counts"].numpy().tolist() == list(info.class_histograms[2])
+
+
 def test_profiled_rounds_report_phase_times_and_own_label_accuracy(flower_ids, small_run):
     settings, info = small_run.settings, small_run.data
     profiled = dataclasses.replace(

@@ -228,6 +228,31 @@ def test_malformed_replies_are_dropped(flower_ids, small_run, bad):
     assert attempt(3) is None  # below the minimum: previous models stay in place
 
 
+def test_class_weighted_ensemble_gets_every_teachers_class_counts(flower_ids, small_run):
+    seen = []
+
+    def spy(logits, meta, temperature):
+        seen.append(meta.class_counts)
+        return mean_probs(logits, meta, temperature=temperature)
+
+    settings = dataclasses.replace(small_run.settings, train=dataclasses.replace(
+        small_run.settings.train, share_class_counts=True))
+    strategy = _strategy(aggregator=spy, server_epochs=0)
+    msgs = bound(strategy, settings).configure_train(1, ArrayRecord(), settings.to_config(),
+                                                     FakeGrid(list(NODES)))
+    replies = []
+    for pid, msg in enumerate(msgs):
+        out = _train_reply(msg, small_run, pid)
+        if pid != 3:  # the last teacher leaves its counts out: dropped
+            out.content["logits"] = ArrayRecord({"class_counts": Array(np.arange(10) + pid)})
+        replies.append(out)
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert arrays is not None and len(seen) == 1
+    np.testing.assert_array_equal(seen[0], np.stack([np.arange(10) + p for p in range(3)]))
+
+
 def test_evaluate_sends_known_nodes_their_distilled_model(flower_ids, small_run):
     strategy = _strategy(server_epochs=1)
     _, (arrays, _) = _round_one(strategy, small_run)
