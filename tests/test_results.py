@@ -45,7 +45,8 @@ def test_rows_progress_and_final_accuracy_per_client(flower_ids, tmp_path, caplo
     frame = pd.read_parquet(tmp_path / "metrics.parquet")
     acc = frame[frame.metric == "test-accuracy"]
     assert acc[(acc["round"] == 2)].client.tolist() == [0, 1]
-    assert set(frame[frame.client == -1].metric) == {"bytes_up", "bytes_down", "elapsed_s"}
+    assert set(frame[frame.client == -1].metric) == {"bytes_up", "bytes_down", "replies-dropped",
+                                                   "elapsed_s"}
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "ok"
 
 
