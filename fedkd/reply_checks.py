@@ -130,7 +130,7 @@ def logits(array: object, shape: Sequence[int], field: str) -> np.ndarray:
     if not np.isfinite(array).all():
         raise ReplyError(f"{field} holds NaN or inf")
     if array.size and (peak := float(np.abs(array).max())) > MAX_ABS_LOGIT:
-        raise ReplyError(f"{field} holds |value| {peak:.3g} > {MAX_ABS_LOGIT:g}")
+        raise ReplyError(f"{field} holds |value| {peak:.3g} > {MAX_ABS_LOGIT:.3g}")
     return array.astype(np.float32)
 
 
