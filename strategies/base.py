@@ -323,9 +323,10 @@ def _target_rows(arrays: ArrayRecord) -> np.ndarray:
 def teacher_facts(reply: Message, settings: ClientSettings) -> tuple[float, int]:
     """A reply's private data size and partition id, checked as the wire checks them
     (`fedkd.reply_checks`: an int partition id of the run, a size up to what it holds)."""
-    metrics = reply.content[METRICS]
-    pid = reply_checks.partition_id(metrics[PARTITION_ID], len(settings.assignment))
-    size = reply_checks.count(metrics[NUM_EXAMPLES], reply_checks.example_cap(settings.data, pid))
+    metrics = reply.content.metric_records.get(METRICS, {})
+    pid = reply_checks.partition_id(metrics.get(PARTITION_ID), len(settings.assignment))
+    size = reply_checks.count(metrics.get(NUM_EXAMPLES),
+                              reply_checks.example_cap(settings.data, pid))
     return float(size), pid
 
 

@@ -12,7 +12,6 @@ import json
 import math
 
 import pandas as pd
-import pytest
 
 from fedkd.client import app as client_app
 from fedkd.reply_checks import MAX_ABS_LOGIT
