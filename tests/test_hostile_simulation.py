@@ -12,6 +12,7 @@ import json
 import math
 
 import pandas as pd
+import pytest
 
 from fedkd.client import app as client_app
 from fedkd.reply_checks import MAX_ABS_LOGIT
@@ -30,6 +31,7 @@ PLAN = {
 }
 
 
+@pytest.mark.slow  # a second Ray simulation (~2 min); the default suite keeps one
 def test_hostile_clients_are_dropped_and_the_run_finishes(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(client_app, "app", HostileApp(client_app.app, PLAN))
     cfg = compose_config([*SMALL, "num_clients=6", "num_rounds=3", "distill.warmup_epochs=1",
