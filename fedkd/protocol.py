@@ -14,7 +14,10 @@ Reply (client -> server)
     ``logits``   ArrayRecord ``logits`` [M, C] float32 (absent when nothing was asked)
     ``metrics``  MetricRecord: ``partition-id``, ``num-examples``, ``train-loss``, ``digest-loss``,
                  ``test-accuracy`` and ``test-loss`` when the student was evaluated this round.
-Nothing else leaves a client.
+    ``node``     ConfigRecord ``arch``, ``role``: deployed nodes only (`fedkd.client.report`),
+                 which also add ``compute-s`` to ``metrics``.
+Nothing else leaves a client. The server checks every field of every reply before anything
+uses it (`fedkd.reply_checks`, applied by `fedkd.reply_guard.ReplyGuard`).
 
 Query (server -> client, message type ``query``; black-box generators, `fedkd.generators`)
     ``config``   as above, plus ``query-seed``, ``query-directions`` Q and ``query-mu``
@@ -54,6 +57,9 @@ TARGETS, NEXT = "targets", "next"
 """Prefixes of the transfer record's keys (``targets.probs``, ``next.indices``, ...)."""
 CLASS_LOGITS, CLASS_COUNTS = "class_logits", "class_counts"
 """FD's keys: in the ``logits`` record of a reply, and as ``targets.<key>`` in the request."""
+NODE = "node"
+"""A deployed node's ConfigRecord in its replies: ``arch`` and ``role`` (`fedkd.client.report`)."""
+NODE_ARCH, NODE_ROLE = "arch", "role"
 
 # --- config keys (server -> client) --------------------------------------------------------------
 SETTINGS_KEY = "fedkd.settings"
@@ -76,9 +82,12 @@ def phase_key(phase: str) -> str:
     return f"time-{phase}-s"
 
 
+COMPUTE_S = "compute-s"
+"""Seconds a deployed node's handler computed (added by `fedkd.client.report.report_mod`)."""
 REPLY_METRICS = (PARTITION_ID, NUM_EXAMPLES, TRAIN_LOSS, DIGEST_LOSS, TEST_ACCURACY, TEST_LOSS,
-                 OWN_ACCURACY, *(phase_key(p) for p in PHASES))
-"""Every metric a fedkd client sends (a deployed node's report mod adds `fedkd.client.report`'s)."""
+                 OWN_ACCURACY, *(phase_key(p) for p in PHASES), COMPUTE_S)
+"""Every metric a fedkd client sends (``compute-s``: deployed nodes only); the server drops a
+reply carrying any other."""
 
 
 def rows_key(prefix: str, rows: np.ndarray | None) -> str:

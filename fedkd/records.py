@@ -11,6 +11,8 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from fedkd.protocol import CLASS_COUNTS, LOGITS, NEXT, TARGETS, rows_key, rows_to_inputs
+from fedkd import reply_checks
+from fedkd.reply_checks import MAX_EXAMPLES, ReplyError
 
 
 def transfer_record(
@@ -38,39 +40,29 @@ def rows_from(record: ArrayRecord, prefix: str, public_x: torch.Tensor) -> torch
 
 
 def reply_logits(reply: Message, rows: int, num_classes: int) -> np.ndarray:
-    """Validated logits of a reply: float32 [rows, num_classes], all finite.
+    """Validated logits of a reply: float32 [rows, num_classes], finite and bounded
+    (`fedkd.reply_checks.logits`).
 
     Raises ValueError naming what is wrong for a malformed (or malicious) reply.
     """
     if LOGITS not in reply.content or LOGITS not in reply.content[LOGITS]:
-        raise ValueError("reply carries no logits")
-    logits = reply.content[LOGITS][LOGITS].numpy()
-    if logits.shape != (rows, num_classes):
-        raise ValueError(f"logits have shape {logits.shape}, expected {(rows, num_classes)}")
-    if not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
-        raise ValueError("logits must be finite floating-point numbers")
-    return logits.astype(np.float32)
+        raise ReplyError(f"{LOGITS}.{LOGITS} is missing")
+    return reply_checks.logits(reply.content[LOGITS][LOGITS].numpy(), (rows, num_classes),
+                               f"{LOGITS}.{LOGITS}")
 
 
+def reply_class_counts(reply: Message, num_classes: int, cap: int = MAX_EXAMPLES) -> np.ndarray:
+    """Validated per-class private row counts of a reply: float64 [num_classes], whole, >= 0,
+    summing to at most `cap` (`fedkd.reply_checks.class_counts`).
 
-def reply_class_counts(reply: Message, num_classes: int) -> np.ndarray:
-    """Validated per-class private row counts of a reply: float64 [num_classes], whole, >= 0.
-
-    Raises ValueError naming what is wrong (missing, shape, not whole numbers, negative).
+    Raises ValueError naming what is wrong (missing, shape, not whole numbers, negative, too many).
     """
     record = reply.content[LOGITS] if LOGITS in reply.content else None
     if record is None or CLASS_COUNTS not in record:
-        raise ValueError(f"reply carries no {LOGITS}.{CLASS_COUNTS}")
-    counts = record[CLASS_COUNTS].numpy()
-    if counts.shape != (num_classes,):
-        raise ValueError(f"{CLASS_COUNTS} have shape {counts.shape}, expected {(num_classes,)}")
-    if counts.dtype.kind not in "iuf":
-        raise ValueError(f"{CLASS_COUNTS} must be numbers, got {counts.dtype}")
-    counts = counts.astype(np.float64)
-    if not np.isfinite(counts).all() or (counts < 0).any() or (counts != np.round(counts)).any() \
-            or (counts > 2**53).any():
-        raise ValueError(f"{CLASS_COUNTS} must be whole numbers in [0, 2**53]")
-    return counts
+        raise ReplyError(f"{LOGITS}.{CLASS_COUNTS} is missing")
+    counts = reply_checks.class_counts(record[CLASS_COUNTS].numpy(), num_classes, cap,
+                                       f"{LOGITS}.{CLASS_COUNTS}")
+    return counts.astype(np.float64)
 
 
 def soft_targets(record: ArrayRecord, rows: int, num_classes: int) -> np.ndarray:

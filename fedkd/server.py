@@ -26,6 +26,7 @@ from fedkd.settings import ClientSettings, TrainSettings
 from fedkd.data import DataInfo, prepare_data
 from fedkd.errors import ConfigError
 from fedkd.models import assign_models, assign_roles, build_model, count_parameters, resolve_model
+from fedkd.reply_guard import ReplyGuard
 from fedkd.wire import ReplyObserver, WireGrid
 
 log = logging.getLogger(__name__)
@@ -137,13 +138,15 @@ def run_strategy(
 ) -> WireGrid:
     """Instantiate the configured strategy and run all rounds on `grid`; return the wire.
 
-    `observers` see every wave on the wire; `on_server_metrics` receives what a strategy computes
+    Every reply is checked (`fedkd.reply_guard.ReplyGuard`) before the wire sorts it, `observers`
+    see it or the strategy reads it. `observers` see every wave on the wire; `on_server_metrics` receives what a strategy computes
     on the server each round (e.g. the privacy spent by a noisy aggregator), if it reports any;
     `out_dir` is where the strategy may keep artefacts (a generator's checkpoints and samples).
     """
     cfg = run.cfg
     torch.set_num_threads(1)  # server maths (FedDF, generators): the same numbers on any machine
-    wire = WireGrid(grid, poll_interval=float(cfg.simulation.poll_interval))
+    wire = WireGrid(grid, poll_interval=float(cfg.simulation.poll_interval),
+                    check=ReplyGuard(run.settings, connected=grid.get_node_ids))
     log.info("wire: %s wrapped in WireGrid (poll every %.3f s, round timeout %.0f s)",
              type(grid).__name__, wire.poll_interval, float(cfg.simulation.round_timeout))
     wire.observers.extend(observers)

@@ -14,6 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
+from fedkd import reply_checks
 from fedkd.losses import KDLoss
 
 StateDict = dict[str, torch.Tensor]
@@ -54,7 +55,8 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
 
 
 def checked_state(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> StateDict:
-    """An uploaded state dict, checked against a reference model's (a reply may be malicious).
+    """An uploaded state dict, checked against a reference model's (a reply may be malicious)
+    by `fedkd.reply_checks.weights`, as the wire checks it.
 
     Raises
     ------
@@ -62,20 +64,11 @@ def checked_state(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) ->
         Keys differ from the reference's, a shape differs, a floating-point tensor arrives as
         another kind, or a value is NaN or infinite.
     """
-    if set(record.keys()) != set(reference):
-        missing, extra = sorted(set(reference) - set(record.keys())), sorted(set(record.keys()) - set(reference))
-        raise ValueError(f"state dict keys differ from the architecture's: missing {missing[:3]}, extra {extra[:3]}")
-    state: StateDict = {}
-    for key, ref in reference.items():
-        array = record[key].numpy()
-        if array.shape != tuple(ref.shape):
-            raise ValueError(f"{key} has shape {array.shape}, expected {tuple(ref.shape)}")
-        if array.dtype.kind not in "biuf" or (ref.is_floating_point() and array.dtype.kind != "f"):
-            raise ValueError(f"{key} has dtype {array.dtype}, expected {ref.dtype}")
-        if not np.isfinite(array).all():
-            raise ValueError(f"{key} holds non-finite values (NaN or inf)")
-        state[key] = torch.from_numpy(np.ascontiguousarray(array)).to(ref.dtype)
-    return state
+    arrays = {key: record[key].numpy() for key in record.keys()}
+    reply_checks.weights(arrays, {k: (tuple(v.shape), v.is_floating_point())
+                                  for k, v in reference.items()})
+    return {key: torch.from_numpy(np.ascontiguousarray(arrays[key])).to(ref.dtype)
+            for key, ref in reference.items()}
 
 
 def join_models(models: Mapping[str, Mapping[str, torch.Tensor]]) -> ArrayRecord:

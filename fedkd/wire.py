@@ -8,6 +8,9 @@ Flower's) in its place. It is the one place that sees every message, so it
   with an unanswered message gets no new one until its old reply arrives (then discarded), so two
   state updates on one node never race;
 - counts the bytes of every message in both directions;
+- checks every reply that is not an error (`ReplyCheck`: `fedkd.reply_guard.ReplyGuard`, bound
+  to the run by `fedkd.server.run_strategy`) before anything else reads it, and drops a bad one
+  with one warning naming the node and the field (`WireStats.dropped`);
 - returns replies sorted by the partition id clients report (arrival order varies);
 - hands every reply to observers (results recorder, progress, protocol tests).
 """
@@ -18,13 +21,26 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedkd.protocol import METRICS, PARTITION_ID
+
 log = logging.getLogger(__name__)
 
 ReplyObserver = Callable[[int, list[Message], "WireStats"], None]
+
+
+class ReplyCheck(Protocol):
+    """Checks one reply (not an error) against the request it answers, before anything uses it.
+
+    `wave` holds the partition ids already accepted in this wave; the check adds the reply's.
+    Raises ValueError (or KeyError, TypeError) naming the bad field.
+    """
+
+    def __call__(self, reply: Message, request: Message, wave: set[int]) -> None: ...
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -48,6 +64,8 @@ class WireStats:
     sent: int = 0
     replied: int = 0
     errors: int = 0
+    dropped: int = 0
+    """Replies that were not errors but failed the `ReplyCheck`: not returned, not observed."""
     timed_out: int = 0
     skipped_busy: int = 0
     bytes_down: int = 0
@@ -64,11 +82,16 @@ class WireGrid(Grid):
         The grid handed to the ServerApp (in-memory in simulation, HTTP in deployment).
     poll_interval : float
         Seconds between pulls while waiting for replies.
+    check : ReplyCheck or None
+        Run on every reply that is not an error before it is sorted, observed or returned; a
+        reply it refuses is dropped. None: replies pass unchecked (tests of the wire alone).
     """
 
-    def __init__(self, grid: Grid, poll_interval: float = 0.02) -> None:
+    def __init__(self, grid: Grid, poll_interval: float = 0.02,
+                 check: ReplyCheck | None = None) -> None:
         self._grid = grid
         self.poll_interval = poll_interval
+        self.check = check
         self._stragglers: dict[str, int] = {}  # message id -> node id
         self.observers: list[ReplyObserver] = []
         self.waves: list[WireStats] = []
@@ -117,7 +140,8 @@ class WireGrid(Grid):
         """Push messages, pull replies until all arrived or `timeout` passed, then return them.
 
         Messages to nodes that still owe a reply are not sent. `timeout=None` is refused:
-        a wave must never block forever.
+        a wave must never block forever. Replies that fail `check` are dropped (warned, counted
+        in `WireStats.dropped`); error replies are returned as they came.
         """
         if timeout is None or timeout <= 0:
             raise ValueError(f"send_and_receive needs a timeout > 0 seconds, got {timeout!r}")
@@ -136,7 +160,8 @@ class WireGrid(Grid):
         start = time.monotonic()
         stats.bytes_down = sum(message_bytes(m) for m in to_send)
         ids = list(self._grid.push_messages(to_send))
-        pending = dict(zip(ids, [m.metadata.dst_node_id for m in to_send]))
+        requests = dict(zip(ids, to_send))
+        pending = {mid: m.metadata.dst_node_id for mid, m in requests.items()}
         stats.sent = len(ids)
         replies: list[Message] = []
         end = start + timeout
@@ -147,7 +172,6 @@ class WireGrid(Grid):
             if not pending or time.monotonic() >= end:
                 break
             time.sleep(self.poll_interval)
-        replies.sort(key=reply_order)  # arrival order varies; aggregation must not
         self._stragglers.update(pending)
         stats.timed_out = len(pending)
         if pending:
@@ -156,6 +180,8 @@ class WireGrid(Grid):
         stats.replied = len(replies)
         stats.errors = sum(r.has_error() for r in replies)
         stats.bytes_up = sum(message_bytes(r) for r in replies)
+        replies = self._checked(stats, replies, requests)
+        replies.sort(key=reply_order)  # arrival order varies; aggregation must not
         stats.seconds = time.monotonic() - start
         for reply in replies:
             if reply.has_error():
@@ -165,6 +191,25 @@ class WireGrid(Grid):
         for observer in self.observers:
             observer(stats.server_round, replies, stats)
         return replies
+
+    def _checked(self, stats: WireStats, replies: list[Message],
+                 requests: dict[str, Message]) -> list[Message]:
+        """The replies `check` accepts (in arrival order), error replies included."""
+        if self.check is None:
+            return replies
+        kept, wave = [], set()
+        for reply in replies:
+            if not reply.has_error():
+                try:
+                    request = requests[reply.metadata.reply_to_message_id]
+                    self.check(reply, request, wave)
+                except (ValueError, KeyError, TypeError) as err:
+                    stats.dropped += 1
+                    log.warning("round %s: reply from node %s dropped: %s", stats.server_round,
+                                reply.metadata.src_node_id, err)
+                    continue
+            kept.append(reply)
+        return kept
 
 
 def _round_of(message: Message) -> int:
@@ -181,9 +226,9 @@ def reply_order(reply: Message) -> tuple[int, int]:
     """Sort key: the partition id a client reports in its metrics, then the node id."""
     partition = 1 << 62
     if not reply.has_error():
-        metrics = reply.content.metric_records.get("metrics", {})
-        value = metrics.get("partition-id")
-        partition = int(value) if isinstance(value, int | float) else partition
+        metrics = reply.content.metric_records.get(METRICS, {})
+        value = metrics.get(PARTITION_ID)
+        partition = value if isinstance(value, int) and not isinstance(value, bool) else partition
     return partition, int(reply.metadata.src_node_id)
 
 

@@ -20,15 +20,18 @@ import numpy as np
 import pandas as pd
 from flwr.app import Message
 
-from fedkd.protocol import OWN_ACCURACY, PHASES, phase_key
+from fedkd.protocol import (
+    COMPUTE_S, METRICS, NODE, OWN_ACCURACY, PARTITION_ID, PHASES, TEST_ACCURACY, phase_key,
+)
 from fedkd.wire import WireStats
 
 log = logging.getLogger("fedkd.progress")
 
-RECORDED = ("test-accuracy", "test-loss", OWN_ACCURACY, "train-loss", "digest-loss",
-            "compute-s", *(phase_key(p) for p in PHASES))
+RECORDED = (TEST_ACCURACY, "test-loss", OWN_ACCURACY, "train-loss", "digest-loss",
+            COMPUTE_S, *(phase_key(p) for p in PHASES))
 TOP_K = 5  # FedGen reports the mean of the top 5 rounds
-NODE = "node"  # deployed nodes report their arch and role (fedkd.client.report)
+DROPPED = "replies-dropped"
+"""Wire metric: replies of a wave that failed the server's checks (`fedkd.reply_guard`)."""
 COLUMNS = ["round", "client", "model", "metric", "value"]
 WIRE = -1  # client id of the rows that describe traffic
 
@@ -43,7 +46,7 @@ class Recorder:
         self.info = info
         self.rows: list[tuple[int, int, str, str, float]] = []
         self.bytes_up = self.bytes_down = 0
-        self.replies: dict[int, tuple[int, int, int]] = {}  # round -> (ok, asked, errors)
+        self.replies: dict[int, tuple[int, int, int, int]] = {}  # round -> (ok, asked, errors, dropped)
         self.first_error: str | None = None
         self.server_metrics: dict[str, float] = {}
         self.last_round = 0  # the last round whose accuracies are all in
@@ -83,34 +86,35 @@ class Recorder:
         self.server_metrics.update(metrics)
 
     def on_replies(self, server_round: int, replies: list[Message], stats: WireStats) -> None:
-        """Observer of `WireGrid`: traffic, reply metrics, progress."""
+        """Observer of `WireGrid`: traffic, reply metrics, progress.
+
+        The wire shows it only replies its check accepted (`fedkd.reply_guard`: one per
+        partition, every value in range) and error replies; `stats.dropped` counts the others,
+        recorded per wave as the ``replies-dropped`` wire metric."""
         self.bytes_up += stats.bytes_up
         self.bytes_down += stats.bytes_down
         self.record(server_round, WIRE, "bytes_up", stats.bytes_up)
         self.record(server_round, WIRE, "bytes_down", stats.bytes_down)
+        self.record(server_round, WIRE, DROPPED, stats.dropped)
         if stats.message_type.startswith("train"):
             asked = stats.sent + stats.skipped_busy
-            self.replies[server_round] = (stats.replied - stats.errors, asked, stats.errors)
+            ok = stats.replied - stats.errors - stats.dropped
+            self.replies[server_round] = (ok, asked, stats.errors, stats.dropped)
         got_accuracy = False
-        seen: set[int] = set()
         for reply in replies:
             if reply.has_error():
                 self.first_error = self.first_error or reply.error.reason
                 continue
-            metrics = reply.content.metric_records.get("metrics")
-            if metrics is None or "partition-id" not in metrics:
+            metrics = reply.content.metric_records.get(METRICS)
+            if metrics is None or PARTITION_ID not in metrics:
                 continue
-            client = int(metrics["partition-id"])
-            if client in seen:
-                log.warning("round %d: two nodes report partition-id %d; give every node its own",
-                            server_round, client)
-            seen.add(client)
+            client = int(metrics[PARTITION_ID])
             if NODE in reply.content:
                 self.learn_node(client, reply.content[NODE])
             for key in RECORDED:
                 if key in metrics:
                     self.record(server_round, client, key, float(metrics[key]))
-            got_accuracy |= "test-accuracy" in metrics or OWN_ACCURACY in metrics
+            got_accuracy |= TEST_ACCURACY in metrics or OWN_ACCURACY in metrics
         if got_accuracy:
             self.end_round(server_round)
 
@@ -131,8 +135,9 @@ class Recorder:
         """Log one progress line for the round and flush the rows to disk."""
         acc = [v for r, c, _, m, v in self.rows if r == server_round and m == "test-accuracy"]
         self.last_round = max(self.last_round, int(server_round))
-        ok, asked, errors = self.replies.get(server_round, (len(acc), len(acc), 0))
-        err = f" ({errors} errors)" if errors else ""
+        ok, asked, errors, dropped = self.replies.get(server_round, (len(acc), len(acc), 0, 0))
+        faults = [f"{n} {what}" for n, what in ((errors, "errors"), (dropped, "dropped")) if n]
+        err = f" ({', '.join(faults)})" if faults else ""
         elapsed = time.monotonic() - self._t0
         self.record(server_round, WIRE, "elapsed_s", elapsed)
         text = (f"accuracy mean {np.mean(acc):.3f} min {np.min(acc):.3f} max {np.max(acc):.3f}"

@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedkd import reply_checks
 from fedkd.aggregation import TeacherMeta
 from fedkd.settings import ClientSettings
 from fedkd.errors import ConfigError
@@ -245,11 +246,14 @@ class KDStrategy(PartitionSampling, Strategy):
         if server_round not in self._asked:
             return None
         rows, num_classes = self._asked.pop(server_round)
-        counted = self.run_settings().train.share_class_counts
+        settings = self.run_settings()
+        counted = settings.train.share_class_counts
 
         def parse(reply: Message) -> tuple:
-            counts = reply_class_counts(reply, num_classes) if counted else None
-            return reply_logits(reply, len(rows), num_classes), *teacher_facts(reply), counts
+            size, pid = teacher_facts(reply, settings)
+            cap = reply_checks.example_cap(settings.data, pid)
+            counts = reply_class_counts(reply, num_classes, cap) if counted else None
+            return reply_logits(reply, len(rows), num_classes), size, pid, counts
 
         parsed = [facts for _, facts in parse_replies(server_round, replies, parse)]
         if not self.enough(server_round, len(parsed)):
@@ -296,7 +300,11 @@ def parse_replies(
     server_round: int, replies: Iterable[Message], parse: Callable[[Message], T]
 ) -> list[tuple[Message, T]]:
     """`parse` every reply; a reply it rejects (ValueError, KeyError, TypeError) is dropped with a
-    warning naming the node, so a malformed or malicious reply never breaks the round."""
+    warning naming the node, so a malformed or malicious reply never breaks the round.
+
+    Behind a `fedkd.wire.WireGrid` with its `fedkd.reply_guard.ReplyGuard` every reply was
+    checked already (the same `fedkd.reply_checks`, the same warning); this catches what only
+    the strategy knows, and replies handed to a strategy directly."""
     parsed = []
     for reply in replies:
         try:
@@ -312,14 +320,13 @@ def _target_rows(arrays: ArrayRecord) -> np.ndarray:
     return arrays[key].numpy()
 
 
-def teacher_facts(reply: Message) -> tuple[float, int]:
-    """A reply's private data size and partition id, checked (a reply may be malicious)."""
-    metrics = reply.content[METRICS]
-    size, pid = metrics[NUM_EXAMPLES], metrics[PARTITION_ID]
-    if not isinstance(size, int | float) or not np.isfinite(size) or size < 0:
-        raise ValueError(f"num-examples must be a finite number >= 0, got {size!r}")
-    if not isinstance(pid, int) or pid < 0:
-        raise ValueError(f"partition-id must be an int >= 0, got {pid!r}")
+def teacher_facts(reply: Message, settings: ClientSettings) -> tuple[float, int]:
+    """A reply's private data size and partition id, checked as the wire checks them
+    (`fedkd.reply_checks`: an int partition id of the run, a size up to what it holds)."""
+    metrics = reply.content.metric_records.get(METRICS, {})
+    pid = reply_checks.partition_id(metrics.get(PARTITION_ID), len(settings.assignment))
+    size = reply_checks.count(metrics.get(NUM_EXAMPLES),
+                              reply_checks.example_cap(settings.data, pid))
     return float(size), pid
 
 

@@ -17,9 +17,11 @@ import logging
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
-from fedkd.settings import ClientSettings
+from fedkd import reply_checks
 from fedkd.protocol import CLASS_COUNTS, CLASS_LOGITS, FD_MESSAGE_TYPE, LOGITS, TARGETS
-from fedkd.strategies.base import KDStrategy, parse_replies
+from fedkd.reply_checks import MAX_EXAMPLES, ReplyError
+from fedkd.settings import ClientSettings
+from fedkd.strategies.base import KDStrategy, parse_replies, teacher_facts
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +56,23 @@ def class_weighted_mean(
     return mean.astype(np.float32), np.rint(total).astype(np.int64)
 
 
-def reply_class_logits(reply: Message, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validated class logits [C, C] and counts [C] of a reply.
+def reply_class_logits(reply: Message, num_classes: int,
+                       cap: int = MAX_EXAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """Validated class logits [C, C] and counts [C] of a reply (`fedkd.reply_checks`).
 
     Raises ValueError naming what is wrong for a malformed (or malicious) reply: a missing
-    record, wrong shapes, non-finite logits, or counts that are not whole numbers >= 0.
+    record, wrong shapes, non-finite or out-of-bound logits, or counts that are not whole
+    numbers >= 0 summing to at most `cap`.
     """
     record = reply.content.array_records.get(LOGITS)
-    if record is None or CLASS_LOGITS not in record or CLASS_COUNTS not in record:
-        raise ValueError(f"reply carries no {CLASS_LOGITS} / {CLASS_COUNTS}")
-    logits, counts = record[CLASS_LOGITS].numpy(), record[CLASS_COUNTS].numpy()
-    if logits.shape != (num_classes, num_classes):
-        raise ValueError(f"{CLASS_LOGITS} have shape {logits.shape}, expected "
-                         f"{(num_classes, num_classes)}")
-    if counts.shape != (num_classes,):
-        raise ValueError(f"{CLASS_COUNTS} have shape {counts.shape}, expected {(num_classes,)}")
-    if not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
-        raise ValueError(f"{CLASS_LOGITS} must be finite floating-point numbers")
-    if (not np.issubdtype(counts.dtype, np.number) or not np.isfinite(counts).all()
-            or (counts < 0).any() or (counts != np.rint(counts)).any()):
-        raise ValueError(f"{CLASS_COUNTS} must be whole numbers >= 0")
-    return logits.astype(np.float32), counts.astype(np.int64)
+    for key in (CLASS_LOGITS, CLASS_COUNTS):
+        if record is None or key not in record:
+            raise ReplyError(f"{LOGITS}.{key} is missing")
+    logits = reply_checks.logits(record[CLASS_LOGITS].numpy(), (num_classes, num_classes),
+                                 f"{LOGITS}.{CLASS_LOGITS}")
+    counts = reply_checks.class_counts(record[CLASS_COUNTS].numpy(), num_classes, cap,
+                                       f"{LOGITS}.{CLASS_COUNTS}")
+    return logits, counts
 
 
 class FD(KDStrategy):
@@ -115,8 +113,14 @@ class FD(KDStrategy):
         num_classes = self._num_classes.pop(server_round, None)
         if num_classes is None:
             return None
-        parsed = [pair for _, pair in parse_replies(
-            server_round, replies, lambda r: reply_class_logits(r, num_classes))]
+        settings = self.run_settings()
+
+        def parse(reply: Message) -> tuple[np.ndarray, np.ndarray]:
+            _, pid = teacher_facts(reply, settings)
+            return reply_class_logits(reply, num_classes,
+                                      reply_checks.example_cap(settings.data, pid))
+
+        parsed = [pair for _, pair in parse_replies(server_round, replies, parse)]
         if not self.enough(server_round, len(parsed)):
             return None
         logits, counts = zip(*parsed)

@@ -199,7 +199,7 @@ class FedDF(KDStrategy):
 
     def _teacher(self, reply: Message, settings: ClientSettings) -> Teacher:
         """A reply's architecture, size and weights, checked (a reply may be malicious)."""
-        size, pid = teacher_facts(reply)
+        size, pid = teacher_facts(reply, settings)
         arch, _ = settings.arch_of(pid)
         if ARRAYS not in reply.content.array_records:
             raise ValueError("reply carries no arrays")

@@ -8,8 +8,11 @@ nodes with a `PartitionMap`:
 - before sampling, every free node the map does not know yet gets one empty ``query.whoami``
   message (`identify`); the ClientApp answers its ``partition-id`` and nothing else;
 - every later reply carries ``partition-id`` too and refreshes the map (`PartitionMap.refresh`);
-- an answer that is not an int in ``0..num_partitions - 1``, or claims a partition another
-  connected node holds, is dropped with a warning naming the node and the field.
+- an answer that is not an int in ``0..num_partitions - 1`` (`fedkd.reply_checks.partition_id`),
+  or claims a partition another connected node holds, is dropped with a warning naming the node
+  and the field. Behind a `fedkd.wire.WireGrid` the wire's `fedkd.reply_guard.ReplyGuard` has
+  dropped such answers already (and binds each node to its first partition for the run); this
+  map only keeps who holds what for sampling.
 
 With ``fraction_train = 1`` (or every free node sampled anyway) nothing is asked: `sample_nodes`
 returns the free nodes as they are, as before. `PartitionSampling` gives a Flower strategy
@@ -25,6 +28,7 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedkd import reply_checks
 from fedkd.protocol import METRICS, PARTITION_ID, WHOAMI
 from fedkd.sampling import sample_partitions, sample_size
 
@@ -46,17 +50,14 @@ class PartitionMap:
               quiet: bool = False) -> bool:
         """Record that `node` holds partition `value`; a bad or taken id is dropped (warned
         unless `quiet`). Returns whether it was recorded."""
-        problem = None
-        if isinstance(value, bool) or not isinstance(value, int):
-            problem = f"is {value!r}, not an int"
-        elif not 0 <= value < num_partitions:
-            problem = f"{value} is outside 0..{num_partitions - 1}"
-        elif (other := self.holder(value)) not in (None, node):
-            problem = f"{value} is already held by node {other}"
-        if problem is not None:
+        try:
+            value = reply_checks.partition_id(value, num_partitions)
+            if (other := self.holder(value)) not in (None, node):
+                raise reply_checks.ReplyError(
+                    f"{METRICS}.{PARTITION_ID}={value} is held by node {other}")
+        except reply_checks.ReplyError as err:
             if not quiet:
-                log.warning("round %d: node %s: %s %s; answer dropped", server_round, node,
-                            PARTITION_ID, problem)
+                log.warning("round %d: node %s: %s; answer dropped", server_round, node, err)
             return False
         if self.by_node.get(node, value) != value:
             log.warning("round %d: node %s now reports %s %d (was %d)", server_round, node,
@@ -105,12 +106,8 @@ def identify(grid: Grid, nodes: list[int], partitions: PartitionMap, num_partiti
             log.warning("round %d: node %s could not say its %s: %s", server_round, node,
                         PARTITION_ID, reply.error.reason)
             continue
-        metrics = reply.content.metric_records.get(METRICS)
-        if metrics is None or PARTITION_ID not in metrics:
-            log.warning("round %d: node %s answered no %s; answer dropped", server_round, node,
-                        PARTITION_ID)
-            continue
-        partitions.learn(node, metrics[PARTITION_ID], num_partitions, server_round)
+        metrics = reply.content.metric_records.get(METRICS, {})
+        partitions.learn(node, metrics.get(PARTITION_ID), num_partitions, server_round)
 
 
 def sample_nodes(

@@ -198,6 +198,13 @@ def test_prepare_fedavg_gives_everyone_one_arch(tmp_path: Path) -> None:
     assert prepare_run(compose(tmp_path)).settings.train.local_epochs == cfg.distill.local_epochs
 
 
+def test_fedavg_clients_never_share_class_counts(tmp_path: Path) -> None:
+    """Flower's FedAvg takes one ArrayRecord per reply: no counts, even under class_weighted."""
+    fedavg = prepare_run(compose(tmp_path, "strategy=fedavg", "aggregator=class_weighted"))
+    feddf = prepare_run(compose(tmp_path, "strategy=feddf", "aggregator=class_weighted"))
+    assert not fedavg.settings.train.share_class_counts and feddf.settings.train.share_class_counts
+
+
 def test_prepare_files_npz_with_cnn(tmp_path: Path, npz_file: Path) -> None:
     run = prepare_run(compose(tmp_path, "dataset=files", f"dataset.path={npz_file}", "model=cnn"))
 

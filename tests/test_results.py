@@ -45,8 +45,23 @@ def test_rows_progress_and_final_accuracy_per_client(flower_ids, tmp_path, caplo
     frame = pd.read_parquet(tmp_path / "metrics.parquet")
     acc = frame[frame.metric == "test-accuracy"]
     assert acc[(acc["round"] == 2)].client.tolist() == [0, 1]
-    assert set(frame[frame.client == -1].metric) == {"bytes_up", "bytes_down", "elapsed_s"}
+    assert set(frame[frame.client == -1].metric) == {"bytes_up", "bytes_down", "replies-dropped",
+                                                   "elapsed_s"}
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "ok"
+
+
+def test_dropped_replies_are_a_wire_row_and_in_the_progress_line(flower_ids, tmp_path, caplog):
+    rec = Recorder(tmp_path, ["cnn", "mlp", "cnn"], dict(INFO))
+    caplog.set_level("INFO", logger="fedkd.progress")
+    replies, stats = _wave(1, [0.5, 0.6], errors=1)
+    stats.replied += 1  # a fourth node answered, and its reply failed the wire's checks
+    stats.sent += 1
+    stats.dropped = 1
+    rec.on_replies(1, replies, stats)
+    assert "round 1/2 | replies 2/4 (1 errors, 1 dropped)" in caplog.text
+    frame = rec.frame()
+    assert frame[frame.metric == "replies-dropped"][["round", "client", "value"]].values.tolist() \
+        == [[1, -1, 1.0]]
 
 
 def test_a_failure_late_in_a_run_keeps_what_was_computed(tmp_path):

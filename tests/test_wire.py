@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedkd.wire import WireGrid, content_bytes
+from fedkd.wire import WireGrid, content_bytes, reply_order
 from tests.conftest import reply, request
 from tests.helpers import FakeGrid
 
@@ -91,3 +91,12 @@ def test_metric_record_only_reply_has_small_size(flower_ids):
     wire.send_and_receive(_wave([1]), timeout=1)
     assert wire.waves[0].bytes_up == MetricRecord(
         {"num-examples": 10, "partition-id": 1}).count_bytes()
+
+
+def test_reply_order_puts_malformed_partition_ids_last_instead_of_failing(flower_ids):
+    """Without a check (tests of the wire alone) a NaN or list id must not break the sort."""
+    wave = _wave([1, 2, 3, 4])
+    claims = {1: float("nan"), 2: 1, 3: [0, 1], 4: 0}
+    replies = sorted((reply(m, partition_id=claims[m.metadata.dst_node_id]) for m in wave),
+                     key=reply_order)
+    assert [r.metadata.src_node_id for r in replies] == [4, 2, 1, 3]

@@ -17,10 +17,7 @@ from flwr.app import ConfigRecord, Context, Message
 
 from fedkd.client.node import NodeConfig, node_settings
 from fedkd.settings import ClientSettings
-from fedkd.protocol import CONFIG, METRICS
-
-NODE = "node"
-COMPUTE = "compute-s"
+from fedkd.protocol import COMPUTE_S, CONFIG, METRICS, NODE, NODE_ARCH, NODE_ROLE
 
 
 def report_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -35,7 +32,7 @@ def report_mod(msg: Message, context: Context, call_next: Callable[[Message, Con
         return reply
     settings = node_settings(ClientSettings.from_config(msg.content[CONFIG]), context)
     arch, _ = settings.arch_of(node.partition_id)
-    reply.content[NODE] = ConfigRecord({"arch": arch, "role": settings.role_of(node.partition_id)})
+    reply.content[NODE] = ConfigRecord({NODE_ARCH: arch, NODE_ROLE: settings.role_of(node.partition_id)})
     if METRICS in reply.content:
-        reply.content[METRICS][COMPUTE] = seconds
+        reply.content[METRICS][COMPUTE_S] = seconds
     return reply

@@ -139,13 +139,15 @@ def test_next_round_carries_the_soft_targets_back(flower_ids, small_run):
     np.testing.assert_allclose(transfer["targets.probs"].numpy(), np.full((n, c), 1.0 / c), rtol=1e-6)
 
 
-@pytest.mark.parametrize("bad", ["nan", "shape", "missing", "negative size", "no size"])
+@pytest.mark.parametrize("bad", ["nan", "shape", "missing", "huge logits", "negative size",
+                                 "no size", "huge size"])
 def test_malformed_replies_are_dropped(flower_ids, small_run, bad):
     n, c = small_run.data.num_public, small_run.data.num_classes
     good = np.zeros((n, c), dtype=np.float32)
     broken = {"nan": np.full((n, c), np.nan, dtype=np.float32),
-              "shape": np.zeros((n - 1, c), dtype=np.float32), "missing": None}.get(bad, good)
-    sizes = {"negative size": -5.0, "no size": None}
+              "shape": np.zeros((n - 1, c), dtype=np.float32), "missing": None,
+              "huge logits": np.full((n, c), 1e6, dtype=np.float32)}.get(bad, good)
+    sizes = {"negative size": -5.0, "no size": None, "huge size": 10**12}  # > partition 1's rows
 
     def attempt(min_replies):
         strategy = FedMD(aggregator=weighted, min_available_nodes=1, min_replies=min_replies)
