@@ -50,6 +50,7 @@ class WireStats:
     errors: int = 0
     timed_out: int = 0
     skipped_busy: int = 0
+    dropped: int = 0  # replies dropped as malformed
     bytes_down: int = 0
     bytes_up: int = 0
     seconds: float = 0.0
