@@ -21,7 +21,8 @@ import pandas as pd
 from flwr.app import Message
 
 from fedkd.protocol import OWN_ACCURACY, PHASES, phase_key
-from fedkd.simulations.status import FAILED, INTERRUPTED, Ledger, RunFacts, failed_rounds, run_status
+from fedkd.simulations.ledger import Ledger, clients_per_round
+from fedkd.simulations.status import FAILED, INTERRUPTED, RunFacts, failed_rounds, run_status
 from fedkd.strategies.base import AGGREGATION_METRICS
 from fedkd.wire import WireStats
 
@@ -48,7 +49,8 @@ class Recorder:
         self.replies: dict[int, tuple[int, int, int]] = {}  # round -> (ok, asked, errors)
         self.first_error: str | None = None
         self.server_metrics: dict[str, float] = {}
-        self.ledger = Ledger(len(archs))  # what went wrong, round by round (the status)
+        # what went wrong, round by round (the status)
+        self.ledger = Ledger(len(archs), info.get("clients_per_round"))
         self.last_round = 0  # the last round whose accuracies are all in
         self._t0 = time.monotonic()
 
@@ -67,6 +69,7 @@ class Recorder:
             "num_rounds": int(cfg.num_rounds),
             "seed": int(cfg.seed),
             "num_classes": int(run.data.num_classes),
+            "clients_per_round": clients_per_round(cfg),
             **describe(run),  # partition, partition_seed (none with dataset=nodes), archs, ...
             "own_test_sizes": own_test_sizes(run.data),
         }
@@ -178,8 +181,9 @@ class Recorder:
         """What the run's status is judged by (`fedkd.simulations.status`)."""
         frame = self.frame()
         means = frame[frame.metric == "test-accuracy"].groupby("round")["value"].mean()
-        return self.ledger.facts(self.last_evaluations(), float(means.max()) if len(means) else None,
-                                 self.info.get("num_classes"), self.first_error)
+        best = float(means.max()) if len(means) else None
+        return self.ledger.facts(self.last_evaluations(), best, self.info.get("num_classes"),
+                                 self.first_error)
 
     def finish(self, status: str = "ok", error: str | None = None,
                stop_signal: int | None = None, quick: bool = False) -> dict[str, Any]:
@@ -221,9 +225,8 @@ class Recorder:
             "final_max_accuracy": float(np.max(values)) if values else None,
             "final_accuracy_by_arch": {k: float(np.mean(v)) for k, v in sorted(by_arch.items())},
             "final_accuracy_by_role": {k: float(np.mean(v)) for k, v in sorted(by_role.items())},
-            "final_accuracy_by_client": {str(c): last[c][1] if c in last else None for c in clients},
-            "final_accuracy_round_by_client": {str(c): last[c][0] if c in last else None
-                                               for c in clients},
+            "final_accuracy_by_client": {str(c): last.get(c, (0, None))[1] for c in clients},
+            "final_accuracy_round_by_client": {str(c): last.get(c, (None,))[0] for c in clients},
             "failed_rounds_by_client": {str(c): r for c, r in failed_rounds(facts.rounds).items()},
             "replies_dropped": sum(f.dropped for f in facts.rounds.values()),
             "rounds_below_min_replies": sorted(r for r, f in facts.rounds.items() if f.below_min),

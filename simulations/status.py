@@ -1,9 +1,9 @@
 """Whether a run's numbers can be trusted: ``ok``, ``degraded``, ``failed`` or ``interrupted``.
 
-`Recorder` (`fedkd.simulations.results`) collects the facts as the run goes: per training round,
-who was asked, who answered, which replies were dropped and whether the strategy aggregated
-enough of them (`RoundFacts`); per client, its last evaluation. `run_status` turns them into the
-summary's ``status`` and ``status_reasons``, short sentences a reader can act on:
+The `Recorder`'s `fedkd.simulations.ledger.Ledger` collects the facts as the run goes: per
+training round, who was asked, who answered, which replies were dropped and whether the strategy
+aggregated enough of them (`RoundFacts`); per client, its last evaluation. `run_status` turns
+them into the summary's ``status`` and ``status_reasons``, short sentences a reader can act on:
 
 - ``interrupted``: a signal stopped the run;
 - ``failed``: the run raised, no client ever reported an accuracy, no training round got one
@@ -14,7 +14,7 @@ summary's ``status`` and ``status_reasons``, short sentences a reader can act on
   replies, or a client's final accuracy is not from the final evaluation (stale, or none at all);
 - ``ok``: none of the above.
 
-`Ledger` keeps the facts; everything else here is a pure function of its arguments.
+Everything here is a pure function of its arguments.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from fedkd.strategies.base import BELOW_MIN_REPLIES, REJECTED_REPLIES, VALID_REPLIES
-
 OK, DEGRADED, FAILED, INTERRUPTED = "ok", "degraded", "failed", "interrupted"
-STATUSES = (OK, DEGRADED, FAILED, INTERRUPTED)
+STATUSES = (OK, DEGRADED, INTERRUPTED, FAILED)
+"""Every status, from best to worst."""
 USABLE = (OK, DEGRADED)
 """Statuses whose numbers may be compared (`fedkd-compare` ranks these, flags ``degraded``)."""
 CHANCE_MARGIN = 0.05
@@ -39,7 +38,8 @@ class RoundFacts:
     Attributes
     ----------
     asked : int
-        Clients the round's train wave asked (sent, or skipped while busy with an old message).
+        Clients the round's train wave should have asked: those it asked (sent, or skipped while
+        busy with an old message), at least the configured sample (a node that is gone counts).
     answered : int
         Replies that reported a partition id (error replies and dropped replies do not).
     failed : set of int
@@ -83,9 +83,8 @@ class RunFacts:
     best_mean_accuracy : float or None
         The best round's mean test accuracy over the clients evaluated in it.
     full_final : bool
-        Whether every client was asked in the final evaluated round (then a client without an
-        evaluation in it is stale; under partial participation unsampled clients are expected
-        to keep an older one).
+        Whether every client is asked every round (then a client without an evaluation in the
+        final round is stale; under partial participation unsampled clients keep an older one).
     first_error : str or None
         The first error a client replied with.
     """
@@ -97,60 +96,6 @@ class RunFacts:
     best_mean_accuracy: float | None = None
     full_final: bool = True
     first_error: str | None = None
-
-
-class Ledger:
-    """Collects `RoundFacts` from the waves and the strategy's server metrics (the `Recorder`
-    feeds it) and judges the run (`facts`, then `run_status`).
-
-    Parameters
-    ----------
-    num_clients : int
-        Clients (partitions) of the run.
-    """
-
-    def __init__(self, num_clients: int) -> None:
-        self.num_clients = num_clients
-        self.rounds: dict[int, RoundFacts] = {}
-        self.asked: dict[int, int] = {}  # round -> most clients a train/evaluate wave asked
-        self.partition_of: dict[int, int] = {}  # node id -> partition id, from valid replies
-
-    def on_wave(self, server_round: int, message_type: str, asked: int, answered: Mapping[int, int],
-                errored: Iterable[int], dropped: int = 0) -> None:
-        """One wave: `asked` clients, `answered` node id -> partition id, `errored` node ids of
-        error replies, `dropped` replies dropped as malformed on the wire."""
-        facts = self.rounds.setdefault(server_round, RoundFacts())
-        facts.dropped += dropped
-        valid = {n: p for n, p in answered.items() if 0 <= p < self.num_clients}
-        self.partition_of.update(valid)
-        if message_type.startswith("train") or message_type == "evaluate":
-            self.asked[server_round] = max(asked, self.asked.get(server_round, 0))
-        if not message_type.startswith("train"):
-            return
-        failed, unknown = missing_clients(asked, self.num_clients, valid.values(),
-                                          [self.partition_of.get(n) for n in errored])
-        facts.asked += asked
-        facts.answered += len(set(valid.values()))
-        facts.failed |= failed
-        facts.unidentified += unknown
-
-    def on_server_metrics(self, server_round: int, metrics: Mapping[str, float]) -> None:
-        """The strategy's account of its aggregation (`fedkd.strategies.base.VALID_REPLIES`...)."""
-        facts = self.rounds.setdefault(server_round, RoundFacts())
-        if VALID_REPLIES in metrics:
-            facts.valid = int(metrics[VALID_REPLIES])
-        facts.dropped += int(metrics.get(REJECTED_REPLIES, 0))
-        facts.below_min |= bool(metrics.get(BELOW_MIN_REPLIES, 0))
-
-    def facts(self, last_eval: dict[int, tuple[int, float]], best_mean_accuracy: float | None,
-              num_classes: int | None, first_error: str | None) -> RunFacts:
-        """The `RunFacts` of the run so far."""
-        final = max((r for r, _ in last_eval.values()), default=0)
-        asked = self.asked.get(final)
-        return RunFacts(num_clients=self.num_clients, num_classes=num_classes, last_eval=last_eval,
-                        rounds=self.rounds, best_mean_accuracy=best_mean_accuracy,
-                        full_final=asked is None or asked >= self.num_clients,
-                        first_error=first_error)
 
 
 def run_status(outcome: str, facts: RunFacts, error: str | None = None,
@@ -258,32 +203,6 @@ def targets_formed(rounds: Iterable[RoundFacts]) -> bool | None:
 def chance_level(num_classes: int | None) -> float | None:
     """The accuracy that counts as chance: ``1 / num_classes + CHANCE_MARGIN``."""
     return 1.0 / num_classes + CHANCE_MARGIN if num_classes and num_classes > 0 else None
-
-
-def missing_clients(asked: int, num_clients: int, answered: Iterable[int],
-                    errored: Iterable[int | None]) -> tuple[set[int], int]:
-    """The failed partitions of a train wave, and how many failures are not identified.
-
-    With every client asked, a failed client is one that did not answer; otherwise only the
-    error replies of nodes whose partition is known can be named.
-
-    Parameters
-    ----------
-    asked : int
-        Clients the wave asked.
-    num_clients : int
-        Clients of the run.
-    answered : iterable of int
-        Partition ids that answered.
-    errored : iterable of int or None
-        The partition ids of the error replies' nodes (None: not known).
-    """
-    answered = set(answered)
-    if asked >= num_clients:
-        failed = set(range(num_clients)) - answered
-        return failed, max(0, asked - len(answered) - len(failed))
-    named = {p for p in errored if p is not None} - answered
-    return named, max(0, asked - len(answered) - len(named))
 
 
 def rounds_text(rounds: Iterable[int]) -> str:
