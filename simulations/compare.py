@@ -3,8 +3,10 @@
 An *arm* is a set of runs with identical settings except the seed: the run's Hydra overrides
 (``.hydra/overrides.yaml``) minus ``seed=...``, or, without that file, its summary's
 ``strategy, aggregator, dataset, partition, num_clients``. Labels show file paths by their
-basename and leave out `SHARED_PATHS` that every run shares. Failed runs are listed, not averaged.
-Every compared arm must have used the same partition; a mismatch of partition hashes is flagged.
+basename and leave out `SHARED_PATHS` that every run shares. Runs whose status is ``failed`` or
+``interrupted`` are listed, not averaged; ``degraded`` runs are averaged and flagged (``--strict``
+fails on any run that is not ``ok``). Every compared arm must have used the same partition; a
+mismatch of partition hashes is flagged (`fedkd.simulations.compare_partitions`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import logging
 import re
 import shlex
 import sys
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,18 @@ import pandas as pd
 import yaml
 
 from fedkd.simulations.compare_labels import override_labels
+from fedkd.simulations.compare_partitions import check_partitions
+from fedkd.simulations.status import DEGRADED, FAILED, OK, STATUSES, USABLE
 
 log = logging.getLogger("fedkd.compare")
 
 FALLBACK = ("strategy", "aggregator", "dataset", "partition", "num_clients")
-FIELDS = (*FALLBACK, "num_rounds", "seed", "status", "error", "partition_hash",
+FIELDS = (*FALLBACK, "num_rounds", "seed", "status", "status_reasons", "error", "partition_hash",
           "final_mean_accuracy", "final_min_accuracy", "top5_own_accuracy", "bytes_up",
           "bytes_down", "wall_time_s")
-COLUMNS = ["arm", *FALLBACK, "num_rounds", "seeds", "failed", "final_acc_mean", "final_acc_std",
-           "top5_own_mean", "top5_own_std", "worst_client_acc", "best_acc", "rounds_to_target",
-           "seeds_reached", "bytes_up", "bytes_down", "bytes_per_round", "epsilon", "wall_time_s",
+COLUMNS = ["arm", *FALLBACK, "num_rounds", "status", "seeds", "failed", "degraded", "final_acc_mean",
+           "final_acc_std", "top5_own_mean", "top5_own_std", "worst_client_acc", "best_acc",
+           "rounds_to_target", "seeds_reached", "bytes_up", "bytes_down", "bytes_per_round", "epsilon", "wall_time_s",
            "partition_hash", "partition_ok"]
 TOLERANCE = 1e-9  # rounds_to_target: float rounding, far below one test example
 _SEED = re.compile(r"^[+~]*seed=")
@@ -83,8 +86,12 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         return None
     metrics = _read(run_dir / "metrics.parquet")
     overrides = _read(run_dir / ".hydra" / "overrides.yaml")
-    return {"run": str(run_dir), **{k: summary.get(k) for k in FIELDS},
-            "failed": summary.get("status", "ok") != "ok",
+    status = summary.get("status", OK)  # runs from before statuses existed: ok
+    if status not in STATUSES:
+        log.warning("%s: unknown status %r, counted as failed", run_dir, status)
+        status = FAILED
+    return {"run": str(run_dir), **{k: summary.get(k) for k in FIELDS}, "status": status,
+            "failed": status not in USABLE,
             "overrides": _arm_overrides(overrides),
             "epsilon": final_epsilon(summary, metrics), "per_round": per_round(metrics)}
 
@@ -157,7 +164,8 @@ def rounds_to_target(accuracy: pd.Series, target: float) -> float:
 
 def arm_table(runs: pd.DataFrame, target: float = 0.9, sort_by: str = "final_acc_mean",
               ascending: bool = False) -> pd.DataFrame:
-    """One row per arm: statistics over its seeds, failed runs counted but not averaged.
+    """One row per arm: statistics over its usable seeds (``ok`` or ``degraded``); failed and
+    interrupted runs counted but not averaged.
 
     Parameters
     ----------
@@ -171,7 +179,8 @@ def arm_table(runs: pd.DataFrame, target: float = 0.9, sort_by: str = "final_acc
     Returns
     -------
     pd.DataFrame
-        Columns `COLUMNS` (see docs/compare.md); ``partition_ok`` from `check_partitions`.
+        Columns `COLUMNS` (see docs/compare.md); ``status`` is the worst status of the arm's
+        runs; ``partition_ok`` from `check_partitions`.
     """
     rows = []
     for arm, group in runs.groupby("arm", sort=False):
@@ -184,7 +193,8 @@ def arm_table(runs: pd.DataFrame, target: float = 0.9, sort_by: str = "final_acc
         first = group.iloc[0]
         rows.append({
             "arm": arm, **{k: first[k] for k in (*FALLBACK, "num_rounds")},
-            "seeds": len(ok), "failed": len(group) - len(ok),
+            "status": worst_status(group.status), "seeds": len(ok),
+            "failed": len(group) - len(ok), "degraded": int((group.status == DEGRADED).sum()),
             "final_acc_mean": num["final_mean_accuracy"].mean(),
             "final_acc_std": num["final_mean_accuracy"].std(),
             "top5_own_mean": num["top5_own_accuracy"].mean(),  # NaN: runs without own-label
@@ -203,45 +213,19 @@ def arm_table(runs: pd.DataFrame, target: float = 0.9, sort_by: str = "final_acc
                              kind="stable").reset_index(drop=True)
 
 
-DATA_KEYS = ("partition", "dataset", "num_clients", "partition_seed")
-"""Override keys (and their sub-keys) that change the data split: arms differing in them are
-expected to use different partitions."""
+def worst_status(statuses: Iterable[str]) -> str:
+    """The worst of `statuses`: ok < degraded < interrupted < failed."""
+    return max(statuses, key=STATUSES.index, default=OK)
 
 
-def data_setting(arm: str) -> str:
-    """The part of an arm label (its overrides) that changes the data split."""
-    tokens = [t for t in str(arm).split()
-              if t.partition("=")[0].lstrip("+~").split(".")[0] in DATA_KEYS]
-    return " ".join(sorted(tokens))
-
-
-def check_partitions(table: pd.DataFrame) -> tuple[pd.Series, list[str]]:
-    """Whether each arm used the partition of the arms with its data setting, and what is wrong.
-
-    Arms are compared within groups of equal data setting (dataset, partition, number of
-    clients and the overrides of `DATA_KEYS`, e.g. a sweep over ``partition.partitioner.alpha``
-    forms one group per alpha). An arm is not ok when its seeds disagree, its hash is missing, or
-    it differs from the most common hash of its group (with a tie, no arm of the group is ok).
-    """
-    warnings = []
-    single = table.partition_hash.where(~table.partition_hash.str.contains(",") &
-                                        (table.partition_hash != ""))
-    for arm in table.arm[single.isna()]:
-        warnings.append(f"arm '{arm}': seeds used different or unknown partitions")
-    ok = pd.Series(False, index=table.index)
-    groups = table.assign(h=single, data=table.arm.map(data_setting)).groupby(
-        ["dataset", "partition", "num_clients", "data"], dropna=False)
-    for key, group in groups:
-        counts = Counter(group.h.dropna()).most_common()
-        tie = len(counts) > 1 and counts[0][1] == counts[1][1]
-        if counts and not tie:
-            ok[group.index] = group.h == counts[0][0]
-        if len(counts) > 1:
-            warnings.append(
-                f"same data setting {key} but {len(counts)} different partitions: " +
-                "; ".join(f"{h} ({', '.join(group.arm[group.h == h])})" for h, _ in counts) +
-                ": the split did not reproduce")
-    return ok, warnings
+def status_lines(runs: pd.DataFrame) -> list[str]:
+    """``- <status>: `<run>`: <reasons>`` for every run that is not ``ok``, worst first."""
+    lines = []
+    for status in reversed(STATUSES[1:]):
+        for r in runs[runs.status == status].itertuples():
+            reasons = r.status_reasons if isinstance(r.status_reasons, list) else []
+            lines.append(f"- {status}: `{r.run}`: {'; '.join(map(str, reasons)) or r.error}")
+    return lines
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -265,9 +249,10 @@ def compare(path: str | Path, target: float = 0.9, out: str | Path | None = None
         log.warning("PARTITION MISMATCH: %s", w)
     header = (f"`{command or f'fedkd-compare {path} --target {target}'}`: {len(runs)} runs in "
               f"{len(table)} arms, target accuracy {target}, sorted by {sort_by}")
-    failed = [f"- failed: `{r.run}`: {r.error}" for r in runs[runs.failed].itertuples()]
+    failed = status_lines(runs)
     for line in failed:
-        log.warning("%s (excluded from the stats)", line[2:])
+        log.warning("%s%s", line[2:], "" if line.startswith(f"- {DEGRADED}") else
+                    " (excluded from the stats)")
     paths = {name: out / name for name in ("comparison.csv", "comparison.md",
                                            "accuracy_vs_round.png", "accuracy_vs_bytes.png")}
     table.to_csv(paths["comparison.csv"], index=False)
@@ -280,13 +265,18 @@ def compare(path: str | Path, target: float = 0.9, out: str | Path | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; prints the Markdown table and the paths written. Exit 2: no runs."""
+    """The command line; prints the Markdown table and the paths written.
+
+    Exit 2: no runs; 1 with ``--strict`` when a run's status is not ``ok``; else 0.
+    """
     parser = argparse.ArgumentParser(prog="fedkd-compare", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="a multirun folder (searched recursively for summary.json)")
     parser.add_argument("--target", type=float, default=0.9, help="accuracy for rounds-to-target")
     parser.add_argument("--out", help="where to write (default: the multirun folder)")
     parser.add_argument("--sort", default="final_acc_mean", choices=COLUMNS, help="sort column")
     parser.add_argument("--ascending", action="store_true", help="sort ascending")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when any run is not ok (degraded, failed or interrupted)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
@@ -298,6 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(paths["comparison.md"].read_text())
     print("\n".join(str(p) for p in paths.values()))
+    if args.strict:
+        runs = load_runs(args.path)
+        if (runs.status != OK).any():
+            log.error("--strict: %d of %d runs are not ok", int((runs.status != OK).sum()),
+                      len(runs))
+            return 1
     return 0
 
 

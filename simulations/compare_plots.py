@@ -124,7 +124,8 @@ def to_markdown(table: pd.DataFrame, header: str, warnings: Sequence[str] = (),
 
     `keys` are the config columns shown after the arm (`fedkd.simulations.compare.FALLBACK`).
 
-    `failed` lines (the failed runs) follow the table.
+    ``status`` is bold when an arm is not ``ok``; `failed` lines (the runs that are not ``ok``,
+    with their reasons) follow the table.
     """
     def acc(m: float, s: float) -> str:
         return "-" if pd.isna(m) else f"{m:.3f}" + ("" if pd.isna(s) else f" ± {s:.3f}")
@@ -133,13 +134,15 @@ def to_markdown(table: pd.DataFrame, header: str, warnings: Sequence[str] = (),
         return "" if pd.isna(x) else format(x, fmt)
 
     lines = [f"**WARNING: partition mismatch: {w}**\n" for w in warnings] + [header, ""]
-    head = ["arm", *keys, "seeds", "failed", "final accuracy", "top-5 own-label", "worst client",
-            "best", "rounds to target (seeds)", "bytes up", "bytes down", "bytes / round",
+    head = ["arm", *keys, "status", "seeds", "failed", "degraded", "final accuracy",
+            "top-5 own-label", "worst client", "best", "rounds to target (seeds)", "bytes up", "bytes down", "bytes / round",
             "epsilon", "wall s", "partition hash", "partition ok"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.itertuples():
-        cells = [r.arm, *(num(getattr(r, k), "") for k in keys), r.seeds, r.failed,
-                 acc(r.final_acc_mean, r.final_acc_std), acc(r.top5_own_mean, r.top5_own_std),
+        status = r.status if r.status == "ok" else f"**{r.status}**"
+        cells = [r.arm, *(num(getattr(r, k), "") for k in keys), status, r.seeds, r.failed,
+                 r.degraded, acc(r.final_acc_mean, r.final_acc_std),
+                 acc(r.top5_own_mean, r.top5_own_std),
                  num(r.worst_client_acc, ".3f"), num(r.best_acc, ".3f"),
                  f"{num(r.rounds_to_target, '.1f') or '-'} ({r.seeds_reached}/{r.seeds})",
                  num(r.bytes_up), num(r.bytes_down), num(r.bytes_per_round), num(r.epsilon, ".3g"),

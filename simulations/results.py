@@ -23,6 +23,9 @@ from flwr.app import Message
 from fedkd.protocol import (
     COMPUTE_S, METRICS, NODE, OWN_ACCURACY, PARTITION_ID, PHASES, TEST_ACCURACY, phase_key,
 )
+from fedkd.simulations.ledger import Ledger, clients_per_round
+from fedkd.simulations.status import FAILED, INTERRUPTED, RunFacts, failed_rounds, run_status
+from fedkd.strategies.base import AGGREGATION_METRICS
 from fedkd.wire import WireStats
 
 log = logging.getLogger("fedkd.progress")
@@ -49,6 +52,8 @@ class Recorder:
         self.replies: dict[int, tuple[int, int, int, int]] = {}  # round -> (ok, asked, errors, dropped)
         self.first_error: str | None = None
         self.server_metrics: dict[str, float] = {}
+        # what went wrong, round by round (the status)
+        self.ledger = Ledger(len(archs), info.get("clients_per_round"))
         self.last_round = 0  # the last round whose accuracies are all in
         self._t0 = time.monotonic()
 
@@ -66,6 +71,8 @@ class Recorder:
             "num_clients": int(cfg.num_clients),
             "num_rounds": int(cfg.num_rounds),
             "seed": int(cfg.seed),
+            "num_classes": int(run.data.num_classes),
+            "clients_per_round": clients_per_round(cfg),
             **describe(run),  # partition, partition_seed (none with dataset=nodes), archs, ...
             "own_test_sizes": own_test_sizes(run.data),
         }
@@ -83,7 +90,9 @@ class Recorder:
         """What the strategy computed on the server this round (e.g. privacy spent)."""
         for key, value in metrics.items():
             self.record(server_round, WIRE, key, value, model="server")
-        self.server_metrics.update(metrics)
+        self.ledger.on_server_metrics(server_round, metrics)
+        self.server_metrics.update({k: v for k, v in metrics.items()
+                                    if k not in AGGREGATION_METRICS})
 
     def on_replies(self, server_round: int, replies: list[Message], stats: WireStats) -> None:
         """Observer of `WireGrid`: traffic, reply metrics, progress.
@@ -96,11 +105,12 @@ class Recorder:
         self.record(server_round, WIRE, "bytes_up", stats.bytes_up)
         self.record(server_round, WIRE, "bytes_down", stats.bytes_down)
         self.record(server_round, WIRE, DROPPED, stats.dropped)
+        asked = stats.sent + stats.skipped_busy
         if stats.message_type.startswith("train"):
-            asked = stats.sent + stats.skipped_busy
             ok = stats.replied - stats.errors - stats.dropped
             self.replies[server_round] = (ok, asked, stats.errors, stats.dropped)
         got_accuracy = False
+        answered: dict[int, int] = {}  # node id -> partition id (the wire let one per partition)
         for reply in replies:
             if reply.has_error():
                 self.first_error = self.first_error or reply.error.reason
@@ -109,12 +119,16 @@ class Recorder:
             if metrics is None or PARTITION_ID not in metrics:
                 continue
             client = int(metrics[PARTITION_ID])
+            answered[reply.metadata.src_node_id] = client
             if NODE in reply.content:
                 self.learn_node(client, reply.content[NODE])
             for key in RECORDED:
                 if key in metrics:
                     self.record(server_round, client, key, float(metrics[key]))
             got_accuracy |= TEST_ACCURACY in metrics or OWN_ACCURACY in metrics
+        self.ledger.on_wave(server_round, stats.message_type, asked, answered,
+                            [r.metadata.src_node_id for r in replies if r.has_error()],
+                            stats.dropped)
         if got_accuracy:
             self.end_round(server_round)
 
@@ -156,47 +170,71 @@ class Recorder:
         """All rows as a tidy DataFrame."""
         return pd.DataFrame(self.rows, columns=COLUMNS)
 
-    def final_accuracies(self) -> dict[int, float]:
-        """Each client's last reported test accuracy."""
+    def last_evaluations(self) -> dict[int, tuple[int, float]]:
+        """Each client's last test accuracy, with the round it came from."""
         last: dict[int, tuple[int, float]] = {}
         for r, c, _, m, v in self.rows:
-            if m == "test-accuracy" and (c not in last or r >= last[c][0]):
+            if m == "test-accuracy" and 0 <= c < len(self.archs) and r >= last.get(c, (r, 0))[0]:
                 last[c] = (r, v)
-        return {c: v for c, (_, v) in sorted(last.items())}
+        return dict(sorted(last.items()))
+
+    def final_accuracies(self) -> dict[int, float]:
+        """Each client's last reported test accuracy."""
+        return {c: v for c, (_, v) in self.last_evaluations().items()}
+
+    def facts(self) -> RunFacts:
+        """What the run's status is judged by (`fedkd.simulations.status`)."""
+        frame = self.frame()
+        means = frame[frame.metric == "test-accuracy"].groupby("round")["value"].mean()
+        best = float(means.max()) if len(means) else None
+        return self.ledger.facts(self.last_evaluations(), best, self.info.get("num_classes"),
+                                 self.first_error)
 
     def finish(self, status: str = "ok", error: str | None = None,
                stop_signal: int | None = None, quick: bool = False) -> dict[str, Any]:
         """Write summary.json, metrics.parquet and accuracy.png; return the summary.
 
-        `status` is ``ok``, ``failed`` (then `error` says why; never null) or ``interrupted``
-        (`stop_signal` says by which signal; ``last_round`` is the last completed round).
+        `status` is how the run ended: ``ok`` (the runner returned), ``failed`` (`error` says
+        why) or ``interrupted`` (by `stop_signal`; ``last_round`` is the last completed round).
+        The summary's ``status`` and ``status_reasons`` come from `run_status`: a run that ended
+        ``ok`` may be ``degraded`` or ``failed`` (then ``error`` is its first reason, never null).
         The summary goes first (a forced exit may follow at any time); an interrupted run gets
         no plot (a stop must be quick), and `quick` writes summary.json alone (a forced exit:
         metrics.parquet is current to the last completed round).
         """
-        if status == "failed" and not error:
-            error = self.first_error or "failed without an error message"
-        final = self.final_accuracies()
-        values = list(final.values())
+        facts = self.facts()
+        signal_name = signal.Signals(stop_signal).name if stop_signal else None
+        status, reasons = run_status(status, facts, error, signal_name, self.last_round)
+        for reason in [] if status == INTERRUPTED else reasons:
+            log.log(logging.ERROR if status == FAILED else logging.WARNING, "run %s: %s", status,
+                    reason)
+        last = facts.last_eval
+        values = [v for _, v in last.values()]
         own = own_accuracy_rounds(self.frame(), self.info.get("own_test_sizes"))
         by_arch: dict[str, list[float]] = {}
         by_role: dict[str, list[float]] = {}
         roles = self.info.get("roles") or ["student"] * len(self.archs)
-        for client, value in final.items():
+        for client, (_, value) in last.items():
             by_arch.setdefault(self.archs[client], []).append(value)
             by_role.setdefault(roles[client], []).append(value)
+        clients = range(len(self.archs))
         summary = {
             **self.info,
             "status": status,
-            "error": error or (None if values or status == "interrupted" else self.first_error),
+            "status_reasons": reasons,
+            "error": reasons[0] if status == FAILED else None,
             "last_round": self.last_round,
-            "stop_signal": signal.Signals(stop_signal).name if stop_signal else None,
+            "stop_signal": signal_name,
             "final_mean_accuracy": float(np.mean(values)) if values else None,
             "final_min_accuracy": float(np.min(values)) if values else None,
             "final_max_accuracy": float(np.max(values)) if values else None,
             "final_accuracy_by_arch": {k: float(np.mean(v)) for k, v in sorted(by_arch.items())},
             "final_accuracy_by_role": {k: float(np.mean(v)) for k, v in sorted(by_role.items())},
-            "final_accuracy_by_client": {str(k): v for k, v in final.items()},
+            "final_accuracy_by_client": {str(c): last.get(c, (0, None))[1] for c in clients},
+            "final_accuracy_round_by_client": {str(c): last.get(c, (None,))[0] for c in clients},
+            "failed_rounds_by_client": {str(c): r for c, r in failed_rounds(facts.rounds).items()},
+            "replies_dropped": sum(f.dropped for f in facts.rounds.values()),
+            "rounds_below_min_replies": sorted(r for r, f in facts.rounds.items() if f.below_min),
             "final_own_accuracy": own[max(own)] if own else None,
             f"top{TOP_K}_own_accuracy": top_k_mean(list(own.values()), TOP_K) if own else None,
             "bytes_up": int(self.bytes_up),
@@ -209,7 +247,7 @@ class Recorder:
             return summary
         frame = self.frame()
         write_parquet(frame, self.out_dir / "metrics.parquet")
-        if values and status != "interrupted":
+        if values and status != INTERRUPTED:
             from fedkd.simulations.plots import plot_accuracy
 
             plot_accuracy(frame, self.out_dir / "accuracy.png", title=_title(self.info))

@@ -215,8 +215,11 @@ def run(cfg: DictConfig, out_dir: str | Path, runner: Runner | None = None, *,
 
     `runner` defaults to the config's `strategy.runner` (the simulation engine, or the pooled
     baseline); `flwr run .` passes one that drives the Grid it was given. Returns the summary
-    (also written to ``summary.json``). Results written before a failure stay on disk, and the
-    summary says ``status: failed`` with the error. With the default runner in the main thread
+    (also written to ``summary.json``), whose ``status`` is ``ok`` or ``degraded`` (with
+    ``status_reasons``: `fedkd.simulations.status`). Results written before a failure stay on
+    disk, and the summary says ``status: failed`` with the error; a run that finished without a
+    valid result (no accuracy, accuracy at chance with no soft targets) is ``failed`` too, and
+    raises RuntimeError like one that crashed. With the default runner in the main thread
     (or a `stop` given), SIGINT/SIGTERM raise `Interrupted` after the summary says
     ``status: interrupted``.
     """
@@ -238,8 +241,9 @@ def run(cfg: DictConfig, out_dir: str | Path, runner: Runner | None = None, *,
                                 hydra.utils.instantiate(cfg.strategy.runner), stop)
     except Interrupted as stopped:
         if recorder is None:  # stopped while preparing: nothing ran
+            name = signal.Signals(stopped.signum).name
             summary = {"status": "interrupted", "error": None, "last_round": 0,
-                       "stop_signal": signal.Signals(stopped.signum).name}
+                       "stop_signal": name, "status_reasons": [f"stopped by {name} before round 1"]}
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.warning("stopped by %s after round %s; results so far in %s",
                     signal.Signals(stopped.signum).name,
@@ -249,8 +253,8 @@ def run(cfg: DictConfig, out_dir: str | Path, runner: Runner | None = None, *,
         _active = None
         if stop is not None:
             stop.restore()
-    log.info("final accuracy mean %.3f min %.3f max %.3f | up %s B down %s B | %.1f s -> %s",
-             summary["final_mean_accuracy"], summary["final_min_accuracy"],
+    log.info("%s | final accuracy mean %.3f min %.3f max %.3f | up %s B down %s B | %.1f s -> %s",
+             summary["status"], summary["final_mean_accuracy"], summary["final_min_accuracy"],
              summary["final_max_accuracy"], f"{summary['bytes_up']:,}",
              f"{summary['bytes_down']:,}", summary["wall_time_s"], out_dir)
     return summary
@@ -258,7 +262,8 @@ def run(cfg: DictConfig, out_dir: str | Path, runner: Runner | None = None, *,
 
 def _run_recorded(recorder: Recorder, prepared: PreparedRun, runner: Runner,
                   stop: StopSignals | None) -> dict[str, Any]:
-    """Call `runner`, then write the summary whatever happened (ok, failed, interrupted)."""
+    """Call `runner`, then write the summary whatever happened (ok, degraded, failed,
+    interrupted); a run whose summary says ``failed`` raises RuntimeError with its reason."""
     status, error, signum = "failed", None, None
     if stop is not None:
         stop.on_force.append(lambda: recorder.finish(
@@ -267,9 +272,7 @@ def _run_recorded(recorder: Recorder, prepared: PreparedRun, runner: Runner,
         runner(prepared, recorder)
         if stop is not None:
             stop.check()  # a signal between the last round and here
-        status = "ok" if recorder.final_accuracies() else "failed"
-        if status == "failed":
-            error = f"no client reported a test accuracy; first error: {recorder.first_error}"
+        status = "ok"  # the recorder's facts may make it degraded or failed
     except Interrupted as stopped:
         status, signum = "interrupted", stopped.signum
         raise
@@ -283,6 +286,6 @@ def _run_recorded(recorder: Recorder, prepared: PreparedRun, runner: Runner,
     finally:
         with stop.finishing() if stop is not None else nullcontext():
             summary = recorder.finish(status=status, error=error, stop_signal=signum)
-    if status == "failed":
-        raise RuntimeError(error)
+    if summary["status"] == "failed":
+        raise RuntimeError(summary["error"])
     return summary

@@ -46,6 +46,15 @@ T = TypeVar("T")
 
 Aggregator = Callable[..., np.ndarray]
 
+# --- the strategy's account of each aggregation (server metrics: rows, and the run's status) ---
+VALID_REPLIES = "valid-replies"
+"""Replies the round aggregated."""
+REJECTED_REPLIES = "rejected-replies"
+"""Replies (not error replies) the strategy's parser dropped as malformed."""
+BELOW_MIN_REPLIES = "below-min-replies"
+"""1 when fewer valid replies than ``min_replies`` came, so the previous record stayed; else 0."""
+AGGREGATION_METRICS = (VALID_REPLIES, REJECTED_REPLIES, BELOW_MIN_REPLIES)
+
 
 class KDStrategy(PartitionSampling, Strategy):
     """Logit exchange on a public transfer set, with a pluggable aggregator.
@@ -124,6 +133,7 @@ class KDStrategy(PartitionSampling, Strategy):
         self._asked: dict[int, tuple[np.ndarray, int]] = {}  # round -> (rows, num_classes)
         self.server_metric_sinks: list[Callable[[int, dict[str, float]], None]] = []
         self.settings: ClientSettings | None = None
+        self._valid: dict[int, int] = {}  # round -> valid replies (`enough`), until reported
 
     def bind(self, settings: ClientSettings) -> None:
         """Tell the strategy which run it drives (data, architectures, roles, rounds).
@@ -237,6 +247,7 @@ class KDStrategy(PartitionSampling, Strategy):
         replies = sorted((r for r in replies if not r.has_error()), key=reply_order)
         self.learn_partitions(server_round, replies)
         record = self.aggregate_replies(server_round, replies)
+        self.report_aggregation(server_round, len(replies))
         if record is not None:
             self.report_server_metrics(server_round)
         return record, mean_metrics(replies)
@@ -268,11 +279,24 @@ class KDStrategy(PartitionSampling, Strategy):
 
     def enough(self, server_round: int, valid: int) -> bool:
         """Whether `valid` replies meet `min_replies` (else the previous record stays)."""
+        self._valid[server_round] = valid
         if valid < self.min_replies:
             log.warning("round %d: %d valid replies < min_replies=%d; keeping the previous round's",
                         server_round, valid, self.min_replies)
             return False
         return True
+
+    def report_aggregation(self, server_round: int, replies: int) -> None:
+        """Tell the sinks how many of the round's `replies` (no error replies) were aggregated,
+        rejected as malformed, and whether that was below `min_replies` (`enough` counted them;
+        a round without aggregation reports nothing)."""
+        if server_round not in self._valid:
+            return
+        valid = self._valid.pop(server_round)
+        values = {VALID_REPLIES: float(valid), REJECTED_REPLIES: float(max(0, replies - valid)),
+                  BELOW_MIN_REPLIES: float(valid < self.min_replies)}
+        for sink in self.server_metric_sinks:
+            sink(server_round, values)
 
     def report_server_metrics(self, server_round: int) -> None:
         """Hand what the aggregator reports about itself (e.g. privacy spent) to the sinks."""

@@ -144,6 +144,40 @@ def test_failed_runs_are_counted_not_averaged(tmp_path, caplog):
     assert "(excluded from the stats)" in caplog.text
 
 
+def test_degraded_runs_are_averaged_and_flagged_interrupted_ones_excluded(tmp_path, caplog):
+    make_run(tmp_path, 0)
+    make_run(tmp_path, 1, status="degraded", status_reasons=["client 1 failed in 1 of 3 training "
+                                                             "rounds: round 2"])
+    make_run(tmp_path, 2, status="interrupted", status_reasons=["stopped by SIGINT after round 1"])
+    make_run(tmp_path, 0, "local")
+    make_run(tmp_path, 1, "local", status="weird")  # unknown: counted as failed
+    runs = load_runs(tmp_path)
+    assert sorted(runs.status) == ["degraded", "failed", "interrupted", "ok", "ok"]
+    table = arm_table(runs)
+    fedmd, local = row(table, "fedmd"), row(table, "local")
+    assert fedmd.status == "interrupted" and (fedmd.seeds, fedmd.failed, fedmd.degraded) == (2, 1, 1)
+    assert fedmd.final_acc_mean == pytest.approx(0.91)  # seeds 0 (ok) and 1 (degraded)
+    assert local.status == "failed" and (local.seeds, local.failed, local.degraded) == (1, 1, 0)
+
+    markdown = compare(tmp_path)["comparison.md"].read_text()
+    assert "| **interrupted** | 2 | 1 | 1 |" in markdown and "| **failed** | 1 | 1 | 0 |" in markdown
+    lines = [line for line in markdown.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in lines] == ["- failed", "- interrupted", "- degraded"]
+    assert lines[2].endswith(": client 1 failed in 1 of 3 training rounds: round 2")
+    assert "stopped by SIGINT after round 1 (excluded from the stats)" in caplog.text
+
+
+def test_strict_exits_1_when_a_run_is_not_ok(tmp_path, capsys):
+    make_run(tmp_path, 0)
+    make_run(tmp_path, 1)
+    assert main([str(tmp_path), "--strict"]) == 0
+    make_run(tmp_path, 2, status="degraded", status_reasons=["2 replies dropped as malformed in "
+                                                             "round 1"])
+    assert main([str(tmp_path)]) == 0  # flagged, not fatal
+    assert main([str(tmp_path), "--strict"]) == 1
+    assert "**degraded**" in capsys.readouterr().out
+
+
 def test_partition_mismatch_is_flagged(tmp_path, caplog):
     make_run(tmp_path, 0, "fedmd")
     make_run(tmp_path, 1, "fedmd")

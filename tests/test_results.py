@@ -47,7 +47,13 @@ def test_rows_progress_and_final_accuracy_per_client(flower_ids, tmp_path, caplo
     assert acc[(acc["round"] == 2)].client.tolist() == [0, 1]
     assert set(frame[frame.client == -1].metric) == {"bytes_up", "bytes_down", "replies-dropped",
                                                    "elapsed_s"}
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "ok"
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["status"] == "degraded"  # client 2's accuracy is from round 1, and it failed
+    assert written["final_accuracy_round_by_client"] == {"0": 2, "1": 2, "2": 1}
+    assert written["status_reasons"] == [
+        "client 2 failed in 1 of 2 training rounds: round 2",
+        "first error: ValueError: boom",
+        "client 2's final accuracy is stale: from round 1, not the final round 2"]
 
 
 def test_dropped_replies_are_a_wire_row_and_in_the_progress_line(flower_ids, tmp_path, caplog):
