@@ -195,7 +195,9 @@ def test_out_of_range_partition_id_leaves_a_summary(wave, caplog, tmp_path):
         caplog.clear()
     summary = wave.recorder.finish()
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    assert sorted(summary["final_accuracy_by_client"]) == ["0", "1", "2"]
+    assert sorted(summary["final_accuracy_by_client"]) == ["0", "1", "2", "3"]
+    assert summary["final_accuracy_by_client"]["3"] is None  # partition 3 never answered validly
+    assert summary["status"] == "degraded" and summary["replies_dropped"] == 2
 
 
 def test_duplicate_partition_in_one_wave_drops_the_second(wave, caplog):
