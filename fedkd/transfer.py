@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from fedkd.settings import ClientSettings
-from fedkd.errors import require_int, require_number
+from fedkd.errors import ConfigError, is_number, require_int, require_number
 
 
 class TransferSource(Protocol):
@@ -68,7 +68,8 @@ class UniformNoise(_Noise):
     def __init__(self, size: int = 400, low: float = 0.0, high: float = 1.0, seed: int = 0) -> None:
         _check_size(size, allow_none=False)
         require_number("low", low)
-        require_number("high", high, low, low_open=True)
+        if not (is_number(high) and high > low):
+            raise ConfigError("high", high, f"must be a number > low (low={low:g})")
         require_int("seed", seed, 0)
         self.size, self.low, self.high, self.seed = size, low, high, seed
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fedkd.settings import ClientSettings
-from fedkd.errors import require_int, require_number
+from fedkd.errors import ConfigError, is_number, require_int, require_number
 from fedkd.generators.model import ConditionalGenerator, balanced_labels
 from fedkd.generators.objectives import balance_loss, class_loss, disagreement, diversity_loss
 
@@ -88,7 +88,8 @@ class _GeneratorSource:
         require_int("steps", steps, 0)
         require_number("lr", lr, 0.0, low_open=True)
         require_number("low", low)
-        require_number("high", high, low, low_open=True)
+        if not (is_number(high) and high > low):
+            raise ConfigError("high", high, f"must be a number > low (low={low:g})")
         require_number("adv_temperature", adv_temperature, 0.0, low_open=True)
         for name, value in (("w_ce", w_ce), ("w_adv", w_adv), ("w_bal", w_bal), ("w_div", w_div)):
             require_number(name, value, 0.0)

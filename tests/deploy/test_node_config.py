@@ -34,14 +34,18 @@ def test_deployed_node_config(deployment, tmp_path):
 
 
 @pytest.mark.parametrize(("config", "message"), [
-    ({"partition-id": 0, "data_path": "x"}, r"key\(s\) \['data_path'\] unknown; allowed: \["),
-    ({"num-partitions": 2}, "no 'partition-id'"),
-    ({"partition-id": -1}, "partition-id must be an int >= 0, got -1"),
-    ({"partition-id": "0"}, "partition-id must be an int >= 0, got '0'"),
-    ({"partition-id": 0, "role": "boss"}, r"role='boss' is not a role; allowed: \['student', 'teacher'\]"),
-    ({"partition-id": 0, "public": "digits"}, r"sets \['public'\] but no data-path"),
-    ({"partition-id": 0, "test-fraction": 1.5}, r"test-fraction must be a number in \(0, 1\), got 1.5"),
-    ({"partition-id": 0, "arch": ""}, "arch must be a non-empty string"),
+    ({"partition-id": 0, "data_path": "x"},
+     r"^node-config.data_path='x': is not an option; options: \['arch', 'checkpoint-dir', 'data-path'"),
+    ({"num-partitions": 2}, r"^node-config.partition-id=null: must be an int >= 0"),
+    ({"partition-id": -1}, r"^node-config.partition-id=-1: must be an int >= 0"),
+    ({"partition-id": "0"}, r"^node-config.partition-id='0': must be an int >= 0"),
+    ({"partition-id": 0, "role": "boss"},
+     r"^node-config.role='boss': must be one of \['student', 'teacher'\]"),
+    ({"partition-id": 0, "public": "digits"},
+     r"^node-config.public='digits': is for a deployed node, which needs data-path"),
+    ({"partition-id": 0, "test-fraction": 1.5},
+     r"^node-config.test-fraction=1.5: must be a number in \(0, 1\)"),
+    ({"partition-id": 0, "arch": ""}, r"^node-config.arch='': must be a non-empty string"),
 ])
 def test_bad_node_config_is_refused(config, message):
     with pytest.raises(ConfigError, match=message):
@@ -50,10 +54,10 @@ def test_bad_node_config_is_refused(config, message):
 
 def test_deployed_node_needs_one_public_source_and_existing_files(deployment, tmp_path):
     both = node_context(deployment.files, 0, public="digits")
-    with pytest.raises(ConfigError, match="exactly one of public-path .* or public"):
+    with pytest.raises(ConfigError, match=r"^node-config.public-path=.*: a deployed node needs exactly one of public-path"):
         NodeConfig.from_context(both)
     missing = node_context(deployment.files, 0, **{"data-path": str(tmp_path / "nope.npz")})
-    with pytest.raises(ConfigError, match=r"data-path='.*nope.npz': file not found on this node"):
+    with pytest.raises(ConfigError, match=r"^node-config.data-path='.*nope.npz': must be a file on this node \(not found\)"):
         NodeConfig.from_context(missing)
 
 
@@ -83,11 +87,11 @@ def test_node_picks_its_own_arch_and_role(deployment):
 
 def test_unknown_arch_or_partition_is_refused(deployment):
     settings = deployment.server.settings
-    with pytest.raises(ConfigError, match=r"arch='resnet' is not one of the run's architectures \["):
+    with pytest.raises(ConfigError, match=r"^node-config.arch='resnet': must be one of the run's architectures \["):
         node_settings(settings, node_context(deployment.files, 0, arch="resnet"))
     ctx = node_context(deployment.files, 0)
     ctx.node_config = {**ctx.node_config, "partition-id": 7}
-    with pytest.raises(ConfigError, match=r"partition-id=7 is outside 0\.\.2"):
+    with pytest.raises(ConfigError, match=r"^node-config.partition-id=7: must be in 0\.\.2"):
         node_settings(settings, ctx)
 
 
