@@ -24,7 +24,7 @@ PREFIX = "configuration error"
 """What every fedkd command prints before a `ConfigError`'s message."""
 
 _NO_VALUE = object()
-_MAX_SHOWN = 80  # characters of a value shown in a message
+_MAX_SHOWN = 300  # characters of a value shown in a message (one line stays readable)
 
 
 class ConfigError(ValueError):
