@@ -63,7 +63,8 @@ def check_wire(simulation: DictConfig) -> None:
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:
-    """The clients' `TrainSettings`: ``distill`` with the strategy's ``client`` delta on top."""
+    """The clients' `TrainSettings`: ``distill`` with the strategy's ``client`` delta on top
+    (a value refused is named where it was set: ``strategy.client.alpha``)."""
     client = cfg.strategy.get("client") or OmegaConf.create()
     train_cfg = {
         **OmegaConf.to_container(cfg.distill, resolve=True),
@@ -74,7 +75,14 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
             where = "strategy.client" if key in client else "distill"
             raise ConfigError(f"{where}.{key}", value, "is not an option of distill; options: "
                                                        f"{sorted(TrainSettings.__dataclass_fields__)}")
-    return TrainSettings(**train_cfg)
+    try:
+        return TrainSettings(**train_cfg)
+    except ConfigError as err:
+        head = err.key.removeprefix("distill.").split(".")[0]
+        if not err.has_value or head not in client:
+            raise
+        raise ConfigError(f"strategy.client.{err.key.removeprefix('distill.')}", err.value,
+                          err.allowed) from None
 
 
 def check_strategy(cfg: DictConfig) -> Any:
