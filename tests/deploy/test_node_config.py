@@ -98,3 +98,67 @@ def test_unknown_arch_or_partition_is_refused(deployment):
 def test_deployment_server_offers_every_catalogued_arch(deployment):
     assert set(deployment.server.settings.archs) == {"cnn_small", "mlp", "cnn_teacher"}
     assert set(deployment.sim.settings.archs) == {"cnn_small", "mlp"}
+
+
+# --- fedkd-supernode checks the node config when it starts ---------------------------------------
+@pytest.mark.parametrize(("node_config", "line"), [
+    ('partition-id=0 data_path="/data/train.npz"', "node-config.data_path='/data/train.npz': is "
+                                                   "not an option; options: ['arch', "),
+    ("partition-id=-1", "node-config.partition-id=-1: must be an int >= 0"),
+    ('partition-id=0 data-path="/nope.npz" public="digits"',
+     "node-config.data-path='/nope.npz': must be a file on this node (not found)"),
+    ("partition-id==", "node-config='partition-id==': is not in Flower's format"),
+])
+def test_supernode_refuses_a_bad_node_config_before_it_starts(node_config, line, monkeypatch,
+                                                              capsys):
+    from fedkd.deploy import supernode
+
+    def started(*args, **kwargs):
+        raise AssertionError("the SuperNode (or its worker) was started")
+
+    monkeypatch.setattr(supernode, "run_flower_supernode", started)
+    monkeypatch.setattr(supernode, "start_worker_superexec", started)
+
+    with pytest.raises(SystemExit) as stopped:
+        supernode.main(["--insecure", "--superlink", "127.0.0.1:9092", "--node-config", node_config])
+
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"configuration error: {line}"), err
+
+
+def test_supernode_reads_the_node_config_as_flower_does(deployment):
+    from fedkd.deploy.supernode import check_node_config
+
+    text = deployment.files.node_config(1, arch="mlp")
+
+    node = check_node_config(["--superlink", "x:1", "--node-config", text])
+
+    assert node == NodeConfig.from_context(node_context(deployment.files, 1, arch="mlp"))
+    assert check_node_config(["--insecure"]) is None  # no node config: Flower's default
+
+
+def test_a_node_with_a_typo_exits_at_start_in_one_line(tmp_path):
+    """The process: `fedkd-supernode` with ``data_path`` exits 2, before it connects anywhere."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo),
+                                                                    os.environ.get("PYTHONPATH")])),
+           "FLWR_HOME": str(tmp_path)}
+    t0 = time.monotonic()
+    proc = subprocess.run(  # port 9 (discard): nothing would ever answer
+        [sys.executable, "-m", "fedkd.deploy.supernode", "--insecure", "--superlink",
+         "127.0.0.1:9", "--node-config", 'partition-id=0 data_path="/data/train.npz"'],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    seconds = time.monotonic() - t0
+
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "configuration error: node-config.data_path='/data/train.npz': is not an option; "
+        "options: ['arch', 'checkpoint-dir', 'data-path', 'label-column', 'num-partitions', "
+        "'partition-id', 'public', 'public-path', 'role', 'test-fraction', 'test-path']"]
+    print(f"fedkd-supernode with a bad node config stopped after {seconds:.1f} s")  # noqa: T201
