@@ -23,7 +23,7 @@ from typing import Any
 
 import hydra.utils
 import numpy as np
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from fedkd.aggregation import TeacherMeta
 from fedkd.errors import ConfigError, find_config_error, require_bool, require_int, require_number
@@ -96,11 +96,9 @@ def check_strategy(cfg: DictConfig) -> Any:
         return None
     path = "strategy.flower"
     for key in flower:
-        child = flower._get_node(key)
-        if isinstance(child, DictConfig) or OmegaConf.is_interpolation(flower, key):
-            value = flower[key]
-            if isinstance(value, DictConfig) and "_target_" in value:
-                build(value, key_path(flower, path, key))
+        value = flower[key]  # an interpolation (aggregator: ${aggregator}) resolved
+        if isinstance(value, DictConfig) and "_target_" in value:
+            build(value, key_path(flower, path, str(key)))
     strategy = build(flower, path)
     probe_aggregator(strategy, key_path(flower, path, "aggregator"))
     return strategy
@@ -111,7 +109,7 @@ def key_path(node: DictConfig, path: str, key: str) -> str:
     from (``strategy.flower.temperature: ${distill.temperature}`` -> ``distill.temperature``)."""
     head, _, rest = key.partition(".")
     if head in node and OmegaConf.is_interpolation(node, head):
-        source = _INTERPOLATION.fullmatch(str(node._get_node(head)._value()))
+        source = _INTERPOLATION.fullmatch(str(_raw(node, head)))
         if source is not None:
             return source.group(1) + (f".{rest}" if rest else "")
     return f"{path}.{key}" if path else key
@@ -159,7 +157,7 @@ def build(node: DictConfig, path: str) -> Any:
     if options is not None:
         for key in node:
             if not str(key).startswith("_") and key not in options:
-                raise ConfigError(key_path(node, path, str(key)), _plain(node, key),
+                raise ConfigError(key_path(node, path, str(key)), _raw(node, key),
                                   f"is not an option of {name}; options: {sorted(options)}")
     try:
         return hydra.utils.instantiate(node)
@@ -188,11 +186,9 @@ def probe_aggregator(strategy: Any, path: str) -> None:
         raise ConfigError(f"{path} refuses its options: {_reason(err)}") from None
 
 
-def _plain(node: DictConfig, key: Any) -> Any:
-    value = node._get_node(key)
-    if OmegaConf.is_interpolation(node, key):
-        return str(value._value())
-    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else node[key]
+def _raw(node: DictConfig, key: Any) -> Any:
+    """The value of `key` as written (``${seed}`` for an interpolation), as plain data."""
+    return OmegaConf.to_container(node, resolve=False)[key]
 
 
 def _reason(err: BaseException) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
