@@ -20,6 +20,9 @@ Still private, because Flower 1.42 has no public option for it:
   and ``flwr.supernode.fleet_http_connection``, the interval a SuperNode announces and keeps.
 - `run_flower_supernode`: ``flower-supernode`` (its console-script entry point) run in this
   process, so that the patches above apply to it.
+- `parse_node_config`: ``--node-config`` read as ``flower-supernode`` reads it
+  (``flwr.common.config.parse_config_args``), so that ``fedkd-supernode`` checks the node config
+  before it starts the SuperNode.
 - the persistent ClientApp worker (`fedkd.deploy.worker`): `run_worker_superexec` puts
   `ClientAppExecutor` (Flower's executor interface: ``LaunchResult``, ``TaskType``,
   ``ExecutionSpec``, ``SubprocessExecutor``) in place of ``get_executor`` in Flower's SuperExec
@@ -123,6 +126,14 @@ def shorten_pull_backoff(initial: float = PULL_BACKOFF) -> None:
         function.__kwdefaults__["initial_backoff"] = initial
 
 
+def heartbeat_range() -> tuple[float, float]:
+    """The heartbeat intervals a SuperLink accepts, seconds (Flower 1.42: 10..1800)."""
+    require_supported_flower()
+    from flwr.common import constant
+
+    return constant.HEARTBEAT_MIN_INTERVAL, constant.HEARTBEAT_MAX_INTERVAL
+
+
 def set_heartbeat_interval(seconds: float) -> None:
     """Make this SuperNode announce and send heartbeats every `seconds` (Flower: 30 s)."""
     require_supported_flower()
@@ -151,6 +162,25 @@ def run_flower_supernode(args: list[str]) -> None:
     main = found[0].load()
     sys.argv = ["flower-supernode", *args]
     main()
+
+
+def parse_node_config(text: str) -> dict[str, Any]:
+    """``--node-config`` (``'k=v k2="s"'`` or a .toml file) as the SuperNode will see it.
+
+    Raises
+    ------
+    ValueError
+        The text is not in Flower's format (Flower raises a click exception; its message is kept).
+    """
+    require_supported_flower()
+    import click
+    from flwr.common.config import parse_config_args
+
+    try:
+        return dict(parse_config_args([text]))
+    except (click.ClickException, ValueError, OSError) as err:
+        message = err.format_message() if isinstance(err, click.ClickException) else str(err)
+        raise ValueError(message) from None
 
 
 # ---- the persistent ClientApp worker ---------------------------------------------------------

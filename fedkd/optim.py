@@ -35,6 +35,13 @@ OPTIMIZERS = (
 Muon matrix parameters only: none fits a client's training loop)."""
 
 _WHERE = "distill.optimizer"
+HINTS = {
+    "lr": "a number >= 0", "eps": "a number >= 0", "weight_decay": "a number >= 0",
+    "momentum": "a number >= 0", "lr_decay": "a number >= 0", "momentum_decay": "a number >= 0",
+    "betas": "two numbers in [0, 1)", "rho": "a number in [0, 1]",
+}
+"""What the allowlisted optimizers accept for their common arguments, for messages only: torch
+decides (`_dry_run`), the hint says what it wants."""
 
 
 def _is_number(value: object) -> bool:
@@ -45,7 +52,7 @@ def _is_number(value: object) -> bool:
 def _arguments(name: str) -> dict[str, Any]:
     """Keyword arguments of an allowlisted optimizer and their defaults (``params`` excluded)."""
     if name not in OPTIMIZERS:  # never look up a name that is not allowlisted
-        raise ConfigError(f"{_WHERE}: {name!r} is not an allowed optimizer")
+        raise ConfigError(f"{_WHERE}._target_", name, "is not an allowed optimizer")
     signature = inspect.signature(getattr(torch.optim, name))
     return {p.name: p.default for p in signature.parameters.values()
             if p.name != "params" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -71,7 +78,7 @@ def _check_value(name: str, key: str, value: object, default: object) -> object:
         if _is_number(value):
             return value
         allowed = "a finite number"
-    raise ConfigError(f"{field}={value!r} is not allowed for {name}: it must be {allowed}")
+    raise ConfigError(field, value, f"must be {allowed} ({PREFIX}{name})")
 
 
 def check_optimizer(spec: object) -> tuple[str, dict[str, Any]]:
@@ -89,31 +96,49 @@ def check_optimizer(spec: object) -> tuple[str, dict[str, Any]]:
         kind, or torch refuses the values (e.g. a negative ``lr``).
     """
     if not isinstance(spec, Mapping):
-        raise ConfigError(f"{_WHERE}={spec!r} must be a mapping with a '_target_'")
+        raise ConfigError(_WHERE, spec, "must be a mapping with a '_target_'")
     target = spec.get("_target_")
     allowed = ", ".join(PREFIX + n for n in OPTIMIZERS)
     name = target[len(PREFIX):] if isinstance(target, str) and target.startswith(PREFIX) else None
     if name not in OPTIMIZERS:
-        raise ConfigError(f"{_WHERE}._target_={target!r} is not allowed; allowed: {allowed}")
+        raise ConfigError(f"{_WHERE}._target_", target, f"must be one of: {allowed}")
     arguments = _arguments(name)
     kwargs: dict[str, Any] = {}
     for key, value in spec.items():
         if key == "_target_":
             continue
         if not isinstance(key, str) or key not in arguments:
-            raise ConfigError(f"{_WHERE}.{key} is not an argument of {name}; allowed: "
-                              f"{sorted(arguments)}")
+            raise ConfigError(f"{_WHERE}.{key}", value, f"is not an argument of {PREFIX}{name}; "
+                                                        f"options: {sorted(arguments)}")
         kwargs[key] = _check_value(name, key, value, arguments[key])
     _dry_run(name, kwargs)
     return name, kwargs
 
 
-def _dry_run(name: str, kwargs: Mapping[str, Any]) -> None:
-    """Let torch check the values (ranges, combinations) on one throw-away parameter."""
+def _refusal(name: str, kwargs: Mapping[str, Any]) -> str | None:
+    """Why torch refuses to build optimizer `name` with `kwargs` (None: it builds)."""
     try:
         getattr(torch.optim, name)([torch.zeros(1, requires_grad=True)], **kwargs)
     except (ValueError, TypeError, RuntimeError) as err:
-        raise ConfigError(f"{_WHERE}: {name} refuses {dict(kwargs)}: {err}") from err
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return None
+
+
+def _dry_run(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Let torch check the values (ranges, combinations) on one throw-away parameter.
+
+    A refusal names the first argument torch refuses on its own, with what it accepts; one that
+    only a combination of arguments causes names them all.
+    """
+    why = _refusal(name, kwargs)
+    if why is None:
+        return
+    for key, value in kwargs.items():
+        alone = _refusal(name, {key: value})
+        if alone is not None:
+            hint = f"must be {HINTS[key]}; " if key in HINTS else ""
+            raise ConfigError(f"{_WHERE}.{key}", value, f"{hint}{PREFIX}{name} says: {alone}")
+    raise ConfigError(_WHERE, dict(kwargs), f"{PREFIX}{name} refuses this combination: {why}")
 
 
 def build_optimizer(spec: Mapping[str, Any], params: Iterable[torch.nn.Parameter]

@@ -15,19 +15,18 @@ so the epsilons are the same as with Flower's wrapper.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Integral
+from typing import TYPE_CHECKING
 
-from dp_accounting import GaussianDpEvent, NeighboringRelation
-from dp_accounting.rdp import RdpAccountant
+from fedkd.errors import require_number
 
-from fedkd.errors import ConfigError
+if TYPE_CHECKING:  # imported when an accountant is built: it pulls in SciPy (seconds)
+    from dp_accounting.rdp import RdpAccountant
 
 
 def _check_open(name: str, value: float, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not low < value < high:
-        allowed = f"> {low:g}" if math.isinf(high) else f"in ({low:g}, {high:g})"
-        raise ConfigError(f"{name}={value!r} must be a finite number {allowed}")
-    return float(value)
+    return require_number(name, value, low, None if math.isinf(high) else high, low_open=True,
+                          high_open=True)
 
 
 class GNMaxAccountant:
@@ -78,12 +77,17 @@ class GNMaxAccountant:
 
     @staticmethod
     def _new_accountant() -> RdpAccountant:
+        from dp_accounting import NeighboringRelation
+        from dp_accounting.rdp import RdpAccountant
+
         # Default orders and add-or-remove-one neighbours, as Flower's wrapper used. Without sampling amplification
         # the neighbouring relation does not change the Gaussian bound, and the replaced-vote sensitivity sqrt(2) is
         # already in the noise multiplier.
         return RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
 
     def _compose(self, accountant: RdpAccountant, num_queries: int) -> int:
+        from dp_accounting import GaussianDpEvent
+
         if isinstance(num_queries, bool) or not isinstance(num_queries, Integral) or num_queries < 1:
             raise ValueError(f"num_queries={num_queries!r} must be an integer >= 1")
         accountant.compose(GaussianDpEvent(self.noise_multiplier), int(num_queries))

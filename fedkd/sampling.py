@@ -13,7 +13,9 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
-__all__ = ["sample_partitions", "sample_size"]
+from fedkd.errors import require_int, require_number
+
+__all__ = ["check_sampling", "sample_partitions", "sample_size"]
 
 
 def sample_size(num_partitions: int, fraction: float, min_nodes: int) -> int:
@@ -74,3 +76,13 @@ def sample_partitions(
     if size == len(pool):
         return pool
     return sorted(random.Random(f"fedkd.sample/{seed}/{server_round}").sample(pool, size))
+
+
+def check_sampling(fraction_train: object, min_train_nodes: object, min_available_nodes: object,
+                   seed: object, wait_for_nodes_s: object) -> None:
+    """A strategy's sampling options (`fedkd.errors.ConfigError` naming the first bad one)."""
+    require_number("fraction_train", fraction_train, 0.0, 1.0, low_open=True)
+    require_int("min_train_nodes", min_train_nodes, 0)
+    require_int("min_available_nodes", min_available_nodes, 0)
+    require_int("seed", seed, 0)
+    require_number("wait_for_nodes_s", wait_for_nodes_s, 0.0)

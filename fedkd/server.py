@@ -22,9 +22,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from fedkd.settings import ClientSettings, TrainSettings
+from fedkd.checks import check_run
+from fedkd.settings import ClientSettings
 from fedkd.data import DataInfo, prepare_data
-from fedkd.errors import ConfigError
 from fedkd.models import assign_models, assign_roles, build_model, count_parameters, resolve_model
 from fedkd.reply_guard import ReplyGuard
 from fedkd.wire import ReplyObserver, WireGrid
@@ -53,11 +53,9 @@ class PreparedRun:
 
 
 def prepare_run(cfg: DictConfig) -> PreparedRun:
-    """Prepare data, assign architectures and build the client settings of a run."""
-    if cfg.num_clients < 1 or cfg.num_rounds < 1:
-        raise ConfigError(
-            f"num_clients and num_rounds must be >= 1, got {cfg.num_clients} and {cfg.num_rounds}"
-        )
+    """Check every value of `cfg` (`fedkd.checks.check_run`), then prepare the data, assign
+    architectures and build the client settings of a run."""
+    train = check_run(cfg)
     if cfg.dataset.get("on_nodes", False):  # deployment: nodes hold the data, we the public set
         data, node_data = prepare_public_set(cfg)
     else:
@@ -81,15 +79,6 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         counts[name] = count_parameters(model)
         users = [i for i, (n, _) in enumerate(assignment) if n == name]
         log.info("architecture %s: %s parameters, clients %s", name, f"{counts[name]:,}", users)
-    train_cfg = {  # a strategy may adjust client training (e.g. FedAvg's epochs per round)
-        **OmegaConf.to_container(cfg.distill, resolve=True),
-        **OmegaConf.to_container(cfg.strategy.get("client") or OmegaConf.create(), resolve=True),
-    }
-    try:
-        train = TrainSettings(**train_cfg)
-    except TypeError as err:
-        allowed = sorted(TrainSettings.__dataclass_fields__)
-        raise ConfigError(f"distill: {err}; allowed keys are {allowed}") from err
     roles = assign_roles(model_cfg, int(cfg.num_clients))
     if "teacher" in roles:
         log.info("teachers (never taught): clients %s", [i for i, r in enumerate(roles) if r == "teacher"])

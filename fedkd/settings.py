@@ -7,12 +7,13 @@ ConfigRecord, so a ClientApp needs nothing but its node config (in simulation, `
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from fedkd.errors import ConfigError
+from fedkd.errors import (
+    ConfigError, is_int, is_number, require_bool, require_int, require_keys, require_number,
+)
 from fedkd.models.assign import ROLES
 from fedkd.models.build import check_spec
 from fedkd.optim import check_optimizer
@@ -74,21 +75,15 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_every"):
-            _int(getattr(self, name), f"distill.{name}", low=1)
-        if self.local_steps is not None:
-            _int(self.local_steps, "distill.local_steps", low=1, allowed="an int >= 1 or null")
+            require_int(f"distill.{name}", getattr(self, name), 1)
+        require_int("distill.local_steps", self.local_steps, 1, null=True)
         for name in ("local_epochs", "warmup_epochs", "digest_epochs"):
-            _int(getattr(self, name), f"distill.{name}", low=0)
-        if not (_is_number(self.alpha) and 0.0 <= self.alpha <= 1.0):
-            raise ConfigError(f"distill.alpha must be a number in [0, 1], got {self.alpha!r}")
-        if not (_is_number(self.temperature) and self.temperature > 0):
-            raise ConfigError(f"distill.temperature must be a number > 0, got {self.temperature!r}")
+            require_int(f"distill.{name}", getattr(self, name), 0)
+        require_number("distill.alpha", self.alpha, 0.0, 1.0)
+        require_number("distill.temperature", self.temperature, 0.0, low_open=True)
         for name in ("profile", "share_class_counts", "revisit"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"distill.{name} must be true or false, got "
-                                  f"{getattr(self, name)!r}")
-        if not (_is_number(self.lr_decay) and 0.0 < self.lr_decay <= 1.0):
-            raise ConfigError(f"distill.lr_decay must be a number in (0, 1], got {self.lr_decay!r}")
+            require_bool(f"distill.{name}", getattr(self, name))
+        require_number("distill.lr_decay", self.lr_decay, 0.0, 1.0, low_open=True)
         check_optimizer(self.optimizer)
 
 
@@ -112,10 +107,10 @@ class ClientSettings:
     def __post_init__(self) -> None:
         _check_data(self.data)
         if not isinstance(self.archs, Mapping) or not self.archs:
-            raise ConfigError(f"settings.archs must be a non-empty mapping, got {self.archs!r}")
+            raise ConfigError("settings.archs", self.archs, "must be a non-empty mapping")
         for name, spec in self.archs.items():
             if not isinstance(name, str):
-                raise ConfigError(f"settings.archs key {name!r} must be a string")
+                raise ConfigError("settings.archs", name, "keys must be strings")
             check_spec(spec, f"settings.archs.{name}")
         _strings(self.assignment, "settings.assignment", sorted(self.archs), empty=False)
         _strings(self.roles, "settings.roles", list(ROLES), empty=True)
@@ -123,9 +118,10 @@ class ClientSettings:
             raise ConfigError(f"settings.roles has {len(self.roles)} entries, settings.assignment "
                               f"{len(self.assignment)}; give one role per partition or none")
         if not isinstance(self.train, TrainSettings):
-            raise ConfigError(f"settings.train must be TrainSettings, got {type(self.train)}")
-        _int(self.seed, "settings.seed", low=0, high=MAX_SEED)
-        _int(self.num_rounds, "settings.num_rounds", low=1)
+            raise ConfigError("settings.train", type(self.train).__name__,
+                              "must be TrainSettings")
+        require_int("settings.seed", self.seed, 0, MAX_SEED)
+        require_int("settings.num_rounds", self.num_rounds, 1)
 
     def role_of(self, partition_id: int) -> str:
         """A partition's role: teachers never digest soft targets."""
@@ -157,7 +153,7 @@ class ClientSettings:
                 raise ConfigError(f"the document must be a JSON object, got {type(raw).__name__}")
             _keys(raw, cls, "settings")
             if not isinstance(raw["train"], dict):
-                raise ConfigError(f"settings.train must be an object, got {raw['train']!r}")
+                raise ConfigError("settings.train", raw["train"], "must be an object")
             _keys(raw["train"], TrainSettings, "distill")
             return cls(**{**raw, "train": TrainSettings(**raw["train"])})
         except (TypeError, ValueError, RecursionError) as err:  # ConfigError is a ValueError
@@ -198,24 +194,8 @@ OPTIONAL_DATA_KEYS = ("normalize", "public_recipe")
 RECIPE_KEYS = ("name", "args", "test_fraction", "public_size", "seed")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed (numbers must be finite)")
-
-
-def _int(value: object, what: str, low: int, high: int | None = None,
-         allowed: str | None = None) -> None:
-    if not _is_int(value) or value < low or (high is not None and value > high):
-        allowed = allowed or (f"an int in [{low}, {high}]" if high is not None else
-                              f"an int >= {low}")
-        raise ConfigError(f"{what} must be {allowed}, got {value!r}")
 
 
 def _list(value: object) -> bool:
@@ -223,14 +203,14 @@ def _list(value: object) -> bool:
 
 
 def _ints(value: object, low: int, empty: bool = True) -> bool:
-    return _list(value) and (empty or bool(value)) and all(_is_int(v) and v >= low for v in value)
+    return _list(value) and (empty or bool(value)) and all(is_int(v) and v >= low for v in value)
 
 
 def _strings(value: object, what: str, allowed: list[str], empty: bool) -> None:
     ok = _list(value) and (empty or bool(value)) and all(isinstance(v, str) for v in value)
     if not ok or any(v not in allowed for v in value):
-        raise ConfigError(f"{what} must be a {'' if empty else 'non-empty '}list of names from "
-                          f"{allowed}, got {value!r}")
+        raise ConfigError(what, value, f"must be a {'' if empty else 'non-empty '}list of names "
+                                       f"from {allowed}")
 
 
 def _keys(raw: Mapping[str, Any], kind: type, what: str) -> None:
@@ -238,8 +218,7 @@ def _keys(raw: Mapping[str, Any], kind: type, what: str) -> None:
     names = {f.name for f in fields(kind)}
     required = {f.name for f in fields(kind)
                 if f.default is MISSING and f.default_factory is MISSING}
-    if unknown := sorted(map(str, set(raw) - names)):
-        raise ConfigError(f"{what} key(s) {unknown} unknown; allowed: {sorted(names)}")
+    require_keys(what, raw, names)
     if missing := sorted(required - set(raw)):
         raise ConfigError(f"{what} key(s) {missing} missing")
 
@@ -247,19 +226,18 @@ def _keys(raw: Mapping[str, Any], kind: type, what: str) -> None:
 def _check_data(data: object) -> None:
     """`ClientSettings.data`: exactly `DATA_KEYS`, each of its type."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"settings.data must be a mapping, got {data!r}")
-    if unknown := sorted(map(str, set(data) - set(DATA_KEYS))):
-        raise ConfigError(f"settings.data key(s) {unknown} unknown; allowed: {sorted(DATA_KEYS)}")
+        raise ConfigError("settings.data", data, "must be a mapping")
+    require_keys("settings.data", data, DATA_KEYS)
     if missing := sorted(set(DATA_KEYS) - set(OPTIONAL_DATA_KEYS) - set(data)):
         raise ConfigError(f"settings.data key(s) {missing} missing")
     checks = {
         "cache_dir": lambda v: isinstance(v, str),
-        "num_classes": lambda v: _is_int(v) and v >= 1,
+        "num_classes": lambda v: is_int(v) and v >= 1,
         "input_shape": lambda v: _ints(v, 1, empty=False),
         "public_fingerprint": lambda v: isinstance(v, str),
         "partition_hash": lambda v: isinstance(v, str),
-        "num_public": lambda v: _is_int(v) and v >= 0,
-        "num_test": lambda v: _is_int(v) and v >= 0,
+        "num_public": lambda v: is_int(v) and v >= 0,
+        "num_test": lambda v: is_int(v) and v >= 0,
         "client_sizes": lambda v: _ints(v, 0),
         "class_histograms": lambda v: _list(v) and all(_ints(row, 0) for row in v),
         "normalize": lambda v: isinstance(v, str),
@@ -267,7 +245,7 @@ def _check_data(data: object) -> None:
     }
     for key, value in data.items():
         if not checks[key](value):
-            raise ConfigError(f"settings.data.{key} must be {DATA_KEYS[key]}, got {value!r}")
+            raise ConfigError(f"settings.data.{key}", value, f"must be {DATA_KEYS[key]}")
 
 
 def _recipe_ok(recipe: object) -> bool:
@@ -277,8 +255,8 @@ def _recipe_ok(recipe: object) -> bool:
     args = recipe.get("args") or {}
     plain_args = isinstance(args, Mapping) and all(
         isinstance(k, str) and not k.startswith("_")
-        and (isinstance(v, str | bool) or _is_number(v)) for k, v in args.items())
-    optional_number = all(recipe.get(k) is None or _is_number(recipe[k])
+        and (isinstance(v, str | bool) or is_number(v)) for k, v in args.items())
+    optional_number = all(recipe.get(k) is None or is_number(recipe[k])
                           for k in ("test_fraction", "public_size"))
     return (isinstance(recipe["name"], str) and plain_args and optional_number
-            and _is_int(recipe.get("seed", 0)) and recipe.get("seed", 0) >= 0)
+            and is_int(recipe.get("seed", 0)) and recipe.get("seed", 0) >= 0)

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from fedkd.settings import ClientSettings
-from fedkd.errors import ConfigError
+from fedkd.errors import ConfigError, is_number, require_int, require_number
 
 
 class TransferSource(Protocol):
@@ -26,10 +26,7 @@ class TransferSource(Protocol):
 
 
 def _check_size(size: int | None, allow_none: bool) -> None:
-    if size is None and allow_none:
-        return
-    if not isinstance(size, int) or size < 1:
-        raise ConfigError(f"transfer.size must be an int >= 1{' or null' * allow_none}, got {size!r}")
+    require_int("size", size, 1, null=allow_none)
 
 
 class Public:
@@ -37,6 +34,7 @@ class Public:
 
     def __init__(self, size: int | None = None, seed: int = 0) -> None:
         _check_size(size, allow_none=True)
+        require_int("seed", seed, 0)
         self.size, self.seed = size, seed
 
     def rows(self, server_round: int, settings: ClientSettings) -> np.ndarray:
@@ -69,8 +67,10 @@ class UniformNoise(_Noise):
 
     def __init__(self, size: int = 400, low: float = 0.0, high: float = 1.0, seed: int = 0) -> None:
         _check_size(size, allow_none=False)
-        if not high > low:
-            raise ConfigError(f"transfer.high must be > transfer.low, got low={low}, high={high}")
+        require_number("low", low)
+        if not (is_number(high) and high > low):
+            raise ConfigError("high", high, f"must be a number > low (low={low:g})")
+        require_int("seed", seed, 0)
         self.size, self.low, self.high, self.seed = size, low, high, seed
 
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -83,8 +83,9 @@ class GaussianNoise(_Noise):
 
     def __init__(self, size: int = 400, mean: float = 0.0, std: float = 1.0, seed: int = 0) -> None:
         _check_size(size, allow_none=False)
-        if not std > 0:
-            raise ConfigError(f"transfer.std must be > 0, got {std}")
+        require_number("mean", mean)
+        require_number("std", std, 0.0, low_open=True)
+        require_int("seed", seed, 0)
         self.size, self.mean, self.std, self.seed = size, mean, std, seed
 
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

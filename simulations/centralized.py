@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 
 import torch
+from omegaconf import DictConfig
 
 from fedkd.client.state import new_optimizer
+from fedkd.errors import require_bool, require_int
 from fedkd.training import evaluate, revisit, round_generator
 from fedkd.data import load_private_pool, load_test
 from fedkd.models import build_model
@@ -58,3 +60,13 @@ def train_pooled(
         log.info("centralized %s: final test accuracy %.3f", arch, accuracy[arch][-1])
     for server_round in range(1, settings.num_rounds + 1):
         recorder.end_round(server_round)
+
+
+def check_pooled(cfg: DictConfig) -> None:
+    """`train_pooled`'s options, before the data is prepared (`fedkd.simulations.run`)."""
+    runner = cfg.strategy.runner
+    require_int("strategy.runner.epochs_per_round", runner.get("epochs_per_round", 5), 1)
+    require_bool("strategy.runner.cosine", runner.get("cosine", True))
+
+
+train_pooled.check_config = check_pooled  # type: ignore[attr-defined]

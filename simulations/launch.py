@@ -28,6 +28,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
+from fedkd.errors import ConfigError, is_number, require_int, require_keys
 from fedkd.server import PreparedRun, make_server_app
 from fedkd.simulations.results import Recorder
 from fedkd.simulations.run import (
@@ -62,6 +63,65 @@ def quiet_flower(verbose: bool) -> Iterator[None]:
         for lg, (level, propagate) in zip(loggers, saved):
             lg.setLevel(level)
             lg.propagate = propagate
+
+
+CLIENT_RESOURCES = ("num_cpus", "num_gpus")
+"""What `simulation.client_resources` may ask of Ray for each client (Flower's backend)."""
+
+
+def available_cpus() -> int:
+    """The CPUs Ray finds on this machine (cgroup limits included)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return max(1, int(get_num_cpus()))
+    except Exception:  # noqa: BLE001 - Ray moved it: count the cores we may run on
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+
+
+def available_gpus() -> int:
+    """The GPUs torch sees (Ray finds the same CUDA devices)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_backend(cfg: Any) -> None:
+    """The Ray backend's settings (`simulation.client_resources`, `simulation.ray_init`).
+
+    Flower's engine starts ``floor(CPUs / num_cpus)`` client actors, and with ``num_gpus > 0``
+    at most ``floor(GPUs / num_gpus)``; with none it stops, and the server would wait out the
+    round timeout. So ``num_cpus`` must be in ``(0, CPUs]``, CPUs being ``ray_init.num_cpus`` or
+    the CPUs Ray finds here, and ``num_gpus`` in ``[0, GPUs]``, GPUs being
+    ``ray_init.num_gpus`` or the CUDA devices torch sees: 0 on a machine without a GPU.
+    """
+    import inspect
+
+    import ray
+
+    sim = cfg.simulation
+    resources = OmegaConf.to_container(sim.client_resources, resolve=True) or {}
+    init = OmegaConf.to_container(sim.ray_init, resolve=True) or {}
+    require_keys("simulation.client_resources", resources, CLIENT_RESOURCES)
+    ray_options = set(inspect.signature(ray.init).parameters) - {"runtime_env", "kwargs"}
+    require_keys("simulation.ray_init", {k: v for k, v in init.items() if not k.startswith("_")},
+                 ray_options, owner="ray.init")
+    cpus = require_int("simulation.ray_init.num_cpus", init.get("num_cpus"), 1, null=True)
+    gpus = require_int("simulation.ray_init.num_gpus", init.get("num_gpus"), 0, null=True)
+    where_cpus = "simulation.ray_init.num_cpus" if cpus else "the CPUs Ray finds here"
+    where_gpus = "simulation.ray_init.num_gpus" if gpus is not None else "the GPUs torch sees"
+    cpus = cpus or available_cpus()
+    gpus = available_gpus() if gpus is None else gpus
+    num_cpus = resources.get("num_cpus")
+    if not (is_number(num_cpus) and 0 < num_cpus <= cpus):
+        raise ConfigError("simulation.client_resources.num_cpus", num_cpus,
+                          f"must be a number in (0, {cpus}] ({where_cpus}: {cpus})")
+    num_gpus = resources.get("num_gpus", 0.0)
+    if not (is_number(num_gpus) and 0 <= num_gpus <= gpus):
+        allowed = (f"must be a number in [0, {gpus}] ({where_gpus}: {gpus})" if gpus else
+                   f"must be 0: no GPU here ({where_gpus}: 0)")
+        raise ConfigError("simulation.client_resources.num_gpus", num_gpus, allowed)
 
 
 def backend_config(sim: Any) -> dict[str, Any]:
@@ -201,6 +261,9 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
         ray.shutdown()
         reap(leftovers)
     stop.check()
+
+
+simulate.check_config = check_backend  # type: ignore[attr-defined]  # fedkd.simulations.run
 
 
 def child_processes(since: float = 0.0) -> list[Any]:

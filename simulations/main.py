@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from fedkd.errors import ConfigError
+from fedkd.errors import error_line, find_config_error
 from fedkd.server import CONF_DIR
 from fedkd.simulations.run import Interrupted, StopSignals, run
 
@@ -26,17 +26,18 @@ FORCE_AFTER_S = 6.0  # a clean stop that takes longer ends the process (kills Ra
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Run one experiment; bad config values exit with status 2 and one clear message."""
+    """Run one experiment; a bad config value exits with status 2 and one line,
+    ``configuration error: <key>=<value>: <what is allowed>``, before Ray starts."""
     try:
         summary = run(cfg, HydraConfig.get().runtime.output_dir,
                       stop=StopSignals(force_after=FORCE_AFTER_S))
     except Interrupted as stopped:
         exit_now(stopped.exit_code)
     except Exception as err:
-        cause = config_cause(err)
+        cause = find_config_error(err, also=(OmegaConfBaseException,))
         if cause is None:
             raise
-        log.error("configuration error: %s", one_line(cause))
+        log.error("%s", error_line(cause))  # one line
         sys.exit(2)
     return summary["final_mean_accuracy"]
 
@@ -51,24 +52,6 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def one_line(err: BaseException) -> str:
-    """The first line of an error message (OmegaConf appends key and type details below)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def config_cause(err: BaseException) -> BaseException | None:
-    """The ConfigError (or OmegaConf error) behind `err`, if any, following the cause chain."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ConfigError | OmegaConfBaseException):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 if __name__ == "__main__":

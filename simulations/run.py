@@ -17,13 +17,17 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import hydra.utils
 from omegaconf import DictConfig, OmegaConf
 
+from fedkd.checks import build
 from fedkd.server import PreparedRun, prepare_run
 from fedkd.simulations.results import Recorder
 
 Runner = Callable[[PreparedRun, Recorder], None]
+"""Drives a prepared run. A runner may carry ``check_config(cfg)`` (on the function a Hydra
+partial wraps): `run` calls it before the data is prepared, with the config's own checks
+(`fedkd.checks.check_run`, which `prepare_run` calls first), so that its settings (the simulation engine's resources) are
+refused before anything starts."""
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +237,13 @@ def run(cfg: DictConfig, out_dir: str | Path, runner: Runner | None = None, *,
     _active, recorder = stop, None
     try:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        prepared = prepare_run(cfg)
-        if cfg.strategy.get("flower") is not None:  # a bad strategy setting fails early
-            hydra.utils.instantiate(cfg.strategy.flower)
+        runner = runner or build(cfg.strategy.runner, "strategy.runner")
+        check_runner = getattr(getattr(runner, "func", runner), "check_config", None)
+        if check_runner is not None:  # the engine's settings, before anything starts
+            check_runner(cfg)
+        prepared = prepare_run(cfg)  # checks every value first (fedkd.checks.check_run)
         recorder = Recorder.for_run(prepared, out_dir)
-        summary = _run_recorded(recorder, prepared, runner or
-                                hydra.utils.instantiate(cfg.strategy.runner), stop)
+        summary = _run_recorded(recorder, prepared, runner, stop)
     except Interrupted as stopped:
         if recorder is None:  # stopped while preparing: nothing ran
             name = signal.Signals(stopped.signum).name

@@ -12,7 +12,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedkd.errors import ConfigError
+from fedkd.errors import ConfigError, error_line
 from fedkd.server import compose_config, run_strategy
 from fedkd.simulations.run import run
 
@@ -85,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         check_supernodes(grid, int(cfg.num_clients))
     except ConfigError as err:
-        log.error("configuration error: %s", err)  # the one line; Flower adds its traceback
+        log.error("%s", error_line(err))  # the one line; Flower adds its traceback
         raise
     out_dir = Path(str(context.run_config.get("output-dir", "outputs/flwr"))) / str(grid.run.run_id)
     run(cfg, out_dir, runner=lambda prepared, recorder: run_strategy(

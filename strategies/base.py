@@ -30,8 +30,9 @@ from flwr.serverapp.strategy import Strategy
 from fedkd import reply_checks
 from fedkd.aggregation import TeacherMeta
 from fedkd.settings import ClientSettings
-from fedkd.errors import ConfigError
+from fedkd.errors import ConfigError, require_int, require_number
 from fedkd.generators import LogitGuided, ModelGuided
+from fedkd.sampling import check_sampling
 from fedkd.protocol import (
     CONFIG, MESSAGE_TYPE, METRICS, NUM_EXAMPLES, PARTITION_ID, QUERY, QUERY_DIRECTIONS, QUERY_MU,
     QUERY_SEED, SERVER_ROUND, TARGETS, TRANSFER,
@@ -109,12 +110,15 @@ class KDStrategy(PartitionSampling, Strategy):
         seed: int = 0,
         wait_for_nodes_s: float = 60.0,
     ) -> None:
-        if not 0.0 < fraction_train <= 1.0:
-            raise ConfigError(f"strategy.fraction_train must be in (0, 1], got {fraction_train}")
-        if min_replies < 1:
-            raise ConfigError(f"strategy.min_replies must be >= 1, got {min_replies}")
-        if transfer_size is not None and transfer_size < 1:
-            raise ConfigError(f"strategy.transfer_size must be >= 1 or null, got {transfer_size}")
+        check_sampling(fraction_train, min_train_nodes, min_available_nodes, seed,
+                       wait_for_nodes_s)
+        require_int("min_replies", min_replies, 1)
+        require_int("transfer_size", transfer_size, 1, null=True)
+        require_number("temperature", temperature, 0.0, low_open=True)
+        if aggregator is not None and not callable(aggregator):
+            raise ConfigError("aggregator", aggregator, "must be an aggregator (a callable) or null")
+        if transfer is not None and not callable(getattr(transfer, "rows", None)):
+            raise ConfigError("transfer", transfer, "must be a transfer source (fedkd.transfer)")
         self.aggregator = aggregator
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
@@ -123,9 +127,10 @@ class KDStrategy(PartitionSampling, Strategy):
         self.transfer = transfer if transfer is not None else Public(transfer_size, seed)
         if isinstance(self.transfer, ModelGuided) and not self.holds_models:
             raise ConfigError(
-                f"transfer {type(self.transfer).__name__} is fitted on the teachers' models, which "
-                f"{type(self).__name__} never sees (only logits leave its clients): use a strategy "
-                "that uploads weights (strategy=feddf) or transfer=generator_blackbox")
+                "transfer", type(self.transfer).__name__,
+                f"is fitted on the teachers' models, which {type(self).__name__} never sees (only "
+                "logits leave its clients): use a strategy that uploads weights (strategy=feddf) "
+                "or transfer=generator_blackbox")
         self.temperature = temperature
         self.seed = seed
         self.wait_for_nodes_s = wait_for_nodes_s

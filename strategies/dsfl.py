@@ -25,7 +25,9 @@ class DSFL(KDStrategy):
 
     def __init__(self, aggregator: Aggregator | None = None, sharpen: float = 0.1, **kwargs) -> None:
         if aggregator is None:
-            from fedkd.aggregation import era
+            from fedkd.aggregation import check_number, era
+
+            check_number("sharpen", sharpen, low=0.0)
 
             aggregator = partial(era, sharpen=sharpen)
         super().__init__(aggregator=aggregator, **kwargs)

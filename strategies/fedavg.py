@@ -16,7 +16,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
+from fedkd.errors import require_int, require_number
 from fedkd.protocol import SERVER_ROUND
+from fedkd.sampling import check_sampling
 from fedkd.settings import ClientSettings
 from fedkd.strategies.partitions import PartitionMap, PartitionSampling
 
@@ -37,6 +39,10 @@ class FedAvg(PartitionSampling, FlowerFedAvg):
     """
 
     def __init__(self, seed: int = 0, wait_for_nodes_s: float = 60.0, **kwargs) -> None:
+        check_sampling(kwargs.get("fraction_train", 1.0), kwargs.get("min_train_nodes", 2),
+                       kwargs.get("min_available_nodes", 2), seed, wait_for_nodes_s)
+        require_number("fraction_evaluate", kwargs.get("fraction_evaluate", 1.0), 0.0, 1.0)
+        require_int("min_evaluate_nodes", kwargs.get("min_evaluate_nodes", 2), 0)
         super().__init__(**kwargs)
         self.seed = seed
         self.wait_for_nodes_s = wait_for_nodes_s

@@ -35,7 +35,7 @@ from torch import nn
 from fedkd.aggregation import TeacherMeta, mean_logits
 from fedkd.settings import ClientSettings
 from fedkd.data import load_public
-from fedkd.errors import ConfigError
+from fedkd.errors import ConfigError, require_int, require_number
 from fedkd.generators import LogitGuided, ModelGuided
 from fedkd.generators.base import models_query
 from fedkd.models import build_model
@@ -97,14 +97,11 @@ class FedDF(KDStrategy):
         **kwargs,
     ) -> None:
         if aggregator is None:
-            raise ConfigError("FedDF needs an aggregator to form the ensemble's soft targets")
-        if server_epochs < 0:
-            raise ConfigError(f"strategy.server_epochs must be >= 0, got {server_epochs}")
-        if not server_lr > 0:
-            raise ConfigError(f"strategy.server_lr must be > 0, got {server_lr}")
-        if server_batch_size is not None and server_batch_size < 1:
-            raise ConfigError(
-                f"strategy.server_batch_size must be >= 1 or null, got {server_batch_size}")
+            raise ConfigError("aggregator", None, "FedDF needs an aggregator to form the "
+                                                  "ensemble's soft targets")
+        require_int("server_epochs", server_epochs, 0)
+        require_number("server_lr", server_lr, 0.0, low_open=True)
+        require_int("server_batch_size", server_batch_size, 1, null=True)
         super().__init__(aggregator=aggregator, **kwargs)
         self.server_epochs = server_epochs
         self.server_lr = server_lr

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ class Case:
     """Substrings of the output (the error line for configuration errors)."""
     config_error: bool = True
     """Caught by `fedkd-sim`: exit 2 and one 'configuration error: ...' line."""
+    fast: bool = False
+    """Found before any data is prepared: the process ends within `FAST_S` seconds of CPU."""
 
 
 CASES = {
@@ -38,12 +41,33 @@ CASES = {
     "black-box generator without directions": Case(
         ("transfer=generator_blackbox", "transfer.directions=0"), ("transfer.directions", ">= 1")),
     "files without path": Case(("dataset=files",), ("dataset.path", "Missing mandatory value")),
+    # issue 11's "found late" values (all of them, in process: tests/test_checks.py)
+    "negative learning rate": Case(
+        ("distill.optimizer.lr=-1",), ("distill.optimizer.lr=-1: must be a number >= 0",),
+        fast=True),
+    "trimmed mean fraction": Case(
+        ("aggregator=trimmed_mean", "aggregator.fraction=0.7"),
+        ("aggregator.fraction=0.7: must be a number in [0, 0.5)",), fast=True),
+    "no CPU per client": Case(
+        ("simulation.client_resources.num_cpus=0",),
+        ("simulation.client_resources.num_cpus=0: must be a number in (0, ",), fast=True),
+    "num_clients as text": Case(("num_clients=abc",), ("num_clients='abc': must be an int >= 1",),
+                                fast=True),
+    "a sweep with a bad arm": Case(("-m", "seed=-1"), ("seed=-1: must be an int in [0, ",),
+                                   fast=True),
 }
+FAST_S = 10.0
+"""CPU seconds a `fast` case may take (imports included; the wall time on an idle machine is
+about the same, on a loaded one several times more: it is printed, not asserted)."""
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _env(root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "RAY_"))}
     env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),  # this checkout
         FEDKD_CACHE_DIR=str(root / "cache"),
         RAY_TMPDIR=str(root / "ray"),  # a Ray start would create it
         OMP_NUM_THREADS="1",
@@ -58,6 +82,8 @@ class Result:
     output: str
     seconds: float
     root: Path
+    cpu_seconds: float = 0.0
+    """User + system time of the process and the children it waited for."""
 
 
 CASE_TIMEOUT = 600.0
@@ -69,17 +95,22 @@ def _run_case(case: Case, root: Path) -> Result:
     """`fedkd-sim` with the case's overrides, in its own process group (killed whole on timeout)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        [*COMMAND, *case.overrides, f"hydra.run.dir={root / 'out'}"],
+        [*COMMAND, *case.overrides, f"hydra.run.dir={root / 'out'}",
+         f"hydra.sweep.dir={root / 'sweep'}"],
         cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
-    try:
-        output, _ = proc.communicate(timeout=CASE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+    timer = threading.Timer(CASE_TIMEOUT, os.killpg, (proc.pid, signal.SIGKILL))
+    timer.start()
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # the process's own CPU time
+    timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode == -signal.SIGKILL:
         output += f"\n[killed after {CASE_TIMEOUT:.0f} s]"
-    return Result(proc.returncode, output, time.monotonic() - t0, root)
+    return Result(proc.returncode, output, time.monotonic() - t0, root,
+                  usage.ru_utime + usage.ru_stime)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +141,17 @@ def test_bad_value_exits_with_one_clear_message(results: dict[str, Result], name
     assert all(text in line for text in case.expected), line
     if name != "files without path":  # OmegaConf adds full_key/object_type lines to its message
         assert errors[0] == len(output.rstrip().splitlines()) - 1, f"message is not one line:\n{output}"
+
+
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.fast])
+def test_a_bad_value_stops_the_process_fast(results: dict[str, Result], name: str) -> None:
+    result = results[name]
+    print(f"{name}: {result.seconds:.1f} s wall, {result.cpu_seconds:.1f} s CPU")  # noqa: T201
+
+    assert result.returncode == 2, result.output
+    assert "Reusing prepared data" not in result.output
+    assert not (result.root / "cache").exists(), "data was prepared before the check"
+    assert result.cpu_seconds < FAST_S, f"{result.cpu_seconds:.1f} s of CPU\n{result.output}"
 
 
 RESULT_FILES = ("summary.json", "metrics.parquet", "accuracy.png", "config.yaml")

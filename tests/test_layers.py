@@ -21,7 +21,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "fedkd.training", "fedkd.timing", "fedkd.optim", "fedkd.sampling", "fedkd.privacy",
              "fedkd.aggregation", "fedkd.models", "fedkd.data", "fedkd.reply_checks"),
     "server": ("fedkd.strategies", "fedkd.transfer", "fedkd.generators", "fedkd.server_distill",
-               "fedkd.wire", "fedkd.reply_guard", "fedkd.server"),
+               "fedkd.wire", "fedkd.reply_guard", "fedkd.server", "fedkd.checks"),
     "client": ("fedkd.client",),
     "app": ("fedkd.simulations", "fedkd.deploy", "fedkd.flower_compat", "fedkd.conf"),
 }

@@ -37,7 +37,7 @@ def test_scheduled_rate_starts_from_the_spec_lr_or_the_optimizers_default():
 
 @pytest.mark.parametrize("decay", [0, -0.5, 1.5, True, float("nan")])
 def test_lr_decay_is_checked(decay):
-    with pytest.raises(ConfigError, match="distill.lr_decay must be a number in"):
+    with pytest.raises(ConfigError, match=r"distill.lr_decay=.*: must be a number in \(0, 1\]"):
         TrainSettings(lr_decay=decay)
 
 

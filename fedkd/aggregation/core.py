@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 
-from fedkd.errors import ConfigError
+from fedkd.errors import require_number
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,17 +76,8 @@ def check_number(name: str, value: float, *, low: float, high: float = math.inf,
 
     The range is ``(low, high)``; ``low_open=False`` / ``high_open=False`` include that end.
     """
-    if math.isinf(high):
-        allowed = f"{'>' if low_open else '>='} {low:g}"
-    else:
-        allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} must be a finite number {allowed}")
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (above and below):
-        raise ConfigError(f"{name}={value!r} must be {allowed}")
-    return float(value)
+    return require_number(name, value, low, None if math.isinf(high) else high,
+                          low_open=low_open, high_open=high_open)
 
 
 def check_temperature(temperature: float) -> float:

@@ -8,6 +8,9 @@ server-prepared cache. A deployed SuperNode is started with its own keys::
 
 ``data-path`` switches the node to its own files. Every key is listed in `NODE_KEYS`; any other
 key is refused with the list, so a typo (``data_path``) fails loudly instead of being ignored.
+``fedkd-supernode`` checks the node config when it starts (`NodeConfig.from_mapping`), before it
+connects; the ClientApp checks it again at every message (plain ``flower-supernode`` has only
+that). Refusals read ``node-config.<key>=<value>: <what is allowed>``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from fedkd.settings import ClientSettings
-from fedkd.errors import ConfigError
+from fedkd.errors import ConfigError, is_int, require_choice, require_keys, require_number
 
 NODE_KEYS = {
     "partition-id": "this node's id in the federation, 0..num_clients-1 (seeds, order, results)",
@@ -36,6 +39,8 @@ NODE_KEYS = {
     "checkpoint-dir": "where the student is checkpointed (default <cache>/checkpoints)",
 }
 ROLES = ("student", "teacher")
+WHERE = "node-config"
+"""How refusals name a node config key (``node-config.data-path``)."""
 
 
 def cache_root() -> Path:
@@ -74,15 +79,16 @@ class NodeConfig:
     @classmethod
     def from_context(cls, context: Context) -> NodeConfig:
         """Read and check ``context.node_config``."""
-        config = dict(context.node_config)
-        unknown = sorted(set(config) - set(NODE_KEYS))
-        if unknown:
-            raise ConfigError(f"node config key(s) {unknown} unknown; allowed: {sorted(NODE_KEYS)}")
-        if "partition-id" not in config:
-            raise ConfigError("node config has no 'partition-id' (an int, 0..num_clients-1)")
-        pid = config["partition-id"]
-        if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
-            raise ConfigError(f"node config partition-id must be an int >= 0, got {pid!r}")
+        return cls.from_mapping(dict(context.node_config))
+
+    @classmethod
+    def from_mapping(cls, config: dict[str, object]) -> NodeConfig:
+        """Check a node config (as Flower parses ``--node-config``) and read it."""
+        require_keys(WHERE, config, NODE_KEYS)
+        pid = config.get("partition-id")
+        if not is_int(pid) or pid < 0:
+            raise ConfigError(f"{WHERE}.partition-id", pid,
+                              "must be an int >= 0 (this node's id, 0..num_clients-1)")
         strings = {key: _string(config, key) for key in NODE_KEYS if key not in
                    ("partition-id", "num-partitions", "test-fraction")}
         node = cls(
@@ -97,25 +103,26 @@ class NodeConfig:
 
     def check(self) -> None:
         """Cross-key rules: files only with data-path, exactly one public source, known role."""
-        if self.role is not None and self.role not in ROLES:
-            raise ConfigError(f"node config role={self.role!r} is not a role; "
-                              f"allowed: {list(ROLES)}")
+        if self.role is not None:
+            require_choice(f"{WHERE}.role", self.role, ROLES)
         if not self.deployed:
             files = (("test-path", self.test_path), ("public-path", self.public_path),
                      ("public", self.public))
             stray = [key for key, value in files if value is not None]
             if stray:
-                raise ConfigError(f"node config sets {stray} but no data-path; a deployed node "
-                                  f"needs data-path (its private data file)")
+                raise ConfigError(f"{WHERE}.{stray[0]}", dict(files)[stray[0]],
+                                  "is for a deployed node, which needs data-path (its private "
+                                  "data file) too")
             return
         if (self.public_path is None) == (self.public is None):
-            raise ConfigError("node config needs exactly one of public-path (a file) or public "
-                              f"(an embedded name), got public-path={self.public_path!r}, "
-                              f"public={self.public!r}")
+            raise ConfigError(f"{WHERE}.public-path", self.public_path,
+                              "a deployed node needs exactly one of public-path (a file) or "
+                              f"public (an embedded name); public={self.public!r}")
         for key, value in (("data-path", self.data_path), ("test-path", self.test_path),
                            ("public-path", self.public_path)):
             if value is not None and not Path(value).expanduser().is_file():
-                raise ConfigError(f"node config {key}='{value}': file not found on this node")
+                raise ConfigError(f"{WHERE}.{key}", value, "must be a file on this node "
+                                                           "(not found)")
 
 
 def _string(config: dict, key: str) -> str | None:
@@ -123,14 +130,13 @@ def _string(config: dict, key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"node config {key} must be a non-empty string, got {value!r}")
+        raise ConfigError(f"{WHERE}.{key}", value, "must be a non-empty string")
     return value
 
 
 def _fraction(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise ConfigError(f"node config test-fraction must be a number in (0, 1), got {value!r}")
-    return float(value)
+    return require_number(f"{WHERE}.test-fraction", value, 0.0, 1.0, low_open=True,
+                          high_open=True)
 
 
 def node_settings(settings: ClientSettings, context: Context) -> ClientSettings:
@@ -143,16 +149,16 @@ def node_settings(settings: ClientSettings, context: Context) -> ClientSettings:
     pid = node.partition_id
     if not 0 <= pid < len(settings.assignment):
         last = len(settings.assignment) - 1
-        raise ConfigError(f"node config partition-id={pid} is outside 0..{last} (the run has "
-                          f"num_clients={last + 1})")
+        raise ConfigError(f"{WHERE}.partition-id", pid,
+                          f"must be in 0..{last} (the run has num_clients={last + 1})")
     if node.arch is None and node.role is None:
         return settings
     assignment, roles = list(settings.assignment), list(settings.roles or ["student"] * len(
         settings.assignment))
     if node.arch is not None:
         if node.arch not in settings.archs:
-            raise ConfigError(f"node config arch={node.arch!r} is not one of the run's "
-                              f"architectures {sorted(settings.archs)}")
+            raise ConfigError(f"{WHERE}.arch", node.arch,
+                              f"must be one of the run's architectures {sorted(settings.archs)}")
         assignment[pid] = node.arch
     if node.role is not None:
         roles[pid] = node.role

@@ -16,7 +16,7 @@ def check_limit(value: object, key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ConfigError(f"dataset.{key} must be an int >= 1 or null, got {value!r}")
+        raise ConfigError(f"dataset.{key}", value, "must be an int >= 1 or null")
     return int(value)
 
 

@@ -117,7 +117,7 @@ def class_histograms(labels: np.ndarray, parts: list[np.ndarray], num_classes: i
 
 def _check_counts(num_partitions: int, num_samples: int) -> None:
     if not _is_int(num_partitions) or num_partitions < 1:
-        raise ConfigError(f"num_clients must be an integer >= 1, got {num_partitions!r}")
+        raise ConfigError("num_clients", num_partitions, "must be an int >= 1")
     if num_partitions > num_samples:
         raise ConfigError(
             f"num_clients={num_partitions} exceeds the {num_samples} private samples; "
@@ -131,7 +131,8 @@ def _check_alpha(alpha: Any) -> None:
     values = alpha if isinstance(alpha, (list, tuple)) else [alpha]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     if not values or not numeric or min(values) <= 0:
-        raise ConfigError(f"partition.partitioner.alpha must be > 0, got {alpha!r}")
+        raise ConfigError("partition.partitioner.alpha", alpha,
+                          "must be a number > 0 (or a list of them)")
 
 
 def _check_classes_per_partition(k: Any, num_classes: int | None) -> None:
@@ -140,16 +141,15 @@ def _check_classes_per_partition(k: Any, num_classes: int | None) -> None:
     upper = num_classes if num_classes is not None else k
     if not _is_int(k) or not 1 <= k <= upper:
         allowed = f"1..{num_classes}" if num_classes is not None else ">= 1"
-        raise ConfigError(
-            f"partition.partitioner.num_classes_per_partition must be in {allowed}, got {k!r}"
-        )
+        raise ConfigError("partition.partitioner.num_classes_per_partition", k,
+                          f"must be an int in {allowed}")
 
 
 def _check_min_size(min_size: Any, num_partitions: int, num_samples: int) -> None:
     if min_size is None:
         return
     if not _is_int(min_size) or min_size < 0:
-        raise ConfigError(f"partition.partitioner.min_partition_size must be an int >= 0, got {min_size!r}")
+        raise ConfigError("partition.partitioner.min_partition_size", min_size, "must be an int >= 0")
     if min_size * num_partitions > num_samples:
         raise ConfigError(_too_few_rows(num_partitions, int(min_size), num_samples))
 

@@ -144,7 +144,7 @@ def prepare_public(
     from fedkd.data.split import normalizer
 
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ConfigError(f"dataset.num_classes must be an int >= 2, got {num_classes!r}")
+        raise ConfigError("dataset.num_classes", num_classes, "must be an int >= 2")
     raw = (embedded_public(recipe, cache_root) if recipe is not None
            else read_public_file(public, "dataset.public"))
     public_x = normalizer(raw, normalize)(raw)

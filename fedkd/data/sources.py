@@ -58,7 +58,7 @@ def mnist1d(num_samples: int = 5000, seed: int = 42) -> RawData:
     from mnist1d.data import get_dataset_args, make_dataset
 
     if num_samples < 10:
-        raise ConfigError(f"dataset.source.num_samples must be >= 10, got {num_samples}")
+        raise ConfigError("dataset.source.num_samples", num_samples, "must be an int >= 10")
     args = get_dataset_args()
     args.num_samples = int(num_samples)
     args.seed = int(seed)

@@ -183,15 +183,14 @@ def _log_stats(mode: str, shift: float | np.ndarray, scale: float | np.ndarray) 
 
 def _check_fraction(value: object, key: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ConfigError(f"{key} must be a number in (0, 1), got {value!r}")
+        raise ConfigError(key, value, "must be a number in (0, 1)")
 
 
 def _public_count(public_size: int | float, available: int) -> int:
     """Number of public rows for ``dataset.public_size`` given ``available`` train rows."""
     if isinstance(public_size, bool) or not isinstance(public_size, (int, float)):
-        raise ConfigError(
-            f"dataset.public_size must be an int count or a float in (0, 1), got {public_size!r}"
-        )
+        raise ConfigError("dataset.public_size", public_size,
+                          "must be an int count or a float in (0, 1)")
     if isinstance(public_size, float):
         _check_fraction(public_size, "dataset.public_size")
         count = int(round(public_size * available))

@@ -7,6 +7,10 @@ Sub-commands
 - ``export``: write one raw data file per device (plus public.npz and test.npz) from a data set.
 - ``certs``: a private CA and a SuperLink TLS certificate for the given hosts.
 - ``keys``: one ECDSA P-384 key pair per SuperNode (OpenSSH format), to register with the SuperLink.
+
+Every flag, and the server config ``run`` makes of them, is checked before any process starts
+(`check_args`); a refusal is one line, ``configuration error: --rounds=0: must be an int >= 1``,
+and exit status 2 (`fedkd.deploy.args`).
 """
 
 from __future__ import annotations
@@ -18,19 +22,55 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedkd.deploy.args import OneLineParser
 from fedkd.deploy.federation import LAUNCHERS, LocalFederation, Options, RunResult
 from fedkd.deploy.processes import Process
+from fedkd.errors import ConfigError, require_int, require_number
 
 log = logging.getLogger("fedkd.deploy")
 
 
-def _run(args: argparse.Namespace) -> int:
-    opts = Options(
+def options(args: argparse.Namespace) -> Options:
+    """The federation ``run`` asks for."""
+    return Options(
         num_nodes=args.nodes, rounds=args.rounds, strategy=args.strategy,
         model=args.model, archs=tuple(a for a in args.archs.split(",") if a), secure=args.secure,
         public=args.public, poll_interval=args.poll_interval, launcher=args.launcher,
         round_timeout=args.round_timeout, overrides=tuple(args.overrides),
     )
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag of the sub-command, before anything starts (`ConfigError` naming the flag).
+
+    ``run``: the federation's options and the server config they make (`Options.check`), the
+    wait for the run, and the kill-and-restart drill (``--kill-node`` a node, killed after a
+    round that is not the last); ``export``/``keys``: at least one node; ``certs``: days >= 1.
+    """
+    if args.command in ("export", "keys"):
+        require_int("--nodes", args.nodes, 1)
+    if args.command == "certs":
+        require_int("--days", args.days, 1)
+    if args.command != "run":
+        return
+    options(args).check()
+    require_number("--timeout", args.timeout, 0.0, low_open=True)
+    if args.clean and args.workdir is not None:
+        raise ConfigError("--clean", True, "removes only the temporary work folder it creates; "
+                                           "not with --workdir")
+    if args.kill_node is None:
+        return
+    require_int("--kill-node", args.kill_node, 0, args.nodes - 1)
+    if args.rounds < 2:
+        raise ConfigError("--kill-node", args.kill_node, "needs --rounds >= 2 (the node is "
+                                                         "killed after a round, not the last)")
+    require_int("--kill-after-round", args.kill_after_round, 1, args.rounds - 1)
+    require_number("--kill-delay", args.kill_delay, 0.0)
+    require_number("--restart-delay", args.restart_delay, 0.0)
+
+
+def _run(args: argparse.Namespace) -> int:
+    opts = options(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedkd-federation-")).resolve()
     clean = False
     try:
@@ -113,8 +153,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The command line."""
-    top = argparse.ArgumentParser(prog="fedkd-federation", description=__doc__.split("\n")[0])
-    sub = top.add_subparsers(dest="command", required=True)
+    top = OneLineParser(prog="fedkd-federation", description=__doc__.split("\n")[0])
+    sub = top.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     run = sub.add_parser("run", help="a local federation on 127.0.0.1")
     run.add_argument("--nodes", type=int, default=3)
     run.add_argument("--rounds", type=int, default=3)
@@ -169,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     cli = parser()
     args = cli.parse_args(argv)
-    if getattr(args, "kill_node", None) is not None and not 0 <= args.kill_node < args.nodes:
-        cli.error(f"--kill-node must be a node of 0..{args.nodes - 1}, got {args.kill_node}")
-    if getattr(args, "clean", False) and args.workdir is not None:
-        cli.error("--clean removes only the temporary work folder it creates; not with --workdir")
+    try:
+        check_args(args)
+    except ConfigError as err:
+        cli.refuse(err)
     return int(args.func(args))
 
 

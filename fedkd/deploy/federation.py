@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from fedkd.deploy.files import FederationFiles, export_node_files
+from fedkd.errors import ConfigError, require_choice, require_int, require_number
 from fedkd.deploy.processes import Process, free_port, wait_for_port
+from fedkd.deploy.supernode import POLL_RANGE
 from fedkd.deploy.security import Certificates, make_certificates, make_node_key, register_node
 from fedkd.simulations.flwr_app import write_app
 
@@ -60,6 +62,51 @@ class Options:
     round_timeout: float = 120.0
     overrides: tuple[str, ...] = ()
     """Extra Hydra overrides for the server (e.g. ``distill.warmup_epochs=5``)."""
+
+    def server_overrides(self, public: str, num_classes: int | None = None) -> list[str]:
+        """The run's Hydra overrides: the nodes' data (`public`: a file or an embedded name),
+        this federation's size, the options."""
+        classes = [] if num_classes is None else [f"dataset.num_classes={num_classes}"]
+        return ["dataset=nodes", f"dataset.public={public}", *classes,
+                f"num_clients={self.num_nodes}", f"num_rounds={self.rounds}",
+                f"strategy={self.strategy}", f"model={self.model}",
+                f"simulation.round_timeout={self.round_timeout}", *self.overrides]
+
+    def check(self) -> None:
+        """Every option, and the server config they make (`fedkd.checks.check_run`), before any
+        process starts. Refusals name the ``fedkd-federation run`` flag (``--rounds=0: ...``);
+        the server's own values are named by their config key.
+
+        Raises
+        ------
+        ConfigError
+            The first value refused.
+        """
+        from fedkd.checks import check_run
+        from fedkd.server import CONF_DIR, compose_config
+
+        require_int("--nodes", self.num_nodes, 1)
+        require_int("--rounds", self.rounds, 1)
+        options = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")
+                                 if not p.stem.startswith("_")) for group in ("strategy", "model")}
+        require_choice("--model", self.model, options["model"])
+        require_choice("--launcher", self.launcher, LAUNCHERS)
+        require_choice("--public", self.public, ("file", "embedded"))
+        require_number("--poll-interval", self.poll_interval, *POLL_RANGE)
+        require_number("--round-timeout", self.round_timeout, 0.0, low_open=True)
+        require_choice("--strategy", self.strategy, options["strategy"])
+        try:
+            cfg = compose_config(self.server_overrides(public=self.dataset))
+        except Exception as err:  # noqa: BLE001 - Hydra's refusal of an override, in one line
+            raise ConfigError(f"the server's overrides {list(self.overrides)}: "
+                              f"{str(err).strip().splitlines()[0]}") from None
+        if cfg.strategy.get("flower") is None:
+            raise ConfigError("--strategy", self.strategy, "runs no Flower strategy; one of "
+                              f"{[s for s in options['strategy'] if s != self.strategy]}")
+        catalog = sorted(cfg.model.archs)
+        for arch in self.archs:
+            require_choice("--archs", arch, catalog)
+        check_run(cfg)
 
 
 @dataclass
@@ -236,10 +283,7 @@ class LocalFederation:
         assert self.files is not None
         opts = self.options
         public = opts.dataset if opts.public == "embedded" else str(self.files.public)
-        return ["dataset=nodes", f"dataset.public={public}",
-                f"dataset.num_classes={self.files.num_classes}", f"num_clients={opts.num_nodes}",
-                f"num_rounds={opts.rounds}", f"strategy={opts.strategy}", f"model={opts.model}",
-                f"simulation.round_timeout={opts.round_timeout}", *opts.overrides]
+        return opts.server_overrides(public, self.files.num_classes)
 
     def run_command(self) -> list[str]:
         """``flwr run`` of the app against this federation, with the run's Hydra overrides."""

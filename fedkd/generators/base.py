@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fedkd.settings import ClientSettings
-from fedkd.errors import ConfigError
+from fedkd.errors import ConfigError, is_number, require_int, require_number
 from fedkd.generators.model import ConditionalGenerator, balanced_labels
 from fedkd.generators.objectives import balance_loss, class_loss, disagreement, diversity_loss
 
@@ -84,16 +84,16 @@ class _GeneratorSource:
                  adv_temperature: float = 1.0, seed: int = 0) -> None:
         for name, value in (("size", size), ("batch_size", batch_size), ("z_dim", z_dim),
                             ("hidden", hidden)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"transfer.{name} must be an int >= 1, got {value!r}")
-        if not isinstance(steps, int) or steps < 0:
-            raise ConfigError(f"transfer.steps must be an int >= 0, got {steps!r}")
-        if not lr > 0 or not high > low or not adv_temperature > 0:
-            raise ConfigError(f"transfer needs lr > 0, high > low and adv_temperature > 0, got "
-                              f"lr={lr}, low={low}, high={high}, adv_temperature={adv_temperature}")
+            require_int(name, value, 1)
+        require_int("steps", steps, 0)
+        require_number("lr", lr, 0.0, low_open=True)
+        require_number("low", low)
+        if not (is_number(high) and high > low):
+            raise ConfigError("high", high, f"must be a number > low (low={low:g})")
+        require_number("adv_temperature", adv_temperature, 0.0, low_open=True)
         for name, value in (("w_ce", w_ce), ("w_adv", w_adv), ("w_bal", w_bal), ("w_div", w_div)):
-            if not value >= 0:
-                raise ConfigError(f"transfer.{name} must be >= 0, got {value}")
+            require_number(name, value, 0.0)
+        require_int("seed", seed, 0)
         self.size, self.steps, self.batch_size, self.lr = size, steps, batch_size, lr
         self.z_dim, self.hidden, self.low, self.high = z_dim, hidden, low, high
         self.w_ce, self.w_adv, self.w_bal, self.adv_temperature = w_ce, w_adv, w_bal, adv_temperature

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fedkd.settings import ClientSettings
-from fedkd.errors import ConfigError
+from fedkd.errors import require_int, require_number
 from fedkd.generators.base import Query, _GeneratorSource, _seed
 from fedkd.generators.objectives import zo_input_gradient
 from fedkd.protocol import query_directions
@@ -35,12 +35,10 @@ class BlackBoxGenerator(_GeneratorSource):
         kwargs.setdefault("steps", 10)
         kwargs.setdefault("batch_size", 64)
         super().__init__(**kwargs)
-        if not isinstance(directions, int) or directions < 1:
-            raise ConfigError(f"transfer.directions must be an int >= 1, got {directions!r}")
-        if not mu > 0:
-            raise ConfigError(f"transfer.mu must be > 0, got {mu}")
-        if query_budget is not None and query_budget < 1:
-            raise ConfigError(f"transfer.query_budget must be >= 1 or null, got {query_budget}")
+        require_int("directions", directions, 1)
+        require_number("mu", mu, 0.0, low_open=True)
+        require_int("query_budget", query_budget, 1, null=True)
+        require_int("start_round", start_round, 1)
         self.directions, self.mu, self.query_budget = directions, mu, query_budget
         self.start_round = start_round
         self.queries = 0  # inputs evaluated per teacher so far

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fedkd.settings import ClientSettings
-from fedkd.errors import ConfigError
+from fedkd.errors import require_number
 from fedkd.generators.base import _GeneratorSource, _seed
 from fedkd.generators.objectives import BatchNormStatistics, frozen
 
@@ -26,8 +26,7 @@ class WhiteBoxGenerator(_GeneratorSource):
     def __init__(self, w_bn: float = 1.0, **kwargs) -> None:
         kwargs.setdefault("w_adv", 0.2)  # 0.5 was less stable on digits (5 clients, 3 seeds)
         super().__init__(**kwargs)
-        if not w_bn >= 0:
-            raise ConfigError(f"transfer.w_bn must be >= 0, got {w_bn}")
+        require_number("w_bn", w_bn, 0.0)
         self.w_bn = w_bn
 
     def fit_models(self, server_round: int, settings: ClientSettings, teachers: Sequence[nn.Module],

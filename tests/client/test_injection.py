@@ -165,7 +165,7 @@ def test_nested_target_inside_a_list_is_refused(settings, marker, path):
     "torch.optim.", "torch.optim.__builtins__", "torch.save", "fedkd.models.MLP", "", None, 3,
 ])
 def test_unknown_optimizer_classes_are_refused(settings, marker, target):
-    with pytest.raises(ConfigError, match=r"_target_.*not allowed; allowed: torch\.optim\.ASGD"):
+    with pytest.raises(ConfigError, match=r"_target_=.*: must be one of: torch\.optim\.ASGD"):
         ClientSettings.from_json(tampered(settings, ("train", "optimizer", "_target_"), target))
 
 
@@ -181,7 +181,7 @@ def test_unknown_model_classes_are_refused(settings, marker, target):
 @pytest.mark.parametrize(("text", "match"), [
     ("not json", "Expecting value"), ("[1, 2]", "JSON object"), ('"os.system"', "JSON object"),
     ("[" * 100_000 + "]" * 100_000, "recursion"),
-    ('{"_target_": "os.system"}', r"settings key\(s\) \['_target_'\] unknown"),
+    ('{"_target_": "os.system"}', r"settings._target_='os.system': is not an option"),
 ])
 def test_malformed_documents_are_refused(marker, text, match):
     with pytest.raises(ConfigError, match=match):
@@ -195,16 +195,16 @@ def test_malformed_documents_are_refused(marker, text, match):
     (("train", "optimizer", "betas"), [0.9], "2 finite numbers"),
     (("train", "optimizer", "amsgrad"), 1, "true or false"),
     (("train", "optimizer", "lr"), True, "a finite number"),
-    (("train", "batch_size"), 0, "distill.batch_size must be an int >= 1"),
-    (("train", "batch_size"), 3.5, "distill.batch_size must be an int >= 1"),
-    (("train", "alpha"), 2, r"distill.alpha must be a number in \[0, 1\]"),
-    (("train", "local_steps"), False, "local_steps must be an int >= 1 or null"),
-    (("train", "bogus"), 1, r"distill key\(s\) \['bogus'\] unknown"),
-    (("seed",), -1, r"settings.seed must be an int in \[0, "),
-    (("num_rounds",), 0, "settings.num_rounds must be an int >= 1"),
+    (("train", "batch_size"), 0, "distill.batch_size=0: must be an int >= 1"),
+    (("train", "batch_size"), 3.5, "distill.batch_size=3.5: must be an int >= 1"),
+    (("train", "alpha"), 2, r"distill.alpha=2: must be a number in \[0, 1\]"),
+    (("train", "local_steps"), False, "local_steps=false: must be an int >= 1 or null"),
+    (("train", "bogus"), 1, r"distill.bogus=1: is not an option"),
+    (("seed",), -1, r"settings.seed=-1: must be an int in \[0, "),
+    (("num_rounds",), 0, "settings.num_rounds=0: must be an int >= 1"),
     (("roles",), ["student"], "one role per partition"),
     (("assignment",), [], "non-empty list of names"),
-    (("data", "num_classes"), "10", "settings.data.num_classes must be an int >= 1"),
+    (("data", "num_classes"), "10", "settings.data.num_classes='10': must be an int >= 1"),
     (("data", "input_shape"), [1, 0, 8], "non-empty list of ints >= 1"),
     (("archs", "mlp", "hidden"), [[64]], "flat list"),
     (("archs", "mlp", "width"), 64, r"'width' is not an argument of MLP"),

@@ -45,6 +45,6 @@ def test_own_label_chunks_are_disjoint_with_equal_rows_per_held_label():
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "10"])
 def test_check_limit_refuses(value):
-    with pytest.raises(ConfigError, match="dataset.max_class_rows must be an int >= 1 or null"):
+    with pytest.raises(ConfigError, match=r"dataset.max_class_rows=.*: must be an int >= 1 or null"):
         check_limit(value, "max_class_rows")
     assert check_limit(None, "x") is None and check_limit(3, "x") == 3

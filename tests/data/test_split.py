@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from fedkd.data.raw import RawData
 from fedkd.data.split import normalize, normalizer, split_data
-from fedkd.errors import ConfigError
+from fedkd.errors import ConfigError, show
 from tests.data.factories import make_raw
 
 
@@ -58,13 +60,13 @@ def test_split_is_deterministic_in_seed() -> None:
 
 @pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1, "0.2", True])
 def test_bad_test_fraction(fraction: object) -> None:
-    with pytest.raises(ConfigError, match=rf"dataset.test_fraction.*{fraction}"):
+    with pytest.raises(ConfigError, match=rf"dataset.test_fraction.*{re.escape(show(fraction))}"):
         split_data(make_raw(), fraction, 10, seed=0)
 
 
 @pytest.mark.parametrize("size", [0, 240, 1000, 1.0, 0.0, "10", None])
 def test_bad_public_size(size: object) -> None:
-    with pytest.raises(ConfigError, match=rf"dataset.public_size.*{size}"):
+    with pytest.raises(ConfigError, match=rf"dataset.public_size.*{re.escape(show(size))}"):
         split_data(make_raw(n=300), 0.2, size, seed=0)
 
 
