@@ -34,6 +34,11 @@ Still private, because Flower 1.42 has no public option for it:
   ``flwr-clientapp`` serves one token and exits; its SuperExec executors (``subprocess``,
   ``kubernetes``) start a process per task, and its warm pools serve no ClientApp tasks.
 
+- `replace_crashed_actors`: the simulation's Ray actor pool (``BasicActorPool`` in
+  ``flwr.simulation.ray_transport.ray_actor``, used by ``RayBackend.process_message``) puts an
+  actor whose process died back into the pool, where every later message sent to it fails at
+  once (and, failing fast and idle first, it takes most of them): a new actor takes its place.
+
 Flower's own settings instead of patches: the SuperExec's task polls
 (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``); the ServerApp waits for replies through the public Grid
 (``push_messages``/``pull_messages``, `fedkd.wire`), not ``send_and_receive``'s 3 s sleeps.
@@ -181,6 +186,55 @@ def parse_node_config(text: str) -> dict[str, Any]:
     except (click.ClickException, ValueError, OSError) as err:
         message = err.format_message() if isinstance(err, click.ClickException) else str(err)
         raise ValueError(message) from None
+
+
+# ---- the simulation engine --------------------------------------------------------------------
+
+
+def replace_crashed_actors() -> None:
+    """Make Flower's simulation replace a ClientApp actor whose worker process died.
+
+    ``RayBackend.process_message`` fetches a reply with
+    ``BasicActorPool.fetch_result_and_return_actor_to_pool(future)`` and, when that raises, hands
+    the future's actor back with ``add_actor_back_to_pool(future)``, dead or alive. On Ray's
+    ``RayActorError`` (the actor's process ended: a crash, ``os._exit``, the OOM killer) the
+    future's actor becomes a fresh one before that happens; the message that crashed it still
+    gets its error reply. Idempotent.
+    """
+    require_supported_flower()
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    fetch = BasicActorPool.fetch_result_and_return_actor_to_pool
+    if getattr(fetch, "replaces_crashed_actors", False):
+        return
+    calls = set(RayBackend.process_message.__code__.co_names)
+    assigned = set(BasicActorPool.__init__.__code__.co_names)
+    if not ({"fetch_result_and_return_actor_to_pool", "add_actor_back_to_pool"} <= calls
+            and {"create_actor_fn", "_future_to_actor"} <= assigned):
+        raise _shape_error("Flower's RayBackend no longer hands actors back to its "
+                           "BasicActorPool by future")
+
+    @functools.wraps(fetch)
+    def fetch_or_replace(self: Any, future: Any) -> Any:
+        import ray
+
+        try:
+            return fetch(self, future)
+        except ray.exceptions.RayActorError as err:
+            dead = self._future_to_actor.get(future)
+            if dead is not None:
+                self._future_to_actor[future] = self.create_actor_fn()  # goes back instead
+                try:
+                    ray.kill(dead, no_restart=True)  # gone already, or unreachable: make sure
+                except Exception:  # noqa: BLE001 - a dead actor may refuse even this
+                    pass
+                log.warning("a ClientApp worker died (%s); a new one takes its place",
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+            raise
+
+    fetch_or_replace.replaces_crashed_actors = True  # type: ignore[attr-defined]
+    BasicActorPool.fetch_result_and_return_actor_to_pool = fetch_or_replace
 
 
 # ---- the persistent ClientApp worker ---------------------------------------------------------

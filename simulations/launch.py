@@ -11,6 +11,13 @@ Flower shut Ray down under them: a segfault. So a stop (SIGINT/SIGTERM, see
 raises `Interrupted` at its next call, the ServerApp returns, and Flower winds its workers
 down and shuts Ray down in order. Ray is started here (before Flower would) so that our signal
 handlers replace the ones ``ray.init`` installs, and its processes are reaped afterwards.
+
+An engine that dies ends the run the same way (`EngineWatch`): when Ray's core processes of this
+run end, or Flower's engine returns or raises while the ServerApp still waits for replies, the
+Grid raises `EngineDied` with the engine's message at its next call (within a poll interval),
+instead of the ServerApp waiting out the round timeout for replies that can never come. A
+ClientApp worker (Ray actor) whose process dies is replaced
+(`fedkd.flower_compat.replace_crashed_actors`): the message it ran fails, the others go on.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from fedkd.errors import ConfigError, is_number, require_int, require_keys
+from fedkd.flower_compat import UnsupportedFlowerError, replace_crashed_actors
 from fedkd.server import PreparedRun, make_server_app
 from fedkd.simulations.results import Recorder
 from fedkd.simulations.run import (
@@ -45,6 +54,105 @@ QUIET_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 REAP_TIMEOUT_S = 1.0  # how long killed leftovers may take to vanish after ray.shutdown()
+ENGINE_PROCESSES = ("gcs_server", "raylet")  # Ray's core processes: the run's engine
+WATCH_INTERVAL_S = 0.5  # how often `EngineWatch` looks at them
+SERVER_GRACE_S = 10.0  # how long the ServerApp may take to notice a dead engine and return
+
+
+class EngineDied(RuntimeError):
+    """The simulation engine (Ray, or Flower's engine loop) died under a running ServerApp."""
+
+
+class EngineWatch:
+    """Declares the simulation engine dead, once, with its message.
+
+    A daemon thread watches `processes` (psutil: Ray's GCS server and raylet of this run) every
+    `interval` seconds; `declare` is also called by `simulate` when Flower's engine returns or
+    raises while the ServerApp runs. The Grid (`StopGrid`) raises `EngineDied` once `dead` is set.
+
+    Parameters
+    ----------
+    processes : list
+        psutil processes whose end means the engine's end.
+    interval : float
+        Seconds between two looks.
+    stopping : threading.Event, optional
+        Set when a stop was asked for (a Ctrl-C reaches Ray's processes too): no death then.
+    """
+
+    def __init__(self, processes: list[Any], interval: float = WATCH_INTERVAL_S,
+                 stopping: threading.Event | None = None) -> None:
+        self.processes, self.interval = processes, interval
+        self.stopping = stopping or threading.Event()
+        self.names = {proc.pid: proc_name(proc) for proc in processes}  # unreadable once ended
+        self.dead = threading.Event()
+        self.reason: str | None = None
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def declare(self, reason: str) -> None:
+        """The engine is dead because of `reason` (the first reason given wins)."""
+        if not self.dead.is_set():
+            self.reason = reason
+            self.dead.set()
+            log.error("the simulation engine died: %s", reason)
+
+    def ended(self) -> str | None:
+        """Why the engine is dead, if one of its processes has ended; else None."""
+        alive = {proc.pid for proc in running(self.processes)}
+        for proc in self.processes:
+            if proc.pid not in alive:
+                return f"Ray's {self.names[proc.pid]} (pid {proc.pid}) ended"
+        return None
+
+    def start(self) -> EngineWatch:
+        """Start watching (nothing to watch: no thread)."""
+        if self.processes:
+            self._thread = threading.Thread(target=self._watch, name="fedkd-engine-watch",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop watching (Ray is about to be shut down on purpose)."""
+        self._closed.set()
+
+    def _watch(self) -> None:
+        import ray
+
+        while not self._closed.wait(self.interval):
+            reason = self.ended()
+            if reason is not None:
+                # ray.shutdown() disconnects before it ends the processes: a shutdown on
+                # purpose (Flower's engine ending, with its own error) is no death to declare
+                if not (self._closed.is_set() or self.stopping.is_set()) and ray.is_initialized():
+                    self.declare(reason)
+                return
+
+
+def proc_name(proc: Any) -> str:
+    """A psutil process's name, or ``process`` once it cannot be read."""
+    import psutil
+
+    try:
+        return proc.name()
+    except psutil.Error:
+        return "process"
+
+
+def engine_processes(since: float) -> list[Any]:
+    """Ray's core processes (`ENGINE_PROCESSES`) among this process's children since `since`."""
+    return [proc for proc in child_processes(since)
+            if any(proc_name(proc).startswith(name) for name in ENGINE_PROCESSES)]
+
+
+def engine_message(err: BaseException) -> str:
+    """The root of Flower's wrapped engine error: ``Type: message`` of the innermost cause."""
+    seen: set[int] = set()
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        seen.add(id(err))
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}".strip()
 
 
 @contextmanager
@@ -149,14 +257,17 @@ def init_ray(init_args: dict[str, Any]) -> None:
 
 
 class StopGrid(Grid):
-    """Grid that raises `Interrupted` at its next call once `stop` is asked to stop."""
+    """Grid that raises `Interrupted` at its next call once `stop` is asked to stop, and
+    `EngineDied` once `watch` declares the engine dead."""
 
-    def __init__(self, grid: Grid, stop: StopSignals) -> None:
-        self._grid, self._stop = grid, stop
+    def __init__(self, grid: Grid, stop: StopSignals, watch: EngineWatch | None = None) -> None:
+        self._grid, self._stop, self._watch = grid, stop, watch
 
     def _check(self) -> None:
         if self._stop.event.is_set():
             raise Interrupted(self._stop.signum or signal.SIGINT)
+        if self._watch is not None and self._watch.dead.is_set():
+            raise EngineDied(self._watch.reason)
 
     def set_run(self, run: Any) -> None:  # noqa: D102
         self._grid.set_run(run)
@@ -188,31 +299,55 @@ class StopGrid(Grid):
 
 
 class _Outcome:
-    """What the ServerApp thread leaves behind: its error, Ray's processes while they ran."""
+    """What the ServerApp thread leaves behind: its error, Ray's processes while they ran, and
+    whether it is still running (`server_running`, `server_done`)."""
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
         self.processes: list[Any] = []
         self.started = time.time()  # processes started since are the simulation's
+        self.server_running = False
+        self.server_done = threading.Event()
 
 
-def guarded_app(inner: ServerApp, stop: StopSignals, outcome: _Outcome) -> ServerApp:
+def guarded_app(inner: ServerApp, stop: StopSignals, outcome: _Outcome,
+                watch: EngineWatch | None = None) -> ServerApp:
     """`inner` on a `StopGrid`: a stop ends it quietly, an error is kept for the caller."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        outcome.server_running = True
         try:
-            inner(grid=StopGrid(grid, stop), context=context)
+            inner(grid=StopGrid(grid, stop, watch), context=context)
         except Interrupted:
             log.info("server stopped on request; Flower shuts the simulation down")
+        except EngineDied as err:  # kept for the caller; Flower winds down what is left
+            outcome.error = err
         except Exception as err:
             outcome.error = err  # Flower may drop it (another error masks it); we do not
             raise
         finally:
+            if watch is not None:
+                watch.close()  # Flower shuts Ray down next, on purpose
             outcome.processes = child_processes(outcome.started)  # before Flower stops Ray
+            outcome.server_running = False
+            outcome.server_done.set()
 
     return app
+
+
+def end_with_engine(outcome: _Outcome, watch: EngineWatch, err: BaseException | None,
+                    grace: float = SERVER_GRACE_S) -> bool:
+    """Flower's engine returned (or raised `err`): a ServerApp still running learns the engine
+    is dead and gets up to `grace` seconds to return. Whether it was still running (then the
+    engine died under it, and `err` is the engine's own message)."""
+    if not outcome.server_running:
+        return False
+    watch.declare("the simulation engine stopped" if err is None else engine_message(err))
+    if not outcome.server_done.wait(grace):
+        log.warning("the ServerApp still runs %.0f s after the engine died", grace)
+    return True
 
 
 def simulate(run: PreparedRun, recorder: Recorder) -> None:
@@ -226,7 +361,7 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
     sim = run.cfg.simulation
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    stop, outcome = active_stop() or StopSignals(), _Outcome()
+    stop, outcome, watch = active_stop() or StopSignals(), _Outcome(), None
     inner = make_server_app(run, [recorder.on_replies], recorder.on_server_metrics,
                             recorder.out_dir)
     config = backend_config(sim)
@@ -239,24 +374,35 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
             from fedkd.client.app import app as client_app
 
             init_ray(config["init_args"])
+            try:
+                replace_crashed_actors()
+            except UnsupportedFlowerError as err:
+                log.warning("%s: a crashed ClientApp worker stays in Flower's pool", err)
             if stop.installed:
                 stop.install()  # over the SIGTERM handler ray.init installed
             stop.check()
+            watch = EngineWatch(engine_processes(outcome.started), stopping=stop.event).start()
             try:
                 run_simulation(
-                    server_app=guarded_app(inner, stop, outcome),
+                    server_app=guarded_app(inner, stop, outcome, watch),
                     client_app=client_app,
                     num_supernodes=int(run.cfg.num_clients),
                     backend_config=config,
                     verbose_logging=bool(sim.verbose),
                 )
             except Exception as err:
+                if end_with_engine(outcome, watch, err):
+                    raise EngineDied(engine_message(err)) from err  # the engine's own words
                 if outcome.error is not None and outcome.error is not err:
                     raise outcome.error from err  # the ServerApp's error, not Flower's wrapper
                 raise
+            if end_with_engine(outcome, watch, None) and outcome.error is None:
+                raise EngineDied(watch.reason)
             if outcome.error is not None:  # swallowed by Flower
                 raise outcome.error
     finally:
+        if watch is not None:
+            watch.close()
         leftovers = outcome.processes + child_processes(outcome.started)
         ray.shutdown()
         reap(leftovers)

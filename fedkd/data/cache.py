@@ -136,6 +136,40 @@ def write_atomically(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cache_files(info: DataInfo) -> list[str]:
+    """The array files a cache directory described by `info` holds."""
+    clients = [f"client_{i}.npz" for i in range(len(info.client_sizes))]
+    return ["public.npz", "test.npz", OWN_TEST, *clients]
+
+
+def unreadable_file(cache_dir: Path, info: DataInfo) -> tuple[Path, str] | None:
+    """The first of the cache's array files that fails to load, and why; None if all load.
+
+    Each file is loaded in full (``load_npz``), so a truncated or corrupt archive is found here,
+    once, rather than by a client in every round.
+    """
+    for name in cache_files(info):
+        file = cache_dir / name
+        try:
+            arrays = _load(file)
+        except ConfigError as err:
+            return file, str(err)
+        expected = {"x"} if name == "public.npz" else set() if name == OWN_TEST else {"x", "y"}
+        if not expected <= arrays.keys():
+            return file, f"'{file}' lacks the arrays {sorted(expected - arrays.keys())}"
+    return None
+
+
+def discard(cache_dir: Path) -> None:
+    """Remove a cache directory: renamed aside first, so no reader ever sees it half deleted."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.discarded.", dir=cache_dir.parent))
+    try:
+        os.rename(cache_dir, aside / cache_dir.name)
+    except FileNotFoundError:  # another process discarded it first
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def read_meta(cache_dir: Path) -> DataInfo:
     file = cache_dir / META
     if not file.is_file():

@@ -28,7 +28,9 @@ from fedkd.data.cache import (
     load_private_pool,
     load_public,
     load_test,
+    discard,
     read_meta,
+    unreadable_file,
     write_atomically,
 )
 from fedkd.data.partition import (
@@ -90,12 +92,25 @@ def prepare_data(
     cache_dir = Path(cache_root).expanduser().resolve() / cache_key(
         dataset, partition, num_clients, partition_seed
     )
+    info = None
     if (cache_dir / META).is_file():
         info = read_meta(cache_dir)
-        log.info("Reusing prepared data in %s", cache_dir)
-    else:
+        broken = unreadable_file(cache_dir, info)
+        if broken is None:
+            log.info("Reusing prepared data in %s", cache_dir)
+        else:
+            log.warning("prepared data file %s fails to load (%s); preparing the data again",
+                        *broken)
+            discard(cache_dir)
+            info = None
+    if info is None:
         info, arrays = _build(dataset, source, partition, num_clients, partition_seed, cache_dir)
         write_atomically(cache_dir, arrays, info)
+        info = read_meta(cache_dir)  # another process may have written it first
+        broken = unreadable_file(cache_dir, info)
+        if broken is not None:
+            raise ConfigError(f"prepared data file {broken[0]} fails to load even after it was "
+                              f"written again ({broken[1]})")
     _log_summary(info)
     return info
 

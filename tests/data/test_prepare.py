@@ -19,6 +19,7 @@ from fedkd.data import (
     load_test,
     prepare_data,
 )
+from fedkd.data import prepare
 from fedkd.errors import ConfigError
 from tests.data.factories import DIGITS_CFG, DIRICHLET, IID
 
@@ -179,3 +180,53 @@ def test_max_class_rows_caps_the_private_pool_per_label(tmp_path: Path) -> None:
     assert np.sum(info.class_histograms, axis=0).tolist() == [50] * 10
     with pytest.raises(ConfigError, match=r"dataset.max_class_rows=.*: must be an int >= 1 or null"):
         prepare_data({**DIGITS_CFG, "max_class_rows": 0}, IID, 5, 0, tmp_path / "x")
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:100])
+
+
+def test_a_truncated_cache_file_is_rebuilt_once(tmp_path: Path, caplog) -> None:
+    info = prepare_data(DIGITS_CFG, DIRICHLET, 5, 0, tmp_path)
+    broken = Path(info.cache_dir) / "client_3.npz"
+    _truncate(broken)
+
+    with mock.patch("fedkd.data.prepare.split_data", wraps=prepare.split_data) as split:
+        again = prepare_data(DIGITS_CFG, DIRICHLET, 5, 0, tmp_path)
+
+    assert split.call_count == 1
+    assert again == info
+    assert len(load_client(info.cache_dir, 3)[0]) == info.client_sizes[3]
+    assert f"prepared data file {broken} fails to load" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [Path(info.cache_dir).name]  # nothing aside
+
+
+def test_a_cache_file_that_fails_again_after_the_rebuild_is_reported(tmp_path: Path) -> None:
+    info = prepare_data(DIGITS_CFG, DIRICHLET, 5, 0, tmp_path)
+    broken = Path(info.cache_dir) / "client_3.npz"
+    _truncate(broken)
+    write = prepare.write_atomically
+
+    def write_truncated(cache_dir, arrays, info):  # e.g. a disk that loses the file's tail
+        write(cache_dir, arrays, info)
+        _truncate(cache_dir / "client_3.npz")
+
+    with mock.patch("fedkd.data.prepare.write_atomically", write_truncated), \
+            mock.patch("fedkd.data.prepare.split_data", wraps=prepare.split_data) as split, \
+            pytest.raises(ConfigError) as err:
+        prepare_data(DIGITS_CFG, DIRICHLET, 5, 0, tmp_path)
+
+    assert split.call_count == 1  # rebuilt once, not again and again
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"prepared data file {broken} fails to load even after it was "
+                              "written again")
+
+
+def test_a_cache_file_without_its_arrays_is_rebuilt(tmp_path: Path) -> None:
+    info = prepare_data(DIGITS_CFG, DIRICHLET, 5, 0, tmp_path)
+    np.savez(Path(info.cache_dir) / "test.npz", x=np.zeros(3))  # loads, but has no labels
+
+    again = prepare_data(DIGITS_CFG, DIRICHLET, 5, 0, tmp_path)
+
+    assert again == info and len(load_test(info.cache_dir)[1]) == info.num_test
