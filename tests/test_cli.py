@@ -27,6 +27,8 @@ class Case:
     """Caught by `fedkd-sim`: exit 2 and one 'configuration error: ...' line."""
     fast: bool = False
     """Found before any data is prepared: the process ends within `FAST_S` seconds of CPU."""
+    exit_code: int = 2
+    """A multirun goes on past a bad arm, records it and exits 1 at the end, naming it."""
 
 
 CASES = {
@@ -54,7 +56,7 @@ CASES = {
     "num_clients as text": Case(("num_clients=abc",), ("num_clients='abc': must be an int >= 1",),
                                 fast=True),
     "a sweep with a bad arm": Case(("-m", "seed=-1"), ("seed=-1: must be an int in [0, ",),
-                                   fast=True),
+                                   fast=True, exit_code=1),
 }
 FAST_S = 10.0
 """CPU seconds a `fast` case may take (imports included; the wall time on an idle machine is
@@ -133,14 +135,17 @@ def test_bad_value_exits_with_one_clear_message(results: dict[str, Result], name
     if not case.config_error:
         assert all(text in output for text in case.expected), output
         return
-    assert result.returncode == 2, output
+    assert result.returncode == case.exit_code, output
     assert "Traceback" not in output, output
     errors = [i for i, line in enumerate(output.splitlines()) if "configuration error:" in line]
     assert len(errors) == 1, output
     line = output.splitlines()[errors[0]]
     assert all(text in line for text in case.expected), line
-    if name != "files without path":  # OmegaConf adds full_key/object_type lines to its message
-        assert errors[0] == len(output.rstrip().splitlines()) - 1, f"message is not one line:\n{output}"
+    last = len(output.rstrip().splitlines()) - 1
+    if case.exit_code == 1:  # the multirun's closing line names the failed arm's folder
+        assert errors[0] == last - 1 and "arm(s) of the multirun failed" in output.splitlines()[last]
+    elif name != "files without path":  # OmegaConf adds full_key/object_type lines to its message
+        assert errors[0] == last, f"message is not one line:\n{output}"
 
 
 @pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.fast])
@@ -148,7 +153,7 @@ def test_a_bad_value_stops_the_process_fast(results: dict[str, Result], name: st
     result = results[name]
     print(f"{name}: {result.seconds:.1f} s wall, {result.cpu_seconds:.1f} s CPU")  # noqa: T201
 
-    assert result.returncode == 2, result.output
+    assert result.returncode == CASES[name].exit_code, result.output
     assert "Reusing prepared data" not in result.output
     assert not (result.root / "cache").exists(), "data was prepared before the check"
     assert result.cpu_seconds < FAST_S, f"{result.cpu_seconds:.1f} s of CPU\n{result.output}"
