@@ -25,7 +25,7 @@ import ray
 from flwr.serverapp import ServerApp
 
 from fedkd.server import compose_config
-from fedkd.simulations import launch
+from fedkd.simulations import engine, launch
 from fedkd.simulations.run import run
 from tests.conftest import SMALL
 from tests.helpers import FakeGrid
@@ -132,9 +132,9 @@ def test_a_process_ended_by_ray_shutdown_is_no_death(sleeper, monkeypatch):
 
 
 def test_engine_processes_are_ray_s_core_processes_started_since(sleeper, monkeypatch):
-    monkeypatch.setattr(launch, "child_processes", lambda since: [sleeper])
+    monkeypatch.setattr(engine, "child_processes", lambda since: [sleeper])
     assert launch.engine_processes(0.0) == []
-    monkeypatch.setattr(launch, "proc_name", lambda proc: "raylet")
+    monkeypatch.setattr(engine, "proc_name", lambda proc: "raylet")
     assert launch.engine_processes(0.0) == [sleeper]
 
 
