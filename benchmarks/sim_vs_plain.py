@@ -9,6 +9,7 @@ arms, and splits the simulation's extra wall time into start-up, per-round overh
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -178,6 +179,7 @@ def timed_hooks(marks: dict[str, float]) -> Iterator[None]:
             return super().finish(*args, **kwargs)
 
     def timed(fn: Any, key: str) -> Any:
+        @functools.wraps(fn)  # keeps ray.init's signature: `fedkd.checks` reads its options
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             t = time.monotonic()
             out = fn(*args, **kwargs)
