@@ -115,3 +115,13 @@ def test_phase_table_splits_the_wall_time() -> None:
     lines = "\n".join(svp.phase_table(r))
     assert "sum" in lines and "4.00" in lines and "6.00" in lines
     assert "outside           1.00        7.00" in lines  # 5 - 4; 10 - 6 / 2
+
+
+def test_timed_hooks_leave_the_runs_config_checks_working() -> None:
+    """The benchmark times ray.init through a wrapper; the backend check reads its options."""
+    from fedkd.server import compose_config
+    from fedkd.simulations.launch import check_backend
+
+    cfg = compose_config(["simulation.ray_init.num_cpus=2"])
+    with svp.timed_hooks({}):
+        check_backend(cfg)
