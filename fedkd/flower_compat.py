@@ -38,6 +38,11 @@ Still private, because Flower 1.42 has no public option for it:
   ``flwr.simulation.ray_transport.ray_actor``, used by ``RayBackend.process_message``) puts an
   actor whose process died back into the pool, where every later message sent to it fails at
   once (and, failing fast and idle first, it takes most of them): a new actor takes its place.
+- `capture_simulation_nodes`: the simulation engine's node stores (``_register_node_info_stores``
+  in ``flwr.server.superlink.fleet.vce.vce_api``, ``DeprecatedRunInfoStore.retrieve_context``),
+  where every simulated node's ``Context`` lives: a checkpoint reads each client's
+  ``Context.state`` there, and a resumed run puts it back (`SimulationNodes`). ``run_simulation``
+  takes no initial contexts and exposes none.
 
 Flower's own settings instead of patches: the SuperExec's task polls
 (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``); the ServerApp waits for replies through the public Grid
@@ -50,7 +55,8 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -407,3 +413,85 @@ def serve_clientapp_task(task: dict[str, Any], apps: ClientAppCache) -> None:
         push_task_output(client=client, context=context, sub_status=status, details=details)
         heartbeat.stop()
         client.close()
+
+
+# ---- the simulation engine's node contexts (checkpoints, resume) ------------------------------
+
+
+class SimulationNodes:
+    """The nodes of the next simulation `run_simulation` starts in this process, and the
+    ``Context`` Flower's engine keeps for each (its ``state`` is the client's state).
+
+    Flower 1.42 keeps every simulated node's Context in the engine's node stores (one
+    ``DeprecatedRunInfoStore`` per node, made by ``_register_node_info_stores`` in
+    ``flwr.server.superlink.fleet.vce.vce_api``) and offers no public way to read or seed them:
+    `capture_simulation_nodes` wraps that function while a simulation starts, so the stores it
+    makes land here. The engine replaces a node's Context after each message it handles; between
+    rounds (no message in flight) they are final and may be read or replaced from the
+    ServerApp's thread.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._stores: dict[int, Any] = {}
+        self._run_id: int | None = None
+        self._ready = threading.Event()
+
+    def _capture(self, stores: dict[int, Any], run_id: int) -> None:
+        self._stores, self._run_id = stores, run_id
+        self._ready.set()
+
+    def wait(self, timeout: float = 120.0) -> None:
+        """Block until the engine has registered its nodes (it starts after the ServerApp)."""
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"the simulation engine registered no nodes within {timeout:.0f} s")
+
+    def partition_of(self) -> dict[int, int]:
+        """Node id -> the partition id in its node config."""
+        self.wait()
+        return {node: int(store.node_config["partition-id"]) for node, store in self._stores.items()}
+
+    def states(self) -> dict[int, Any]:
+        """Partition id -> that node's ``Context.state`` (a RecordDict; do not change it)."""
+        self.wait()
+        return {int(store.node_config["partition-id"]): store.retrieve_context(self._run_id).state
+                for store in self._stores.values()}
+
+    def set_states(self, states: dict[int, Any]) -> None:
+        """Replace the ``Context.state`` of the node holding each partition of `states` (before
+        its first message)."""
+        self.wait()
+        for store in self._stores.values():
+            partition = int(store.node_config["partition-id"])
+            if partition in states:
+                store.retrieve_context(self._run_id).state = states[partition]
+
+
+@contextmanager
+def capture_simulation_nodes(nodes: SimulationNodes | None = None) -> Iterator[SimulationNodes]:
+    """While inside, the next simulation started in this process hands its nodes' stores to
+    `nodes` (a new `SimulationNodes` if None), which is yielded."""
+    require_supported_flower()
+    from flwr.compat.client.run_info_store import DeprecatedRunInfoStore
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = getattr(vce_api, "_register_node_info_stores", None)
+    if original is None or not hasattr(DeprecatedRunInfoStore, "retrieve_context"):
+        raise RuntimeError(
+            "flwr's simulation engine has no _register_node_info_stores (or node stores without "
+            f"retrieve_context) any more: fedkd checkpoints simulated clients on flwr "
+            f"{SUPPORTED_FLOWER}.x only (set simulation.checkpoint_every=0)")
+    nodes = SimulationNodes() if nodes is None else nodes
+
+    @functools.wraps(original)
+    def register(nodes_mapping: Any, run: Any, *args: Any, **kwargs: Any) -> dict[int, Any]:
+        stores = original(nodes_mapping, run, *args, **kwargs)
+        nodes._capture(stores, run.run_id)
+        return stores
+
+    vce_api._register_node_info_stores = register
+    try:
+        yield nodes
+    finally:
+        vce_api._register_node_info_stores = original

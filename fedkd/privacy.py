@@ -45,6 +45,7 @@ class GNMaxAccountant:
         self.delta = _check_open("delta", delta, 0.0, 1.0)
         self._accountant = self._new_accountant()
         self._queries = 0
+        self._spent: list[int] = []  # every `spend`, in order: the ledger replays exactly
 
     @property
     def noise_multiplier(self) -> float:
@@ -73,7 +74,20 @@ class GNMaxAccountant:
         RDP composes sub-additively: the total ``epsilon`` grows by less than the returned value.
         """
         self._queries += self._compose(self._accountant, num_queries)
+        self._spent.append(int(num_queries))
         return self.epsilon_for(num_queries)
+
+    def state_dict(self) -> dict[str, list[int]]:
+        """The queries of every `spend` so far, in order (a checkpoint's part)."""
+        return {"spent": list(self._spent)}
+
+    def load_state_dict(self, state: dict[str, list[int]]) -> None:
+        """Replay the spends of `state` on a fresh ledger: the same compositions in the same
+        order, so epsilon equals the original's to the last bit."""
+        self._accountant, self._queries, self._spent = self._new_accountant(), 0, []
+        for num_queries in state["spent"]:
+            self._queries += self._compose(self._accountant, num_queries)
+            self._spent.append(int(num_queries))
 
     @staticmethod
     def _new_accountant() -> RdpAccountant:

@@ -1,14 +1,19 @@
 """The protocol's Flower records: build the transfer record, read rows and logits back.
 
 Key names live in `fedkd.protocol`; this module only turns them into (and out of) `flwr.app`
-records, so both the server strategies and the ClientApp use one codec.
+records, so both the server strategies and the ClientApp use one codec. `record_dict_state` and
+`record_dict_from_state` turn records into plain values (str, int, float, bool, bytes, lists,
+dicts) and back, bit for bit: what a run's checkpoint keeps of them (`torch.save`, read back with
+``weights_only=True``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedkd.protocol import CLASS_COUNTS, LOGITS, NEXT, TARGETS, rows_key, rows_to_inputs
 from fedkd import reply_checks
@@ -88,3 +93,46 @@ def finite_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"weights {key!r} are not finite")
     return state
+
+
+# --- records as plain values (checkpoints) -------------------------------------------------------
+_KINDS = {"array": ArrayRecord, "config": ConfigRecord, "metric": MetricRecord}
+
+
+def array_record_state(record: ArrayRecord) -> dict[str, dict[str, Any]]:
+    """Every array of `record` as its raw bytes, dtype, shape and serialisation type, in order."""
+    return {key: {"dtype": array.dtype, "shape": list(array.shape), "stype": array.stype,
+                  "data": bytes(array.data)} for key, array in record.items()}
+
+
+def array_record_from_state(state: dict[str, dict[str, Any]]) -> ArrayRecord:
+    """The `ArrayRecord` `array_record_state` described, the same bytes in the same order."""
+    return ArrayRecord(array_dict={
+        key: Array(dtype=a["dtype"], shape=tuple(a["shape"]), stype=a["stype"], data=a["data"])
+        for key, a in state.items()})
+
+
+def record_dict_state(records: RecordDict) -> dict[str, dict[str, Any]]:
+    """A `RecordDict` (e.g. a node's ``Context.state``) as plain values: per record its kind
+    (``array``, ``config``, ``metric``) and items."""
+    state = {}
+    for name, record in records.items():
+        if isinstance(record, ArrayRecord):
+            state[name] = {"kind": "array", "items": array_record_state(record)}
+        else:
+            kind = "config" if isinstance(record, ConfigRecord) else "metric"
+            state[name] = {"kind": kind, "items": dict(record)}
+    return state
+
+
+def record_dict_from_state(state: dict[str, dict[str, Any]]) -> RecordDict:
+    """Inverse of `record_dict_state`."""
+    records = RecordDict()
+    for name, entry in state.items():
+        if entry["kind"] == "array":
+            records[name] = array_record_from_state(entry["items"])
+        elif entry["kind"] in _KINDS:
+            records[name] = _KINDS[entry["kind"]](dict(entry["items"]))
+        else:
+            raise ValueError(f"record {name!r} has an unknown kind {entry['kind']!r}")
+    return records

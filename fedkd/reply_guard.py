@@ -25,6 +25,7 @@ then drops the reply with one warning and counts it (`WireStats.dropped`). It ch
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -39,6 +40,7 @@ from fedkd.protocol import (
 )
 from fedkd.reply_checks import ReplyError
 from fedkd.settings import ClientSettings
+from fedkd.strategies.checkpointed import Nodes
 
 RECORDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     MESSAGE_TYPE: (frozenset({METRICS}), frozenset({LOGITS, NODE})),
@@ -97,6 +99,16 @@ class ReplyGuard:
             self._node(records[NODE])
         wave.add(pid)
         self.partition_of[node], self.holder[pid] = pid, node
+
+    def state_dict(self, nodes: Nodes) -> dict[str, Any]:
+        """Which partition each node is bound to, keyed by the partition the engine gave the
+        node (a checkpoint's: node ids differ from run to run)."""
+        return {"partition_of": nodes.to_partitions(self.partition_of)}
+
+    def load_state_dict(self, state: dict[str, Any], nodes: Nodes) -> None:
+        """Inverse of `state_dict`, onto this run's nodes."""
+        self.partition_of = nodes.to_nodes(state["partition_of"])
+        self.holder = {pid: node for node, pid in self.partition_of.items()}
 
     # --- the parts ----------------------------------------------------------------------------
     def _records(self, reply: Message, kind: str) -> dict[str, object]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,6 +27,7 @@ from fedkd.settings import ClientSettings
 from fedkd.data import DataInfo, prepare_data
 from fedkd.models import assign_models, assign_roles, build_model, count_parameters, resolve_model
 from fedkd.reply_guard import ReplyGuard
+from fedkd.strategies.checkpointed import CheckpointPlan, Checkpointed
 from fedkd.wire import ReplyObserver, WireGrid
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def run_strategy(
     observers: list[ReplyObserver],
     on_server_metrics: ServerMetricSink | None = None,
     out_dir: Path | None = None,
+    checkpoints: CheckpointPlan | None = None,
 ) -> WireGrid:
     """Instantiate the configured strategy and run all rounds on `grid`; return the wire.
 
@@ -131,11 +133,14 @@ def run_strategy(
     see it or the strategy reads it. `observers` see every wave on the wire; `on_server_metrics` receives what a strategy computes
     on the server each round (e.g. the privacy spent by a noisy aggregator), if it reports any;
     `out_dir` is where the strategy may keep artefacts (a generator's checkpoints and samples).
+    With `checkpoints` the strategy runs under `Checkpointed`: the run checkpoints every
+    ``checkpoints.every`` rounds (the reply guard's bindings too) and resumes from
+    ``checkpoints.resume``.
     """
     cfg = run.cfg
     torch.set_num_threads(1)  # server maths (FedDF, generators): the same numbers on any machine
-    wire = WireGrid(grid, poll_interval=float(cfg.simulation.poll_interval),
-                    check=ReplyGuard(run.settings, connected=grid.get_node_ids))
+    guard = ReplyGuard(run.settings, connected=grid.get_node_ids)
+    wire = WireGrid(grid, poll_interval=float(cfg.simulation.poll_interval), check=guard)
     log.info("wire: %s wrapped in WireGrid (poll every %.3f s, round timeout %.0f s)",
              type(grid).__name__, wire.poll_interval, float(cfg.simulation.round_timeout))
     wire.observers.extend(observers)
@@ -146,6 +151,9 @@ def run_strategy(
         strategy.set_output_dir(out_dir)
     if hasattr(strategy, "bind"):  # fedkd's strategies learn the run from the typed settings
         strategy.bind(run.settings)
+    if checkpoints is not None:
+        strategy = Checkpointed(strategy, replace(
+            checkpoints, parts={**checkpoints.parts, "reply-guard": guard}))
     random.seed(int(cfg.seed))  # Flower's own strategies sample nodes with the global RNG
     strategy.start(
         grid=wire,
@@ -160,14 +168,14 @@ def run_strategy(
 
 def make_server_app(
     run: PreparedRun, observers: list[ReplyObserver], on_server_metrics: ServerMetricSink | None = None,
-    out_dir: Path | None = None,
+    out_dir: Path | None = None, checkpoints: CheckpointPlan | None = None,
 ) -> ServerApp:
     """A ServerApp that runs the prepared run and reports every reply to `observers`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:  # noqa: ARG001
-        run_strategy(grid, run, observers, on_server_metrics, out_dir)
+        run_strategy(grid, run, observers, on_server_metrics, out_dir, checkpoints)
 
     return app
 

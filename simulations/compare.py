@@ -39,7 +39,7 @@ COLUMNS = ["arm", *FALLBACK, "num_rounds", "status", "seeds", "failed", "degrade
            "rounds_to_target", "seeds_reached", "bytes_up", "bytes_down", "bytes_per_round", "epsilon", "wall_time_s",
            "partition_hash", "partition_ok"]
 TOLERANCE = 1e-9  # rounds_to_target: float rounding, far below one test example
-_SEED = re.compile(r"^[+~]*seed=")
+_SEED = re.compile(r"^[+~]*(seed|resume)=")  # not the arm: the seed, and resume= (same run)
 
 
 class NoRunsError(FileNotFoundError):
@@ -113,7 +113,8 @@ def _read(path: Path) -> Any:
 
 
 def _arm_overrides(overrides: Any) -> tuple[str, ...] | None:
-    """The overrides that define the arm: sorted, without the seed; None without a list."""
+    """The overrides that define the arm: sorted, without the seed (and ``resume=``, which
+    continues the same run); None without a list."""
     if not isinstance(overrides, list):
         return None
     return tuple(sorted(str(o) for o in overrides if not _SEED.match(str(o)))) or None

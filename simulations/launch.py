@@ -43,6 +43,7 @@ from fedkd.simulations.engine import (
     EngineDied, EngineWatch, child_processes, engine_message, engine_processes,
 )
 from fedkd.simulations.results import Recorder
+from fedkd.simulations.resume import Checkpointing
 from fedkd.simulations.run import (
     Interrupted, StopSignals, active_stop, kill_and_wait, running,
 )
@@ -267,13 +268,14 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     stop, outcome, watch = active_stop() or StopSignals(), _Outcome(), None
+    checkpoints = Checkpointing(run, recorder)  # simulation.checkpoint_every, resume=
     inner = make_server_app(run, [recorder.on_replies], recorder.on_server_metrics,
-                            recorder.out_dir)
+                            recorder.out_dir, checkpoints.plan)
     config = backend_config(sim)
     flower_log = logging.getLogger("flwr")  # quiet_flower restores its level
     stop.on_signal.append(lambda: flower_log.setLevel(logging.CRITICAL))  # lost client tasks
     try:
-        with quiet_flower(bool(sim.verbose)), stop.deferred():
+        with quiet_flower(bool(sim.verbose)), stop.deferred(), checkpoints:
             from flwr.simulation import run_simulation  # its import logs through alembic
 
             from fedkd.client.app import app as client_app

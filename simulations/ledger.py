@@ -12,6 +12,7 @@ from typing import Any
 from fedkd.sampling import sample_size
 from fedkd.simulations.status import RoundFacts, RunFacts
 from fedkd.strategies.base import BELOW_MIN_REPLIES, REJECTED_REPLIES, VALID_REPLIES
+from fedkd.strategies.checkpointed import Nodes
 
 
 class Ledger:
@@ -57,6 +58,17 @@ class Ledger:
             facts.valid = int(metrics[VALID_REPLIES])
         facts.dropped += int(metrics.get(REJECTED_REPLIES, 0))
         facts.below_min |= bool(metrics.get(BELOW_MIN_REPLIES, 0))
+
+    def state_dict(self, nodes: Nodes) -> dict[str, Any]:
+        """The round facts so far and what each node reported (by partition: a checkpoint's)."""
+        rounds = {r: {**vars(f), "failed": sorted(f.failed)} for r, f in self.rounds.items()}
+        return {"rounds": rounds, "partition_of": nodes.to_partitions(self.partition_of)}
+
+    def load_state_dict(self, state: dict[str, Any], nodes: Nodes) -> None:
+        """Inverse of `state_dict`, onto this run's nodes."""
+        self.rounds = {int(r): RoundFacts(**{**f, "failed": set(f["failed"])})
+                       for r, f in state["rounds"].items()}
+        self.partition_of = nodes.to_nodes(state["partition_of"])
 
     def facts(self, last_eval: dict[int, tuple[int, float]], best_mean_accuracy: float | None,
               num_classes: int | None, first_error: str | None) -> RunFacts:

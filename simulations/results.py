@@ -26,6 +26,7 @@ from fedkd.protocol import (
 from fedkd.simulations.ledger import Ledger, clients_per_round
 from fedkd.simulations.status import FAILED, INTERRUPTED, RunFacts, failed_rounds, run_status
 from fedkd.strategies.base import AGGREGATION_METRICS
+from fedkd.strategies.checkpointed import Nodes
 from fedkd.wire import WireStats
 
 log = logging.getLogger("fedkd.progress")
@@ -164,6 +165,32 @@ class Recorder:
         log.info("round %d/%d | replies %d/%d%s | %s | %.1f s", server_round,
                  self.info["num_rounds"], ok, asked, err, text, elapsed)
         write_parquet(frame, self.out_dir / "metrics.parquet")
+
+    # --- checkpoints (`fedkd.strategies.checkpointed`) -----------------------------------------
+    def state_dict(self, nodes: Nodes) -> dict[str, Any]:
+        """Everything recorded so far (rows, bytes, the ledger, the time elapsed)."""
+        return {"rows": [list(row) for row in self.rows], "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down,
+                "replies": {r: list(v) for r, v in self.replies.items()},
+                "first_error": self.first_error, "server_metrics": dict(self.server_metrics),
+                "last_round": self.last_round, "elapsed_s": time.monotonic() - self._t0,
+                "archs": list(self.archs), "info_archs": self.info.get("archs"),
+                "info_roles": self.info.get("roles"), "ledger": self.ledger.state_dict(nodes)}
+
+    def load_state_dict(self, state: dict[str, Any], nodes: Nodes) -> None:
+        """Continue from `state_dict`: later rows follow the restored ones; the clock goes on
+        from the time the checkpointed run had taken."""
+        self.rows = [(int(r), int(c), str(m), str(k), float(v)) for r, c, m, k, v in state["rows"]]
+        self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
+        self.replies = {int(r): tuple(v) for r, v in state["replies"].items()}
+        self.first_error, self.last_round = state["first_error"], int(state["last_round"])
+        self.server_metrics = dict(state["server_metrics"])
+        self._t0 = time.monotonic() - float(state["elapsed_s"])
+        self.archs[:] = state["archs"]
+        for key in ("archs", "roles"):
+            if state[f"info_{key}"] is not None:
+                self.info[key] = list(state[f"info_{key}"])
+        self.ledger.load_state_dict(state["ledger"], nodes)
 
     # --- reporting ------------------------------------------------------------------------
     def frame(self) -> pd.DataFrame:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedkd.checks import build
 from fedkd.server import PreparedRun, prepare_run
 from fedkd.simulations.results import Recorder
+from fedkd.simulations.resume import resume_folder
 
 Runner = Callable[[PreparedRun, Recorder], None]
 """Drives a prepared run. A runner may carry ``check_config(cfg)`` (on the function a Hydra
@@ -228,7 +229,8 @@ def run(cfg: DictConfig, out_dir: str | Path, runner: Runner | None = None, *,
     ``status: interrupted``.
     """
     global _active
-    out_dir = Path(out_dir)
+    resumed = resume_folder(cfg)  # resume=<run folder>: checked; the run goes on writing there
+    out_dir = Path(out_dir) if resumed is None else resumed
     out_dir.mkdir(parents=True, exist_ok=True)
     if stop is None and runner is None and threading.current_thread() is threading.main_thread():
         stop = StopSignals()
@@ -236,7 +238,8 @@ def run(cfg: DictConfig, out_dir: str | Path, runner: Runner | None = None, *,
         stop.install()
     _active, recorder = stop, None
     try:
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if resumed is None:  # a resumed run's config is the run's (resume= aside)
+            (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         runner = runner or build(cfg.strategy.runner, "strategy.runner")
         check_runner = getattr(getattr(runner, "func", runner), "check_config", None)
         if check_runner is not None:  # the engine's settings, before anything starts

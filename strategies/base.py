@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -38,6 +38,7 @@ from fedkd.protocol import (
     QUERY_SEED, SERVER_ROUND, TARGETS, TRANSFER,
 )
 from fedkd.records import reply_class_counts, reply_logits, transfer_record
+from fedkd.strategies.checkpointed import Nodes
 from fedkd.strategies.partitions import PartitionMap, PartitionSampling, free_nodes
 from fedkd.transfer import Public, TransferSource
 from fedkd.wire import reply_order
@@ -153,6 +154,26 @@ class KDStrategy(PartitionSampling, Strategy):
             raise RuntimeError(f"{type(self).__name__}.bind(settings) was not called before the "
                                "first round")
         return self.settings
+
+    # --- checkpoints (`fedkd.strategies.checkpointed`) ------------------------------------------
+    def state_dict(self, nodes: Nodes) -> dict[str, Any]:
+        """What this strategy carries from one round to the next, at a round's end: the partition
+        map, and the state of a stateful aggregator or transfer source (their ``state_dict()``).
+        What lives within a round (`_asked`, `_valid`) is empty then; the soft targets are the
+        ArrayRecord the round loop keeps. A subclass adds its own."""
+        state = self.partition_state(nodes)
+        for name, part in (("aggregator", self.aggregator), ("transfer", self.transfer)):
+            if callable(getattr(part, "state_dict", None)):
+                state[name] = part.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], nodes: Nodes) -> None:
+        """Inverse of `state_dict` (after `bind`)."""
+        self.load_partition_state(state, nodes)
+        if "aggregator" in state:
+            self.aggregator.load_state_dict(state["aggregator"])
+        if "transfer" in state:
+            self.transfer.load_state_dict(state["transfer"], self.run_settings())
 
     # --- hooks subclasses may override ------------------------------------------------------
     def transfer_rows(self, server_round: int, settings: ClientSettings) -> np.ndarray | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -20,6 +21,7 @@ from fedkd.errors import require_int, require_number
 from fedkd.protocol import SERVER_ROUND
 from fedkd.sampling import check_sampling
 from fedkd.settings import ClientSettings
+from fedkd.strategies.checkpointed import Nodes
 from fedkd.strategies.partitions import PartitionMap, PartitionSampling
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,15 @@ class FedAvg(PartitionSampling, FlowerFedAvg):
     def bind(self, settings: ClientSettings) -> None:
         """Tell the strategy which run it drives (its number of partitions)."""
         self.settings = settings
+
+    def state_dict(self, nodes: Nodes) -> dict[str, Any]:
+        """What carries over between rounds besides the weights: the partition map (by partition;
+        Flower's FedAvg keeps nothing else)."""
+        return self.partition_state(nodes)
+
+    def load_state_dict(self, state: dict[str, Any], nodes: Nodes) -> None:
+        """Inverse of `state_dict`."""
+        self.load_partition_state(state, nodes)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

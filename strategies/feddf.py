@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from fedkd.generators import LogitGuided, ModelGuided
 from fedkd.generators.base import models_query
 from fedkd.models import build_model
 from fedkd.protocol import ARRAYS, CONFIG, SERVER_ROUND, rows_to_inputs
-from fedkd.records import reply_class_counts
+from fedkd.records import array_record_from_state, array_record_state, reply_class_counts
 from fedkd.server_distill import (
     StateDict, average_states, checked_state, distill, join_models, kd_divergence, split_models,
     teacher_logits,
@@ -48,6 +49,7 @@ from fedkd.server_distill import (
 from fedkd.strategies.base import (
     Aggregator, KDStrategy, free_nodes, mean_metrics, parse_replies, teacher_facts,
 )
+from fedkd.strategies.checkpointed import Nodes
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,18 @@ class FedDF(KDStrategy):
         super().summary()
         log.info("FedDF server distillation: epochs=%d lr=%s batch=%s", self.server_epochs,
                  self.server_lr, self.server_batch_size or "distill.batch_size")
+
+    def state_dict(self, nodes: Nodes) -> dict[str, Any]:
+        """`KDStrategy.state_dict` plus the distilled models and the teachers' last uploads (by
+        partition)."""
+        return {**super().state_dict(nodes), "models": dict(self._models),
+                "own": {p: array_record_state(r) for p, r in nodes.to_partitions(self._own).items()}}
+
+    def load_state_dict(self, state: dict[str, Any], nodes: Nodes) -> None:
+        """Inverse of `state_dict`."""
+        super().load_state_dict(state, nodes)
+        self._models = dict(state["models"])
+        self._own = {n: array_record_from_state(r) for n, r in nodes.to_nodes(state["own"]).items()}
 
     def model_for(self, node_id: int, models: dict[str, ArrayRecord]) -> ArrayRecord | None:
         """The global model a node gets: its architecture's if known (a teacher: None)."""

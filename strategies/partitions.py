@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from fedkd import reply_checks
 from fedkd.protocol import METRICS, PARTITION_ID, WHOAMI
 from fedkd.sampling import sample_partitions, sample_size
+from fedkd.strategies.checkpointed import Nodes
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,12 @@ class PartitionMap:
                 value = reply.content.metric_records.get(METRICS, {}).get(PARTITION_ID)
                 self.learn(reply.metadata.src_node_id, value, num_partitions, server_round,
                            quiet=True)
+
+    def restore(self, by_node: dict[int, int]) -> None:
+        """Replace what is known by `by_node` (node id -> partition id; a checkpoint's, mapped
+        onto this run's nodes)."""
+        self.by_node = {int(n): int(p) for n, p in by_node.items()}
+        self._by_partition = {p: n for n, p in self.by_node.items()}
 
     def forget_gone(self, connected: Iterable[int]) -> None:
         """Drop nodes no longer connected (a restarted node comes back under a new id)."""
@@ -171,6 +178,14 @@ class PartitionSampling:
             num_partitions=len(self.settings.assignment), fraction=self.fraction_train,
             min_nodes=self.min_train_nodes, seed=self.seed, server_round=server_round,
             timeout=self.whoami_timeout_s or self.round_timeout_s)
+
+    def partition_state(self, nodes: Nodes) -> dict[str, Any]:
+        """What the partition map knows, per partition (node ids differ from run to run)."""
+        return {"partitions": nodes.to_partitions(self.partitions.by_node)}
+
+    def load_partition_state(self, state: dict[str, Any], nodes: Nodes) -> None:
+        """Inverse of `partition_state`, onto this run's nodes."""
+        self.partitions.restore(nodes.to_nodes(state["partitions"]))
 
     def learn_partitions(self, server_round: int, replies: Iterable[Message]) -> None:
         """Refresh the partition map from the ``partition-id`` of `replies` (once bound)."""

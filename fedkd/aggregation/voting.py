@@ -61,6 +61,15 @@ class NoisyVote:
         self._epsilon_round = self.accountant.spend(counts.shape[0])
         return _one_hot_argmax(noisy)
 
+    def state_dict(self) -> dict[str, object]:
+        """The privacy ledger and the last call's epsilon (a run's checkpoint keeps them)."""
+        return {"accountant": self.accountant.state_dict(), "epsilon_round": self._epsilon_round}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Inverse of `state_dict`."""
+        self.accountant.load_state_dict(state["accountant"])
+        self._epsilon_round = float(state["epsilon_round"])
+
     def report(self) -> dict[str, float]:
         """``epsilon`` (all queries so far), ``epsilon-round`` (the last call's queries alone), ``delta``, ``queries``."""
         return {

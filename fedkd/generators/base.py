@@ -188,11 +188,24 @@ class _GeneratorSource:
         self.output_dir = Path(path)
 
     def state_dict(self) -> dict[str, Any]:
-        """Generator and optimizer state plus counters."""
-        if self.generator is None or self.optimizer is None:
-            raise RuntimeError("the generator has not been built yet")
-        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "steps_done": self.steps_done, "extra": self.extra_state()}
+        """Generator and optimizer state (once built), counters, the last fit's metrics."""
+        state = {"steps_done": self.steps_done, "extra": self.extra_state(),
+                 "last_metrics": dict(self.last_metrics)}
+        if self.generator is not None and self.optimizer is not None:
+            state.update(generator=self.generator.state_dict(),
+                         optimizer=self.optimizer.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], settings: ClientSettings) -> None:
+        """Inverse of `state_dict`."""
+        if "generator" in state:
+            self.build(settings).load_state_dict(state["generator"])
+            assert self.optimizer is not None
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["steps_done"])
+        for key, value in state.get("extra", {}).items():
+            setattr(self, key, value)
+        self.last_metrics = dict(state.get("last_metrics", {}))
 
     def extra_state(self) -> dict[str, Any]:
         """Counters a subclass adds to the checkpoint."""
@@ -206,13 +219,8 @@ class _GeneratorSource:
 
     def load(self, path: str | Path, settings: ClientSettings) -> int:
         """Restore a checkpoint written by `save`; return its round."""
-        state = torch.load(path, weights_only=False)
-        self.build(settings).load_state_dict(state["generator"])
-        assert self.optimizer is not None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.steps_done = int(state["steps_done"])
-        for key, value in state.get("extra", {}).items():
-            setattr(self, key, value)
+        state = torch.load(path, weights_only=True)
+        self.load_state_dict(state, settings)
         return int(state["round"])
 
     def report(self) -> dict[str, float]:
