@@ -121,6 +121,36 @@ def assert_same_results(whole: Path, resumed: Path) -> None:
         {k: v for k, v in sb.items() if k not in SUMMARY_NOT_COMPARED}
 
 
+def assert_same_checkpoints(whole: Path, resumed: Path) -> None:
+    """The last checkpoints of both runs (written after the resume) hold the same models, client
+    states, strategy state and reply-guard bindings, byte for byte, and Python's RNG state
+    (`fedkd.server.run_strategy` seeds it). numpy's and torch's global RNGs start from entropy in
+    every process and fedkd draws nothing from them: two processes differ there."""
+    a, b = (load_checkpoint(d / CHECKPOINT) for d in (whole, resumed))
+    assert a["round"] == b["round"]
+    for key in ("arrays", "strategy"):
+        _assert_equal(a[key], b[key], key)
+    _assert_equal(a["rng"]["python"], b["rng"]["python"], "rng.python")
+    _assert_equal(a["parts"]["clients"], b["parts"]["clients"], "clients")
+    _assert_equal(a["parts"]["reply-guard"], b["parts"]["reply-guard"], "reply-guard")
+
+
+def _assert_equal(x: object, y: object, where: str) -> None:
+    """Nested dicts, lists, tensors and plain values equal exactly (NaN equals NaN)."""
+    if isinstance(x, dict):
+        assert isinstance(y, dict) and set(x) == set(y), where
+        for key in x:
+            _assert_equal(x[key], y[key], f"{where}.{key}")
+    elif isinstance(x, list | tuple):
+        assert type(x) is type(y) and len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            _assert_equal(u, v, f"{where}[{i}]")
+    elif isinstance(x, torch.Tensor):
+        assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), where
+    else:
+        assert x == y or (x != x and y != y), where
+
+
 def assert_same_clients(a: Engine, b: Engine) -> None:
     """Every client's final Context.state is the same, tensor for tensor."""
     for pid, state in a.states().items():
@@ -151,6 +181,7 @@ def test_a_killed_run_resumed_ends_bit_for_bit_like_one_never_stopped(
     whole, killed, a, b = run_killed_and_resumed(tmp_path, overrides, kill_at)
     assert_same_results(whole, killed)
     assert_same_clients(a, b)
+    assert_same_checkpoints(whole, killed)
     summary = json.loads((killed / "summary.json").read_text())
     last_checkpoint = 2 * ((kill_at[0] - 1) // 2)  # the last one before the kill
     assert summary["status"] == "ok" and summary["resumed_from_round"] == last_checkpoint

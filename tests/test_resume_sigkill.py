@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.test_resume import assert_same_results
+from tests.test_resume import assert_same_checkpoints, assert_same_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 1500.0  # Ray start-up and 20 rounds on a busy two-core machine
@@ -115,6 +115,7 @@ def _killed_and_resumed(tmp: Path, cache: Path, args: list[str], kill_after: int
 def test_sigkill_at_round_10_of_20_resumes_bit_for_bit(tmp_path, cache):
     whole, killed = _killed_and_resumed(tmp_path, cache, [], kill_after=10)
     assert_same_results(whole, killed)
+    assert_same_checkpoints(whole, killed)  # round 15's: models, clients' states
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["num_rounds"] == 20 and summary["resumed_from_round"] == 10
     assert summary["status"] == "ok"
@@ -130,3 +131,4 @@ def test_sigkill_after_a_checkpoint_resumes_bit_for_bit(tmp_path, cache, args):
             "simulation.checkpoint_every=2"]
     whole, killed = _killed_and_resumed(tmp_path, cache, [*base, *args], kill_after=2)
     assert_same_results(whole, killed)
+    assert_same_checkpoints(whole, killed)  # round 4's: models, clients' states
