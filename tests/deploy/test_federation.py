@@ -225,7 +225,7 @@ def test_federation_run_refuses_clean_with_a_workdir(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--clean", "--workdir", str(tmp_path)])
 
-    assert "--clean removes only the temporary work folder" in capsys.readouterr().err
+    assert "--clean=true: removes only the temporary work folder" in capsys.readouterr().err
     assert tmp_path.is_dir()
 
 
