@@ -1,8 +1,9 @@
 """Robust aggregation under Byzantine teachers and crashing clients: the sweep and its tables.
 
 ``sweep`` runs ``fedkd-sim -m`` with the ``byzantine_1of5`` / ``byzantine_2of10`` presets (every
-attack x aggregator, one multirun per setting, seed and aggregator so that an interrupted sweep
-resumes where it stopped) and the 30% crash run against its fault-free twin::
+attack x aggregator, one multirun per setting, seed and aggregator, skipped when its runs are
+done, so that an interrupted sweep resumes where it stopped) and, as setting ``crash``, the 30%
+crash run against its fault-free twin::
 
     python -m benchmarks.robustness sweep --out multirun/robustness
     python -m benchmarks.robustness table multirun/robustness --docs docs/results/robustness
@@ -50,24 +51,24 @@ def finished(folder: Path, expected: int) -> bool:
 
 
 def sweep(out: Path, settings: list[str], aggregators: list[str], attacks: list[str],
-          seeds: list[int], crash: bool) -> None:
-    """Byzantine multiruns (per setting, seed, aggregator: every attack), then the crash runs."""
+          seeds: list[int]) -> None:
+    """Per seed and setting: the Byzantine multiruns (one per aggregator: every attack), or for
+    setting ``crash`` the 30% crash run and its fault-free twin (10 clients, default aggregator)."""
     for seed in seeds:
         for setting in settings:
+            if setting == "crash":
+                folder = out / "crash" / f"seed{seed}"
+                if not finished(folder, 2):
+                    fedkd_sim(["-m", "faults=none,crash", "num_clients=10", f"seed={seed}",
+                               f"hydra.sweep.dir={folder}"])
+                continue
             for aggregator in aggregators:
                 folder = out / setting / f"seed{seed}" / aggregator
-                if finished(folder, len(attacks)):
-                    continue
-                fedkd_sim(["-m", f"+experiment={SETTINGS[setting]}", f"seed={seed}",
-                           f"aggregator={aggregator}",
-                           f"faults.byzantine.attack={','.join(attacks)}",
-                           f"hydra.sweep.dir={folder}"])
-    if crash:
-        for seed in seeds:
-            folder = out / "crash" / f"seed{seed}"
-            if not finished(folder, 2):
-                fedkd_sim(["-m", "faults=none,crash", "num_clients=10", f"seed={seed}",
-                           f"hydra.sweep.dir={folder}"])
+                if not finished(folder, len(attacks)):
+                    fedkd_sim(["-m", f"+experiment={SETTINGS[setting]}", f"seed={seed}",
+                               f"aggregator={aggregator}",
+                               f"faults.byzantine.attack={','.join(attacks)}",
+                               f"hydra.sweep.dir={folder}"])
 
 
 # --- the tables ---------------------------------------------------------------------------------
@@ -242,18 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("sweep", help="run the multiruns (skips finished ones)")
     run.add_argument("--out", type=Path, default=Path("multirun/robustness"))
-    run.add_argument("--settings", default=",".join(SETTINGS))
+    run.add_argument("--settings", default=",".join([*SETTINGS, "crash"]))
     run.add_argument("--aggregators", default=",".join(ROBUST + PLAIN))
     run.add_argument("--attacks", default=",".join(ATTACKS))
     run.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    run.add_argument("--no-crash", action="store_true")
     table = sub.add_parser("table", help="tables and plot from the summaries")
     table.add_argument("folders", type=Path, nargs="+")
     table.add_argument("--docs", type=Path, default=Path("docs/results/robustness"))
     args = parser.parse_args(argv)
     if args.command == "sweep":
         sweep(args.out, args.settings.split(","), args.aggregators.split(","),
-              args.attacks.split(","), [int(s) for s in args.seeds.split(",")], not args.no_crash)
+              args.attacks.split(","), [int(s) for s in args.seeds.split(",")])
     else:
         write_tables(args.folders, args.docs)
 
