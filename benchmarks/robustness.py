@@ -181,6 +181,21 @@ def verdict(table: pd.DataFrame) -> list[str]:
     return head + lines
 
 
+def worst_case(table: pd.DataFrame) -> list[str]:
+    """Per setting and aggregator: its worst attack (mean change over seeds) and worst seed."""
+    head = ["| setting | aggregator | worst attack | mean change (points) | worst seed | "
+            "within 3 points under every attack |", "|---|---|---|---|---|---|"]
+    lines = []
+    attacked = table[table.attack != "none"]
+    for (setting, aggregator), part in attacked.groupby(["setting", "aggregator"]):
+        worst = part.loc[part.delta.idxmin()]
+        held = part.delta.min() >= -TOLERANCE["byzantine"]
+        lines.append((setting, AGGREGATORS.index(aggregator) if aggregator in AGGREGATORS else 99,
+                      f"| {setting} | {aggregator} | {worst.attack} | {100 * worst.delta:+.1f} | "
+                      f"{100 * part.delta_min.min():+.1f} | {'yes' if held else 'no'} |"))
+    return head + [line for *_, line in sorted(lines)]
+
+
 def plain_markdown(frame: pd.DataFrame) -> str:
     """A markdown table of `frame` (floats to 4 decimals), without extra dependencies."""
     def cell(value: object) -> str:
@@ -227,6 +242,7 @@ def write_tables(folders: list[Path], docs: Path) -> None:
     for setting in sorted(set(table.setting)):
         parts += [f"### {setting}", "", markdown(table, setting), ""]
     parts += ["### Best robust aggregator per attack", "", *verdict(table), ""]
+    parts += ["### Each aggregator's worst attack", "", *worst_case(table), ""]
     (docs / "byzantine.md").write_text("\n".join(parts))
     if not table.empty:
         plot(table, docs / "byzantine.png")

@@ -51,6 +51,9 @@ def test_byzantine_table_compares_each_attack_with_the_honest_run(tmp_path):
     assert "| mean_logits | 85.0 | 35.0 (-50.0) |" in text
     verdict = "\n".join(robustness.verdict(table))
     assert "| 1of5 | fixed_class | reputation | -1.0 | -1.0 | -1.0 | yes | 2 |" in verdict
+    worst = robustness.worst_case(table)
+    assert worst[2:] == ["| 1of5 | mean_logits | fixed_class | -50.0 | -50.0 | no |",
+                         "| 1of5 | reputation | fixed_class | -1.0 | -1.0 | yes |"]
 
 
 def test_crash_table_uses_the_same_clients_of_the_fault_free_run(tmp_path):
