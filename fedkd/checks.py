@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedkd.aggregation import TeacherMeta
 from fedkd.errors import ConfigError, find_config_error, require_bool, require_int, require_number
+from fedkd.faults import plan_faults
 from fedkd.settings import MAX_SEED, TrainSettings
 
 MAX_PARTITION_SEED = 2**32 - 1
@@ -50,7 +51,16 @@ def check_run(cfg: DictConfig) -> TrainSettings:
     check_wire(cfg.simulation)
     train = train_settings(cfg)
     check_strategy(cfg)
+    check_faults(cfg)
     return train
+
+
+def check_faults(cfg: DictConfig) -> None:
+    """The ``faults`` group (`fedkd.faults.plan_faults`), with the run's clients and rounds."""
+    spec = cfg.get("faults")
+    if spec is not None:
+        plan_faults(OmegaConf.to_container(spec, resolve=True), int(cfg.num_clients),
+                    int(cfg.num_rounds), float(cfg.simulation.round_timeout), int(cfg.seed))
 
 
 def check_wire(simulation: DictConfig) -> None:

@@ -18,6 +18,7 @@ from fedkd.training import evaluate, revisit, round_generator
 from fedkd.data import load_private_pool, load_test
 from fedkd.models import build_model
 from fedkd.server import PreparedRun
+from fedkd.simulations.faults import fault_plan
 from fedkd.simulations.results import Recorder
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def check_pooled(cfg: DictConfig) -> None:
     runner = cfg.strategy.runner
     require_int("strategy.runner.epochs_per_round", runner.get("epochs_per_round", 5), 1)
     require_bool("strategy.runner.cosine", runner.get("cosine", True))
+    fault_plan(cfg)  # faults need the simulation's clients
 
 
 train_pooled.check_config = check_pooled  # type: ignore[attr-defined]

@@ -279,6 +279,9 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
             from flwr.simulation import run_simulation  # its import logs through alembic
 
             from fedkd.client.app import app as client_app
+            from fedkd.simulations.faults import fault_plan, with_faults
+
+            client_app = with_faults(client_app, fault_plan(run.cfg))  # conf/faults (none: as is)
 
             init_ray(config["init_args"])
             try:

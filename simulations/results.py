@@ -25,7 +25,7 @@ from fedkd.protocol import (
 )
 from fedkd.simulations.ledger import Ledger, clients_per_round
 from fedkd.simulations.status import FAILED, INTERRUPTED, RunFacts, failed_rounds, run_status
-from fedkd.strategies.base import AGGREGATION_METRICS
+from fedkd.strategies.base import AGGREGATION_METRICS, ANOMALY_SCORE, split_client_metric
 from fedkd.strategies.checkpointed import Nodes
 from fedkd.wire import WireStats
 
@@ -62,6 +62,7 @@ class Recorder:
     def for_run(cls, run: Any, out_dir: Path) -> Recorder:
         """A recorder for a `fedkd.server.PreparedRun`."""
         from fedkd.server import describe
+        from fedkd.simulations.faults import fault_plan, fault_summary
 
         cfg = run.cfg
         info = {
@@ -76,6 +77,7 @@ class Recorder:
             "clients_per_round": clients_per_round(cfg),
             **describe(run),  # partition, partition_seed (none with dataset=nodes), archs, ...
             "own_test_sizes": own_test_sizes(run.data),
+            **fault_summary(fault_plan(cfg)),  # faults: who misbehaved (None: nobody)
         }
         return cls(out_dir, run.archs, info)
 
@@ -90,10 +92,15 @@ class Recorder:
     def on_server_metrics(self, server_round: int, metrics: Mapping[str, float]) -> None:
         """What the strategy computed on the server this round (e.g. privacy spent)."""
         for key, value in metrics.items():
-            self.record(server_round, WIRE, key, value, model="server")
+            about = split_client_metric(key)  # ``<name>/<client>``: a row of that client
+            if about is not None and 0 <= about[1] < len(self.archs):
+                self.record(server_round, about[1], about[0], value)
+            else:
+                self.record(server_round, WIRE, key, value, model="server")
         self.ledger.on_server_metrics(server_round, metrics)
         self.server_metrics.update({k: v for k, v in metrics.items()
-                                    if k not in AGGREGATION_METRICS})
+                                    if k not in AGGREGATION_METRICS
+                                    and split_client_metric(k) is None})
 
     def on_replies(self, server_round: int, replies: list[Message], stats: WireStats) -> None:
         """Observer of `WireGrid`: traffic, reply metrics, progress.
@@ -255,6 +262,7 @@ class Recorder:
             "final_mean_accuracy": float(np.mean(values)) if values else None,
             "final_min_accuracy": float(np.min(values)) if values else None,
             "final_max_accuracy": float(np.max(values)) if values else None,
+            "final_mean_accuracy_honest": honest_mean(last, self.info.get("honest_clients")),
             "final_accuracy_by_arch": {k: float(np.mean(v)) for k, v in sorted(by_arch.items())},
             "final_accuracy_by_role": {k: float(np.mean(v)) for k, v in sorted(by_role.items())},
             "final_accuracy_by_client": {str(c): last.get(c, (0, None))[1] for c in clients},
@@ -262,6 +270,7 @@ class Recorder:
             "failed_rounds_by_client": {str(c): r for c, r in failed_rounds(facts.rounds).items()},
             "replies_dropped": sum(f.dropped for f in facts.rounds.values()),
             "rounds_below_min_replies": sorted(r for r, f in facts.rounds.items() if f.below_min),
+            "anomaly_score_by_client": mean_by_client(self.frame(), ANOMALY_SCORE),
             "final_own_accuracy": own[max(own)] if own else None,
             f"top{TOP_K}_own_accuracy": top_k_mean(list(own.values()), TOP_K) if own else None,
             "bytes_up": int(self.bytes_up),
@@ -279,6 +288,20 @@ class Recorder:
 
             plot_accuracy(frame, self.out_dir / "accuracy.png", title=_title(self.info))
         return summary
+
+
+def mean_by_client(frame: pd.DataFrame, metric: str) -> dict[str, float] | None:
+    """Client -> the mean of `metric` over the rounds it was recorded in (None: never)."""
+    rows = frame[(frame["metric"] == metric) & (frame["client"] >= 0)]
+    if rows.empty:
+        return None
+    return {str(c): float(v) for c, v in rows.groupby("client")["value"].mean().items()}
+
+
+def honest_mean(last: Mapping[int, tuple[int, float]], honest: list[int] | None) -> float | None:
+    """Mean final accuracy of the `honest` clients (every client when None: no faults)."""
+    values = [v for c, (_, v) in last.items() if honest is None or c in honest]
+    return float(np.mean(values)) if values else None
 
 
 def own_test_sizes(data: Any) -> list[int] | None:

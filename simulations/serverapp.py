@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedkd.errors import ConfigError, error_line
 from fedkd.server import compose_config, run_strategy
+from fedkd.simulations.faults import fault_plan
 from fedkd.simulations.run import run
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ def main(grid: Grid, context: Context) -> None:
         logger.setLevel(logging.INFO)
     cfg = compose_config(str(context.run_config.get("overrides", "")).split())
     try:
+        if fault_plan(cfg) is not None:  # the nodes run fedkd's ClientApp as it is
+            raise ConfigError("faults are injected by fedkd-sim's simulated clients only; "
+                              "flwr run takes faults=none")
         check_supernodes(grid, int(cfg.num_clients))
     except ConfigError as err:
         log.error("%s", error_line(err))  # the one line; Flower adds its traceback

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedkd import reply_checks
-from fedkd.aggregation import TeacherMeta
+from fedkd.aggregation import TeacherMeta, anomaly_scores
 from fedkd.settings import ClientSettings
 from fedkd.errors import ConfigError, require_int, require_number
 from fedkd.generators import LogitGuided, ModelGuided
@@ -56,6 +56,22 @@ REJECTED_REPLIES = "rejected-replies"
 BELOW_MIN_REPLIES = "below-min-replies"
 """1 when fewer valid replies than ``min_replies`` came, so the previous record stayed; else 0."""
 AGGREGATION_METRICS = (VALID_REPLIES, REJECTED_REPLIES, BELOW_MIN_REPLIES)
+ANOMALY_SCORE = "anomaly-score"
+"""Per aggregated client and round: the mean total-variation distance of its probabilities to
+the robust consensus (`fedkd.aggregation.anomaly_scores`), reported as ``anomaly-score/<id>``."""
+CLIENT_SEPARATOR = "/"
+"""A server metric ``<name>/<partition id>`` is about one client (the Recorder files it so)."""
+
+
+def client_metric(name: str, client: int) -> str:
+    """The server metric key of `name` for one client: ``<name>/<client>``."""
+    return f"{name}{CLIENT_SEPARATOR}{int(client)}"
+
+
+def split_client_metric(key: str) -> tuple[str, int] | None:
+    """``(name, client)`` of a per-client server metric key, None for any other key."""
+    name, sep, client = key.rpartition(CLIENT_SEPARATOR)
+    return (name, int(client)) if sep and name and client.isdigit() else None
 
 
 class KDStrategy(PartitionSampling, Strategy):
@@ -300,8 +316,22 @@ class KDStrategy(PartitionSampling, Strategy):
                            partition_ids=np.array(pids, dtype=np.int64),
                            class_counts=np.stack(counts) if counted else None,
                            server_round=server_round, seed=self.seed)
-        soft = self.aggregate_logits(np.stack(valid), meta)
+        logits = np.stack(valid)
+        soft = self.aggregate_logits(logits, meta)
+        self.report_anomaly(server_round, logits, meta)
         return transfer_record(soft_targets=soft, target_rows=rows)
+
+    def report_anomaly(self, server_round: int, logits: np.ndarray, meta: TeacherMeta) -> None:
+        """Hand each teacher's anomaly score (`ANOMALY_SCORE`) to the sinks, whatever the
+        aggregator: how far its probabilities at the strategy's temperature are from the
+        robust consensus of all of them."""
+        if not self.server_metric_sinks:
+            return
+        scores = anomaly_scores(logits, self.temperature)
+        values = {client_metric(ANOMALY_SCORE, pid): float(score)
+                  for pid, score in zip(meta.partition_ids, scores)}
+        for sink in self.server_metric_sinks:
+            sink(server_round, values)
 
     def enough(self, server_round: int, valid: int) -> bool:
         """Whether `valid` replies meet `min_replies` (else the previous record stays)."""

@@ -107,7 +107,8 @@ MORE = {
                                    "is not an option of fedkd.simulations.launch.simulate"),
 }
 
-BAD_AGGREGATOR = {"fraction": -0.1, "sharpen": 0, "sigma": 0, "delta": 1}
+BAD_AGGREGATOR = {"fraction": -0.1, "sharpen": 0, "sigma": 0, "delta": 1, "iters": 0,
+                  "decay": 1, "threshold": 0, "floor": 2}
 """A value each aggregator option (conf/aggregator/*.yaml) refuses."""
 BAD_TRANSFER = {
     "size": 0, "seed": -1, "low": "low", "high": -1, "mean": "mid", "std": 0, "steps": -1,
@@ -177,7 +178,23 @@ def _group_cases() -> dict[str, tuple[tuple[str, ...], str, str]]:
     return cases
 
 
-CASES = {**FOUND_LATE, **MORE, **_group_cases()}
+FAULTS = {  # conf/faults (fedkd.faults.plan_faults)
+    "fault attack": _case("faults=byzantine faults.byzantine.attack=bogus",
+                          "faults.byzantine.attack='bogus'", "must be one of none, random"),
+    "fault fraction": _case("faults=crash faults.crash.clients=1.5", "faults.crash.clients=1.5",
+                            "must be a number in [0, 1]"),
+    "fault probability": _case("faults=crash faults.crash.probability=-0.1",
+                               "faults.crash.probability=-0.1", "must be a number in [0, 1]"),
+    "fault client id": _case("faults=crash faults.crash.clients=[12]", "faults.crash.clients[]=12",
+                             "must be an int in 0..9"),
+    "fault unknown kind": _case("+faults.bogus=1", "faults.bogus=1", "is not an option of faults"),
+    "fault unknown key": _case("+faults.crash.bogus=1", "faults.crash.bogus=1",
+                               "is not an option of faults.crash"),
+    "faults pooled": _case("strategy=centralized faults=crash", "strategy='centralized'",
+                           "cannot inject faults: use faults=none"),
+}
+
+CASES = {**FOUND_LATE, **MORE, **FAULTS, **_group_cases()}
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ returns into the round's metrics (``NoisyVote`` reports its privacy spent: ``eps
 ``meta.seed`` and ``meta.server_round``, so runs are reproducible.
 
 Modules: ``core`` (TeacherMeta, checks, softmax), ``averaging`` (means), ``classwise`` (per-class
-count weights), ``robust`` (median, trimmed mean),
-``voting`` (majority and noisy votes).
+count weights), ``robust`` (median, trimmed mean, geometric median; the anomaly score),
+``reputation`` (teacher reputation over rounds), ``voting`` (majority and noisy votes).
 """
 
 from fedkd.aggregation.averaging import (
@@ -39,12 +39,22 @@ from fedkd.aggregation.core import (
     softmax,
     weighted_mean_probs,
 )
-from fedkd.aggregation.robust import median, trimmed_mean
+from fedkd.aggregation.reputation import Reputation, outliers
+from fedkd.aggregation.robust import (
+    anomaly_scores,
+    geometric_median,
+    median,
+    total_variation,
+    trimmed_mean,
+    weiszfeld,
+)
 from fedkd.aggregation.voting import NoisyVote, majority_vote, vote_counts
 
 __all__ = [
     "NoisyVote",
+    "Reputation",
     "TeacherMeta",
+    "anomaly_scores",
     "as_soft_targets",
     "check_logits",
     "check_number",
@@ -53,15 +63,19 @@ __all__ = [
     "confidence_weighted",
     "entropy_weighted",
     "era",
+    "geometric_median",
     "log_softmax",
     "majority_vote",
     "mean_logits",
     "mean_probs",
     "median",
     "noise_rng",
+    "outliers",
     "softmax",
+    "total_variation",
     "trimmed_mean",
     "vote_counts",
     "weighted",
     "weighted_mean_probs",
+    "weiszfeld",
 ]

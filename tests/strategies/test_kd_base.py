@@ -207,7 +207,8 @@ def test_aggregator_reports_reach_the_server_metric_sinks(flower_ids, small_run)
     strategy.server_metric_sinks.append(lambda rnd, values: seen.append((rnd, values)))
     _round(strategy, small_run, {0: np.zeros((n, c), np.float32), 1: np.ones((n, c), np.float32)},
            order=[1, 0])
-    assert seen == [(1, {"valid-replies": 2.0, "rejected-replies": 0.0, "below-min-replies": 0.0}),
+    assert seen == [(1, {"anomaly-score/0": 0.0, "anomaly-score/1": 0.0}),  # equal: both uniform
+                    (1, {"valid-replies": 2.0, "rejected-replies": 0.0, "below-min-replies": 0.0}),
                     (1, {"epsilon": 1.5})]
 
 
