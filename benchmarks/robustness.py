@@ -50,6 +50,16 @@ def finished(folder: Path, expected: int) -> bool:
     return sum(s.get("status") in DONE for s in found) >= expected
 
 
+def attacks_done(folder: Path) -> set[str]:
+    """The attacks whose run below `folder` finished (ok or degraded)."""
+    done = set()
+    for path in folder.glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        if summary.get("status") in DONE:
+            done.add((summary.get("faults") or {}).get("attack", "none"))
+    return done
+
+
 def sweep(out: Path, settings: list[str], aggregators: list[str], attacks: list[str],
           seeds: list[int]) -> None:
     """Per seed and setting: the Byzantine multiruns (one per aggregator: every attack), or for
@@ -64,10 +74,10 @@ def sweep(out: Path, settings: list[str], aggregators: list[str], attacks: list[
                 continue
             for aggregator in aggregators:
                 folder = out / setting / f"seed{seed}" / aggregator
-                if not finished(folder, len(attacks)):
+                todo = [a for a in attacks if a not in attacks_done(folder)]
+                if todo:  # the arms an interrupted sweep left undone
                     fedkd_sim(["-m", f"+experiment={SETTINGS[setting]}", f"seed={seed}",
-                               f"aggregator={aggregator}",
-                               f"faults.byzantine.attack={','.join(attacks)}",
+                               f"aggregator={aggregator}", f"faults.byzantine.attack={','.join(todo)}",
                                f"hydra.sweep.dir={folder}"])
 
 

@@ -216,7 +216,18 @@ def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return reached
 
 
-@pytest.mark.parametrize("name", list(CASES))
+GROUP_CI = {"aggregator=trimmed_mean", "aggregator=reputation", "transfer=generator_blackbox",
+            "strategy=fedmd", "strategy=dsfl"}
+"""Groups whose option cases run in the default suite; the others' run with ``-m slow``."""
+
+
+def _bad_value_params() -> list:
+    return [pytest.param(name, marks=() if name in FOUND_LATE or name in MORE or name in FAULTS
+                         or name.split(" ")[0] in GROUP_CI else pytest.mark.slow)
+            for name in CASES]
+
+
+@pytest.mark.parametrize("name", _bad_value_params())
 def test_bad_value_stops_before_data_and_ray_in_one_line(name, tmp_path, nothing_starts):
     overrides, key, allowed = CASES[name]
     cfg = compose_config([f"simulation.cache_dir={tmp_path / 'cache'}", *overrides])
@@ -248,8 +259,18 @@ def test_every_group_option_has_a_case():
     assert len([c for c in CASES if c.startswith("transfer=")]) >= 30
 
 
-@pytest.mark.parametrize("option", sorted(_options("strategy")))
-@pytest.mark.parametrize("aggregator", sorted(_options("aggregator")))
+def _combinations() -> list:
+    """Every strategy x aggregator; the default suite takes each strategy and each aggregator
+    at least once, the rest run with ``-m slow``."""
+    strategies, aggregators = sorted(_options("strategy")), sorted(_options("aggregator"))
+    size = max(len(strategies), len(aggregators))
+    quick = {(strategies[i % len(strategies)], aggregators[i % len(aggregators)])
+             for i in range(size)}
+    return [pytest.param(o, a, marks=() if (o, a) in quick else pytest.mark.slow)
+            for o in strategies for a in aggregators]
+
+
+@pytest.mark.parametrize(("option", "aggregator"), _combinations())
 def test_every_good_combination_passes(option, aggregator):
     cfg = compose_config([f"strategy={option}", f"aggregator={aggregator}"])
 

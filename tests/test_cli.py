@@ -29,13 +29,18 @@ class Case:
     """Found before any data is prepared: the process ends within `FAST_S` seconds of CPU."""
     exit_code: int = 2
     """A multirun goes on past a bad arm, records it and exits 1 at the end, naming it."""
+    ci: bool = False
+    """In the default suite; the other cases run with ``-m slow`` (each is a ~5 s process; the
+    same values are checked in process, in tests/test_checks.py)."""
 
 
 CASES = {
     "negative alpha": Case(("partition.partitioner.alpha=-1",), ("alpha", "-1")),
-    "more clients than samples": Case(("num_clients=5000",), ("num_clients=5000", "private samples")),
+    "more clients than samples": Case(("num_clients=5000",), ("num_clients=5000", "private samples"),
+                                      ci=True),
     "unknown dataset": Case(("dataset=nosuch",), ("nosuch",), config_error=False),
-    "missing file": Case(("dataset=files", "dataset.path=/nonexistent/x.npz"), ("/nonexistent/x.npz", "not found")),
+    "missing file": Case(("dataset=files", "dataset.path=/nonexistent/x.npz"),
+                         ("/nonexistent/x.npz", "not found"), ci=True),
     "alpha above 1": Case(("distill.alpha=1.5",), ("distill.alpha", "1.5")),
     "zero temperature": Case(("distill.temperature=0",), ("distill.temperature", "> 0")),
     "white-box generator without models": Case(
@@ -46,7 +51,7 @@ CASES = {
     # issue 11's "found late" values (all of them, in process: tests/test_checks.py)
     "negative learning rate": Case(
         ("distill.optimizer.lr=-1",), ("distill.optimizer.lr=-1: must be a number >= 0",),
-        fast=True),
+        fast=True, ci=True),
     "trimmed mean fraction": Case(
         ("aggregator=trimmed_mean", "aggregator.fraction=0.7"),
         ("aggregator.fraction=0.7: must be a number in [0, 0.5)",), fast=True),
@@ -56,7 +61,7 @@ CASES = {
     "num_clients as text": Case(("num_clients=abc",), ("num_clients='abc': must be an int >= 1",),
                                 fast=True),
     "a sweep with a bad arm": Case(("-m", "seed=-1"), ("seed=-1: must be an int in [0, ",),
-                                   fast=True, exit_code=1),
+                                   fast=True, exit_code=1, ci=True),
 }
 FAST_S = 10.0
 """CPU seconds a `fast` case may take (imports included; the wall time on an idle machine is
@@ -115,17 +120,27 @@ def _run_case(case: Case, root: Path) -> Result:
                   usage.ru_utime + usage.ru_stime)
 
 
+def _params(names: list[str]) -> list:
+    """The cases as parameters: those not `Case.ci` behind ``-m slow``."""
+    return [pytest.param(name, marks=() if CASES[name].ci else pytest.mark.slow) for name in names]
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
-    """Run every case, at most one per CPU at a time (each is CPU-bound while it imports)."""
-    roots = {name: tmp_path_factory.mktemp(name.replace(" ", "_")) for name in CASES}
-    workers = max(1, min(len(CASES), os.cpu_count() or 1))
+def results(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
+    """Run every case this session collected, at most one per CPU at a time (each is CPU-bound
+    while it imports)."""
+    wanted = {item.callspec.params["name"] for item in request.session.items
+              if item.module is request.module and hasattr(item, "callspec")}
+    cases = {name: case for name, case in CASES.items() if name in wanted}
+    roots = {name: tmp_path_factory.mktemp(name.replace(" ", "_")) for name in cases}
+    workers = max(1, min(len(cases), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        running = {name: pool.submit(_run_case, case, roots[name]) for name, case in CASES.items()}
+        running = {name: pool.submit(_run_case, case, roots[name]) for name, case in cases.items()}
         return {name: future.result() for name, future in running.items()}
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", _params(list(CASES)))
 def test_bad_value_exits_with_one_clear_message(results: dict[str, Result], name: str) -> None:
     case, result = CASES[name], results[name]
     output = result.output
@@ -148,7 +163,7 @@ def test_bad_value_exits_with_one_clear_message(results: dict[str, Result], name
         assert errors[0] == last, f"message is not one line:\n{output}"
 
 
-@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.fast])
+@pytest.mark.parametrize("name", _params([name for name, case in CASES.items() if case.fast]))
 def test_a_bad_value_stops_the_process_fast(results: dict[str, Result], name: str) -> None:
     result = results[name]
     print(f"{name}: {result.seconds:.1f} s wall, {result.cpu_seconds:.1f} s CPU")  # noqa: T201

@@ -168,11 +168,11 @@ def assert_same_clients(a: Engine, b: Engine) -> None:
 @pytest.mark.parametrize("overrides, kill_at", [
     pytest.param([], (3, 2), id="fedmd"),
     pytest.param(["strategy.flower.fraction_train=0.5", "aggregator=noisy_vote"], (5, 1),
-                 id="fedmd-partial-noisy-vote"),
+                 id="fedmd-partial-noisy-vote", marks=pytest.mark.slow),
     pytest.param(["transfer=generator_blackbox", "transfer.steps=2", "transfer.size=40",
                   "transfer.batch_size=8", "transfer.directions=2"], (3, 6),
-                 id="fedmd-blackbox-generator"),
-    pytest.param(["strategy=feddf", "strategy.flower.server_epochs=1"], (3, 3), id="feddf"),
+                 id="fedmd-blackbox-generator", marks=pytest.mark.slow),
+    pytest.param(["strategy=feddf", "strategy.flower.server_epochs=1"], (3, 3), id="feddf", marks=pytest.mark.slow),
     pytest.param(["strategy=fedavg", "strategy.flower.fraction_train=0.5",
                   "strategy.client.local_epochs=1"], (4, 1), id="fedavg-partial"),
 ])

@@ -74,10 +74,12 @@ def test_sweep_runs_one_multirun_per_chunk_and_skips_finished_ones(tmp_path, mon
     for attack in ("none", "random"):  # 1of5, seed 0, median: done
         _summary(tmp_path / "1of5" / "seed0" / "median" / attack, clients=5, aggregator="median",
                  attack=attack, seed=0, honest=0.9)
+    _summary(tmp_path / "1of5" / "seed0" / "reputation" / "none", clients=5,  # one arm of two
+             aggregator="reputation", attack="none", seed=0, honest=0.9)
     robustness.sweep(tmp_path, ["1of5", "crash"], ["median", "reputation"], ["none", "random"], [0])
     assert calls == [
         ["-m", "+experiment=byzantine_1of5", "seed=0", "aggregator=reputation",
-         "faults.byzantine.attack=none,random", f"hydra.sweep.dir={tmp_path}/1of5/seed0/reputation"],
+         "faults.byzantine.attack=random", f"hydra.sweep.dir={tmp_path}/1of5/seed0/reputation"],
         ["-m", "faults=none,crash", "num_clients=10", "seed=0",
          f"hydra.sweep.dir={tmp_path}/crash/seed0"],
     ]

@@ -147,6 +147,7 @@ def _accuracies(out) -> dict[int, dict[int, float]]:
             for r, g in acc.groupby("round")}
 
 
+@pytest.mark.slow  # a second Ray simulation; the default suite keeps one
 def test_partial_participation_trains_the_sampled_partitions_and_equals_the_plain_loop(half):
     """Each round trains the seeded sample of partition ids (not of Flower's random node ids), and
     every accuracy of every round equals the plain loop's, bit for bit, late warm-ups included."""
@@ -160,6 +161,7 @@ def test_partial_participation_trains_the_sampled_partitions_and_equals_the_plai
     assert set(summary["final_accuracy_by_client"]) == {"0", "1", "2", "3"}  # each its last report
 
 
+@pytest.mark.slow  # a second Ray simulation; the default suite keeps one
 def test_whoami_is_asked_once_and_answers_only_the_partition_id(half):
     _, summary, waves, _ = half
     kinds = [(r, stats.message_type, stats.replied) for r, _, stats in waves]

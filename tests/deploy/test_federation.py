@@ -60,11 +60,15 @@ def _accuracy(result: RunResult) -> pd.DataFrame:
 
 
 def test_two_nodes_two_rounds_of_fedmd(workdir):
+    """TLS and node authentication on (as deployed); an unregistered node: the slow test below."""
     opts = Options(num_nodes=2, rounds=2, archs=("cnn_small", "cnn_teacher"), overrides=FAST,
-                   round_timeout=300)  # a wait, ended by the last reply: generous under load
+                   round_timeout=300, secure=True)  # a wait, ended by the last reply
     with LocalFederation(workdir, opts) as fed:
         result = fed.run(timeout=600)  # ends with the run; generous for a loaded machine
         assert _leftovers(workdir)  # sanity: the check sees the running federation
+        superlink_log = fed.superlink.log_text()
+
+    assert "Uvicorn running on https://" in superlink_log  # TLS
 
     summary = result.summary
     assert result.returncode == 0 and summary["status"] == "ok"
@@ -82,6 +86,7 @@ def test_two_nodes_two_rounds_of_fedmd(workdir):
     assert "wire: HttpGrid wrapped in WireGrid" in log  # our poll loop, not Flower's 3 s sleeps
 
 
+@pytest.mark.slow  # the default suite's federation runs with TLS and authentication
 def test_an_unregistered_node_is_refused(workdir):
     with LocalFederation(workdir, Options(num_nodes=1, secure=True)) as fed:
         key, _ = make_node_key(workdir / "keys", "intruder")
