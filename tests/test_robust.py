@@ -235,3 +235,14 @@ def test_fedmd_reports_each_teachers_anomaly_score_into_the_metrics(flower_ids, 
     assert not any(k.startswith(ANOMALY_SCORE) for k in summary)  # rows, not summary keys
     excluded = frame[frame.metric == "excluded-teachers"]
     assert excluded.value.tolist() == [1.0, 1.0] and set(excluded.client) == {-1}
+
+
+def test_the_default_cut_leaves_out_two_colluding_label_flippers_of_ten():
+    """Reputations of round 5 of a 2-of-10 label_flip run (seed 1) that the first defaults
+    (threshold 3, floor 0.05: cut at 0.23) let through; the defaults cut clients 4 and 8 only."""
+    reputations = np.array([0.09, 0.08, 0.05, 0.08, 0.20, 0.06, 0.08, 0.05, 0.20, 0.04])
+    aggregate = Reputation()
+
+    assert np.flatnonzero(outliers(reputations, aggregate.threshold, aggregate.floor)).tolist() \
+        == [4, 8]
+    assert not outliers(reputations, 3.0, 0.05).any()
