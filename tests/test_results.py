@@ -101,7 +101,7 @@ def test_server_metrics_become_rows_and_summary_keys(tmp_path):
 
 
 def test_own_label_accuracy_is_size_weighted_and_top5_is_the_mean_of_the_best_rounds(tmp_path):
-    from fedkd.simulations.results import own_accuracy_rounds, top_k_mean
+    from fedkd.simulations.summary_maths import own_accuracy_rounds, top_k_mean
 
     rows = [(r, c, "m", "test-accuracy-own", v)
             for r, accs in {1: [0.5, 0.8], 2: [0.6, 0.9], 3: [0.7, 1.0]}.items()
