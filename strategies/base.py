@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedkd import reply_checks
-from fedkd.aggregation import TeacherMeta, anomaly_scores
+from fedkd.aggregation import TeacherMeta, answered_rows, anomaly_scores
 from fedkd.settings import ClientSettings
 from fedkd.errors import ConfigError, require_int, require_number
 from fedkd.generators import LogitGuided, ModelGuided
@@ -319,7 +319,7 @@ class KDStrategy(PartitionSampling, Strategy):
         logits = np.stack(valid)
         soft = self.aggregate_logits(logits, meta)
         self.report_anomaly(server_round, logits, meta)
-        return transfer_record(soft_targets=soft, target_rows=rows)
+        return answered_record(server_round, soft, rows)
 
     def report_anomaly(self, server_round: int, logits: np.ndarray, meta: TeacherMeta) -> None:
         """Hand each teacher's anomaly score (`ANOMALY_SCORE`) to the sinks, whatever the
@@ -374,6 +374,18 @@ class KDStrategy(PartitionSampling, Strategy):
     ) -> MetricRecord | None:
         """Nothing to aggregate (see `configure_evaluate`)."""
         return None
+
+
+def answered_record(server_round: int, soft: np.ndarray, rows: np.ndarray) -> ArrayRecord:
+    """The transfer record of the rows the aggregator answered (`fedkd.aggregation.answered_rows`);
+    none answered: a record without targets (the clients only revisit next round)."""
+    keep = answered_rows(soft)
+    if keep.all():
+        return transfer_record(soft_targets=soft, target_rows=rows)
+    log.info("round %d: %d of %d transfer rows answered", server_round, int(keep.sum()), len(keep))
+    if not keep.any():
+        return transfer_record()
+    return transfer_record(soft_targets=soft[keep], target_rows=rows[keep])
 
 
 def parse_replies(

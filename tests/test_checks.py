@@ -107,7 +107,7 @@ MORE = {
                                    "is not an option of fedkd.simulations.launch.simulate"),
 }
 
-BAD_AGGREGATOR = {"fraction": -0.1, "sharpen": 0, "sigma": 0, "delta": 1, "iters": 0,
+BAD_AGGREGATOR = {"fraction": -0.1, "sharpen": 0, "sigma": 0, "delta": 1, "iters": 0, "sigma_threshold": 0,
                   "decay": 1, "threshold": 0, "floor": 2}
 """A value each aggregator option (conf/aggregator/*.yaml) refuses."""
 BAD_TRANSFER = {
