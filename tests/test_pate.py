@@ -163,3 +163,15 @@ def test_strategy_drops_unanswered_rows_from_the_transfer_set() -> None:
     assert f"{TARGETS}.probs" not in answered_record(1, soft[1:2], np.array([6]))
     full = answered_record(1, soft[[0, 2]], np.array([5, 7]))
     np.testing.assert_array_equal(full[f"{TARGETS}.indices"].numpy(), [5, 7])
+
+
+def test_tradeoff_benchmark_votes_round_trip_and_more_teachers_cost_less() -> None:
+    from benchmarks import pate_tradeoff
+
+    counts, labels = pate_tradeoff.synthetic_votes(10, 50, seed=3)
+    np.testing.assert_array_equal(vote_counts(pate_tradeoff.counts_to_logits(counts)), counts)
+    assert (counts.sum(axis=1) == 10).all() and labels.shape == (50,)
+    frame = pate_tradeoff.table(queries=60, teachers=(10, 100))
+    paper = frame[frame.setting == "paper"].set_index("teachers")
+    assert paper.loc[100, "epsilon"] < paper.loc[10, "epsilon"]
+    assert (frame.epsilon <= frame.epsilon_data_independent + 1e-9).all()
