@@ -28,7 +28,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedkd import reply_checks
-from fedkd.aggregation import TeacherMeta, anomaly_scores
+from fedkd.aggregation import TeacherMeta, answered_rows, anomaly_scores, noise_rng
+from fedkd.client_dp import DP_NOISE_STREAM, ClientDP, dp_kind, private_soft_targets
 from fedkd.settings import ClientSettings
 from fedkd.errors import ConfigError, require_int, require_number
 from fedkd.generators import LogitGuided, ModelGuided
@@ -106,6 +107,9 @@ class KDStrategy(PartitionSampling, Strategy):
         Seeds partition sampling (with the round) and the transfer batches.
     wait_for_nodes_s : float
         Longest wait for `min_available_nodes`; then the round goes on with those connected.
+    privacy : ClientDP or None
+        Client-level DP (`fedkd.client_dp`, ``privacy=client_dp``): each client's probabilities
+        (``aggregator=mean_probs``) or logits (``mean_logits``) are clipped and the sum noised.
     """
 
     message_type = MESSAGE_TYPE
@@ -126,6 +130,7 @@ class KDStrategy(PartitionSampling, Strategy):
         temperature: float = 1.0,
         seed: int = 0,
         wait_for_nodes_s: float = 60.0,
+        privacy: ClientDP | None = None,
     ) -> None:
         check_sampling(fraction_train, min_train_nodes, min_available_nodes, seed,
                        wait_for_nodes_s)
@@ -137,6 +142,7 @@ class KDStrategy(PartitionSampling, Strategy):
         if transfer is not None and not callable(getattr(transfer, "rows", None)):
             raise ConfigError("transfer", transfer, "must be a transfer source (fedkd.transfer)")
         self.aggregator = aggregator
+        self.privacy, self._dp_kind = privacy, dp_kind(aggregator, privacy)
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
@@ -178,7 +184,8 @@ class KDStrategy(PartitionSampling, Strategy):
         What lives within a round (`_asked`, `_valid`) is empty then; the soft targets are the
         ArrayRecord the round loop keeps. A subclass adds its own."""
         state = self.partition_state(nodes)
-        for name, part in (("aggregator", self.aggregator), ("transfer", self.transfer)):
+        for name, part in (("aggregator", self.aggregator), ("transfer", self.transfer),
+                           ("privacy", self.privacy)):
             if callable(getattr(part, "state_dict", None)):
                 state[name] = part.state_dict()
         return state
@@ -188,6 +195,8 @@ class KDStrategy(PartitionSampling, Strategy):
         self.load_partition_state(state, nodes)
         if "aggregator" in state:
             self.aggregator.load_state_dict(state["aggregator"])
+        if "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
         if "transfer" in state:
             self.transfer.load_state_dict(state["transfer"], self.run_settings())
 
@@ -240,6 +249,11 @@ class KDStrategy(PartitionSampling, Strategy):
     def aggregate_logits(self, logits: np.ndarray, meta: TeacherMeta) -> np.ndarray:
         """Soft targets [N, C] from the teachers' logits [K, N, C]."""
         assert self.aggregator is not None
+        if self.privacy is not None:
+            soft = private_soft_targets(logits, self._dp_kind, self.privacy, self.temperature,
+                                        noise_rng(meta, DP_NOISE_STREAM))
+            self.privacy.spend(self.fraction_train)
+            return soft
         return self.aggregator(logits, meta, temperature=self.temperature)
 
     # --- Flower hooks -------------------------------------------------------------------------
@@ -319,7 +333,7 @@ class KDStrategy(PartitionSampling, Strategy):
         logits = np.stack(valid)
         soft = self.aggregate_logits(logits, meta)
         self.report_anomaly(server_round, logits, meta)
-        return transfer_record(soft_targets=soft, target_rows=rows)
+        return answered_record(server_round, soft, rows)
 
     def report_anomaly(self, server_round: int, logits: np.ndarray, meta: TeacherMeta) -> None:
         """Hand each teacher's anomaly score (`ANOMALY_SCORE`) to the sinks, whatever the
@@ -356,7 +370,8 @@ class KDStrategy(PartitionSampling, Strategy):
 
     def report_server_metrics(self, server_round: int) -> None:
         """Hand what the aggregator reports about itself (e.g. privacy spent) to the sinks."""
-        report = getattr(self.aggregator, "report", None)
+        part = self.privacy if self.privacy is not None else self.aggregator
+        report = getattr(part, "report", None)
         if report is None:
             return
         values = {key: float(value) for key, value in report().items()}
@@ -374,6 +389,18 @@ class KDStrategy(PartitionSampling, Strategy):
     ) -> MetricRecord | None:
         """Nothing to aggregate (see `configure_evaluate`)."""
         return None
+
+
+def answered_record(server_round: int, soft: np.ndarray, rows: np.ndarray) -> ArrayRecord:
+    """The transfer record of the rows the aggregator answered (`fedkd.aggregation.answered_rows`);
+    none answered: a record without targets (the clients only revisit next round)."""
+    keep = answered_rows(soft)
+    if keep.all():
+        return transfer_record(soft_targets=soft, target_rows=rows)
+    log.info("round %d: %d of %d transfer rows answered", server_round, int(keep.sum()), len(keep))
+    if not keep.any():
+        return transfer_record()
+    return transfer_record(soft_targets=soft[keep], target_rows=rows[keep])
 
 
 def parse_replies(

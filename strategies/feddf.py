@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from torch import nn
 
-from fedkd.aggregation import TeacherMeta, mean_logits
+from fedkd.aggregation import TeacherMeta, answered_rows, mean_logits
 from fedkd.settings import ClientSettings
 from fedkd.data import load_public
 from fedkd.errors import ConfigError, require_int, require_number
@@ -250,17 +250,20 @@ class FedDF(KDStrategy):
                                          if settings.train.share_class_counts else None),
                            server_round=server_round, seed=self.seed)
         logits = teacher_logits([t.model for t in teachers], x)
-        soft = torch.from_numpy(self.aggregate_logits(logits, meta))
+        soft = self.aggregate_logits(logits, meta)
+        keep = answered_rows(soft)  # rows an aggregator leaves unanswered are no transfer rows
+        x, soft = x[torch.from_numpy(keep)], torch.from_numpy(soft[keep])
         before, after = [], []
         for arch, student in averages.items():
-            before.append(kd_divergence(student, x, soft, self.temperature))
-            distill(student, x, soft, temperature=self.temperature, epochs=self.server_epochs,
-                    lr=self.server_lr, batch_size=self.server_batch_size or settings.train.batch_size,
-                    seed=(self.seed, server_round, list(settings.archs).index(arch)))
-            after.append(kd_divergence(student, x, soft, self.temperature))
+            if len(x):  # no row answered: the average alone
+                before.append(kd_divergence(student, x, soft, self.temperature))
+                distill(student, x, soft, temperature=self.temperature, epochs=self.server_epochs,
+                        lr=self.server_lr, batch_size=self.server_batch_size or settings.train.batch_size,
+                        seed=(self.seed, server_round, list(settings.archs).index(arch)))
+                after.append(kd_divergence(student, x, soft, self.temperature))
+                log.info("round %d: %s <- average of %d, ensemble of %d: KD %.3f -> %.3f", server_round,
+                         arch, sizes[arch], len(teachers), before[-1], after[-1])
             self._models[arch] = {k: v.detach().clone() for k, v in student.state_dict().items()}
-            log.info("round %d: %s <- average of %d, ensemble of %d: KD %.3f -> %.3f", server_round,
-                     arch, sizes[arch], len(teachers), before[-1], after[-1])
         if before:
             metrics.update({"server-kd-before": float(np.mean(before)),
                             "server-kd-after": float(np.mean(after))})

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from fedkd.aggregation import (
     TeacherMeta,
+    answered_rows,
     class_weighted,
     confidence_weighted,
     entropy_weighted,
@@ -334,8 +335,11 @@ def test_every_aggregator_yaml_maps_logits_to_probabilities(path: Path) -> None:
     aggregate = hydra.utils.instantiate(cfg)
     logits = np.random.default_rng(8).normal(size=(3, 7, 10))
     out = aggregate(logits, make_meta((10, 20, 30), num_classes=10), temperature=3.0)
-    assert out.dtype == np.float32 and out.shape == (7, 10) and (out >= 0).all()
-    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-6)
+    assert out.dtype == np.float32 and out.shape == (7, 10)
+    answered = answered_rows(out)  # an unanswered row (confident_vote) is NaN throughout
+    assert np.isnan(out[~answered]).all()
+    assert (out[answered] >= 0).all()
+    np.testing.assert_allclose(out[answered].sum(axis=1), 1.0, atol=1e-6)
 
 
 # --- class_weighted ------------------------------------------------------------------------------

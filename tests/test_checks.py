@@ -77,6 +77,12 @@ FOUND_LATE = {  # issue 11, "Bad values found late"
 }
 
 MORE = {
+    "client_dp clip": _case("privacy=client_dp privacy.server.clip=0", "privacy.server.clip=0", "> 0"),
+    "client_dp noise": _case("privacy=client_dp privacy.server.noise_multiplier=0",
+                             "privacy.server.noise_multiplier=0", "> 0"),
+    "client_dp delta": _case("privacy=client_dp privacy.server.delta=1", "privacy.server.delta=1", "(0, 1)"),
+    "client_dp aggregator": _case("privacy=client_dp aggregator=median", "aggregator='median'",
+                                  "mean_probs or mean_logits"),
     "alpha": _case("distill.alpha=1.5", "distill.alpha=1.5", "must be a number in [0, 1]"),
     "batch size": _case("distill.batch_size=0", "distill.batch_size=0", "must be an int >= 1"),
     "unknown distill key": _case("+distill.bogus=1", "distill.bogus=1", "is not an option"),
@@ -107,7 +113,7 @@ MORE = {
                                    "is not an option of fedkd.simulations.launch.simulate"),
 }
 
-BAD_AGGREGATOR = {"fraction": -0.1, "sharpen": 0, "sigma": 0, "delta": 1, "iters": 0,
+BAD_AGGREGATOR = {"fraction": -0.1, "sharpen": 0, "sigma": 0, "delta": 1, "iters": 0, "sigma_threshold": 0,
                   "decay": 1, "threshold": 0, "floor": 2}
 """A value each aggregator option (conf/aggregator/*.yaml) refuses."""
 BAD_TRANSFER = {

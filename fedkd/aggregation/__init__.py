@@ -7,7 +7,11 @@ calls it as ``aggregator(logits, meta, temperature=T)``::
 
 The result is float32 probabilities at temperature T whose rows sum to 1. Functions are selected with
 ``_partial_: true`` (their extra hyper-parameters are yaml keys bound by the partial); stateful aggregators are
-classes instantiated once per run (``NoisyVote``).
+classes instantiated once per run (``NoisyVote``, ``ConfidentVote``).
+
+Unanswered rows: an aggregator may leave a row unanswered by filling it with NaN (``UNANSWERED``;
+``ConfidentVote`` does for rows whose vote is not confident). The strategy keeps only ``answered_rows`` in the
+round's transfer set, so students never train on them.
 
 Reporting seam: ANY aggregator object may expose ``report() -> dict[str, float]``; the strategy merges what it
 returns into the round's metrics (``NoisyVote`` reports its privacy spent: ``epsilon``, ``epsilon-round``,
@@ -16,7 +20,8 @@ returns into the round's metrics (``NoisyVote`` reports its privacy spent: ``eps
 
 Modules: ``core`` (TeacherMeta, checks, softmax), ``averaging`` (means), ``classwise`` (per-class
 count weights), ``robust`` (median, trimmed mean, geometric median; the anomaly score),
-``reputation`` (teacher reputation over rounds), ``voting`` (majority and noisy votes).
+``reputation`` (teacher reputation over rounds), ``voting`` (majority and noisy votes), ``confident``
+(PATE's Confident GNMax).
 """
 
 from fedkd.aggregation.averaging import (
@@ -28,6 +33,7 @@ from fedkd.aggregation.averaging import (
     weighted,
 )
 from fedkd.aggregation.classwise import class_weighted
+from fedkd.aggregation.confident import UNANSWERED, ConfidentVote, answered_rows
 from fedkd.aggregation.core import (
     TeacherMeta,
     as_soft_targets,
@@ -51,9 +57,12 @@ from fedkd.aggregation.robust import (
 from fedkd.aggregation.voting import NoisyVote, majority_vote, vote_counts
 
 __all__ = [
+    "ConfidentVote",
     "NoisyVote",
     "Reputation",
     "TeacherMeta",
+    "UNANSWERED",
+    "answered_rows",
     "anomaly_scores",
     "as_soft_targets",
     "check_logits",

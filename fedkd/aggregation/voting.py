@@ -19,7 +19,7 @@ def vote_counts(logits: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _one_hot_argmax(scores: np.ndarray) -> np.ndarray:
+def one_hot_argmax(scores: np.ndarray) -> np.ndarray:
     """One-hot ``[N, C]`` float32 of each row's argmax (ties go to the lowest class)."""
     return as_soft_targets(np.eye(scores.shape[-1])[scores.argmax(axis=-1)])
 
@@ -27,7 +27,7 @@ def _one_hot_argmax(scores: np.ndarray) -> np.ndarray:
 def majority_vote(logits: np.ndarray, meta: TeacherMeta | None = None, *, temperature: float = 1.0) -> np.ndarray:
     """One-hot of the plurality class of the teachers' argmax votes (ties -> lowest class index)."""
     check_temperature(temperature)
-    return _one_hot_argmax(vote_counts(check_logits(logits, meta)))
+    return one_hot_argmax(vote_counts(check_logits(logits, meta)))
 
 
 class NoisyVote:
@@ -59,7 +59,7 @@ class NoisyVote:
         rng = noise_rng(meta, self.accountant.queries)
         noisy = counts + rng.normal(0.0, self.accountant.sigma, size=counts.shape)
         self._epsilon_round = self.accountant.spend(counts.shape[0])
-        return _one_hot_argmax(noisy)
+        return one_hot_argmax(noisy)
 
     def state_dict(self) -> dict[str, object]:
         """The privacy ledger and the last call's epsilon (a run's checkpoint keeps them)."""
