@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 
 from fedkd.audit import DEFAULT_FPR, AttackResult, audit_model, summarise
 from fedkd.data import load_client, load_test
-from fedkd.errors import ConfigError, error_line
+from fedkd.errors import ConfigError, error_line, require_int, require_number
 from fedkd.models import build_model
 from fedkd.server import PreparedRun, prepare_run
 from fedkd.simulations.results import write_text
@@ -239,10 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fpr", type=float, default=DEFAULT_FPR, help="false-positive rate")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")
-    if not 0.0 <= args.fpr < 1.0:
-        log.error("%s", error_line(ConfigError("--fpr", args.fpr, "must be a number in [0, 1)")))
-        return 2
     try:
+        require_number("--fpr", args.fpr, 0.0, 1.0, high_open=True)
+        require_int("--limit", args.limit, 1, null=True)
+        require_int("--seed", args.seed, 0)
         audit = audit_run(args.run_dir, args.seed, args.limit, args.fpr)
     except ConfigError as err:
         log.error("%s", error_line(err))

@@ -104,6 +104,8 @@ def test_fedkd_audit_refuses_a_folder_without_final_models_in_one_line(tmp_path,
     assert f"no {STUDENTS}" in caplog.text
     assert main([str(tmp_path / "nothing")]) == 2
     assert main([str(tmp_path), "--fpr", "1.5"]) == 2
+    assert "--fpr=1.5: must be a number in [0, 1)" in caplog.text
+    assert main([str(tmp_path), "--limit", "0"]) == 2
 
 
 def test_audit_true_audits_fedavg_students_and_the_global_model(tmp_path):
