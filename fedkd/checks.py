@@ -48,6 +48,7 @@ def check_run(cfg: DictConfig) -> TrainSettings:
     require_int("num_rounds", cfg.num_rounds, 1)
     require_int("seed", cfg.seed, 0, MAX_SEED)
     require_int("partition_seed", cfg.partition_seed, 0, MAX_PARTITION_SEED)
+    require_bool("audit", cfg.get("audit", False))
     check_wire(cfg.simulation)
     train = train_settings(cfg)
     check_strategy(cfg)

@@ -126,6 +126,7 @@ def run_strategy(
     on_server_metrics: ServerMetricSink | None = None,
     out_dir: Path | None = None,
     checkpoints: CheckpointPlan | None = None,
+    on_result: Callable[[Any], None] | None = None,
 ) -> WireGrid:
     """Instantiate the configured strategy and run all rounds on `grid`; return the wire.
 
@@ -135,7 +136,8 @@ def run_strategy(
     `out_dir` is where the strategy may keep artefacts (a generator's checkpoints and samples).
     With `checkpoints` the strategy runs under `Checkpointed`: the run checkpoints every
     ``checkpoints.every`` rounds (the reply guard's bindings too) and resumes from
-    ``checkpoints.resume``.
+    ``checkpoints.resume``. `on_result` gets what ``strategy.start`` returns (Flower's `Result`:
+    the final arrays) once the last round is over.
     """
     cfg = run.cfg
     torch.set_num_threads(1)  # server maths (FedDF, generators): the same numbers on any machine
@@ -155,7 +157,7 @@ def run_strategy(
         strategy = Checkpointed(strategy, replace(
             checkpoints, parts={**checkpoints.parts, "reply-guard": guard}))
     random.seed(int(cfg.seed))  # Flower's own strategies sample nodes with the global RNG
-    strategy.start(
+    result = strategy.start(
         grid=wire,
         initial_arrays=initial_arrays(run),
         num_rounds=int(cfg.num_rounds),
@@ -163,19 +165,23 @@ def run_strategy(
         train_config=ConfigRecord(run.settings.to_config()),
         evaluate_config=ConfigRecord(run.settings.to_config()),
     )
+    if on_result is not None:
+        on_result(result)
     return wire
 
 
 def make_server_app(
     run: PreparedRun, observers: list[ReplyObserver], on_server_metrics: ServerMetricSink | None = None,
     out_dir: Path | None = None, checkpoints: CheckpointPlan | None = None,
+    on_result: Callable[[Any], None] | None = None,
 ) -> ServerApp:
-    """A ServerApp that runs the prepared run and reports every reply to `observers`."""
+    """A ServerApp that runs the prepared run and reports every reply to `observers` (the
+    other arguments: `run_strategy`'s)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:  # noqa: ARG001
-        run_strategy(grid, run, observers, on_server_metrics, out_dir, checkpoints)
+        run_strategy(grid, run, observers, on_server_metrics, out_dir, checkpoints, on_result)
 
     return app
 

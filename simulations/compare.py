@@ -33,10 +33,11 @@ log = logging.getLogger("fedkd.compare")
 FALLBACK = ("strategy", "aggregator", "dataset", "partition", "num_clients")
 FIELDS = (*FALLBACK, "num_rounds", "seed", "status", "status_reasons", "error", "partition_hash",
           "final_mean_accuracy", "final_min_accuracy", "top5_own_accuracy", "bytes_up",
-          "bytes_down", "wall_time_s")
+          "bytes_down", "wall_time_s", "audit_auc_mean", "audit_tpr_at_fpr_mean", "audit_fpr")
 COLUMNS = ["arm", *FALLBACK, "num_rounds", "status", "seeds", "failed", "degraded", "final_acc_mean",
            "final_acc_std", "top5_own_mean", "top5_own_std", "worst_client_acc", "best_acc",
-           "rounds_to_target", "seeds_reached", "bytes_up", "bytes_down", "bytes_per_round", "epsilon", "wall_time_s",
+           "rounds_to_target", "seeds_reached", "bytes_up", "bytes_down", "bytes_per_round", "epsilon", "audit_auc",
+           "audit_tpr_at_fpr", "wall_time_s",
            "partition_hash", "partition_ok"]
 TOLERANCE = 1e-9  # rounds_to_target: float rounding, far below one test example
 _SEED = re.compile(r"^[+~]*(seed|resume)=")  # not the arm: the seed, and resume= (same run)
@@ -206,6 +207,8 @@ def arm_table(runs: pd.DataFrame, target: float = 0.9, sort_by: str = "final_acc
             "bytes_up": num["bytes_up"].mean(), "bytes_down": num["bytes_down"].mean(),
             "bytes_per_round": ((num["bytes_up"] + num["bytes_down"]) / num["num_rounds"]).mean(),
             "epsilon": ok.epsilon.max(),  # the worst case over seeds
+            "audit_auc": num["audit_auc_mean"].mean(),  # membership inference (fedkd-audit)
+            "audit_tpr_at_fpr": num["audit_tpr_at_fpr_mean"].mean(),
             "wall_time_s": num["wall_time_s"].mean(), "partition_hash": ",".join(hashes),
         })
     table = pd.DataFrame(rows, columns=COLUMNS[:-1])

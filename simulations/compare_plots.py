@@ -121,6 +121,8 @@ def to_markdown(table: pd.DataFrame, header: str, warnings: Sequence[str] = (),
     """The table as Markdown: ``0.919 ± 0.004``, ``1,710,800`` bytes, WARNING lines first.
 
     Accuracies without a value (``top-5 own-label`` of runs without own-label chunks) are ``-``.
+    The membership-inference audit (``audit AUC``, ``audit TPR@1%FPR``: the students' means,
+    `fedkd.simulations.audit`) is shown when an arm has one.
 
     `keys` are the config columns shown after the arm (`fedkd.simulations.compare.FALLBACK`).
 
@@ -133,10 +135,12 @@ def to_markdown(table: pd.DataFrame, header: str, warnings: Sequence[str] = (),
     def num(x: Any, fmt: str = ",.0f") -> str:
         return "" if pd.isna(x) else format(x, fmt)
 
+    audited = "audit_auc" in table and table["audit_auc"].notna().any()  # fedkd-audit's columns
     lines = [f"**WARNING: partition mismatch: {w}**\n" for w in warnings] + [header, ""]
     head = ["arm", *keys, "status", "seeds", "failed", "degraded", "final accuracy",
             "top-5 own-label", "worst client", "best", "rounds to target (seeds)", "bytes up", "bytes down", "bytes / round",
-            "epsilon", "wall s", "partition hash", "partition ok"]
+            "epsilon", *(["audit AUC", "audit TPR@1%FPR"] if audited else []), "wall s",
+            "partition hash", "partition ok"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.itertuples():
         status = r.status if r.status == "ok" else f"**{r.status}**"
@@ -146,6 +150,7 @@ def to_markdown(table: pd.DataFrame, header: str, warnings: Sequence[str] = (),
                  num(r.worst_client_acc, ".3f"), num(r.best_acc, ".3f"),
                  f"{num(r.rounds_to_target, '.1f') or '-'} ({r.seeds_reached}/{r.seeds})",
                  num(r.bytes_up), num(r.bytes_down), num(r.bytes_per_round), num(r.epsilon, ".3g"),
+                 *([num(r.audit_auc, ".3f"), num(r.audit_tpr_at_fpr, ".3f")] if audited else []),
                  num(r.wall_time_s, ".1f"), r.partition_hash, "yes" if r.partition_ok else "**NO**"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join([*lines, *([""] if failed else []), *failed]) + "\n"

@@ -42,6 +42,7 @@ from fedkd.server import PreparedRun, make_server_app
 from fedkd.simulations.engine import (
     EngineDied, EngineWatch, child_processes, engine_message, engine_processes,
 )
+from fedkd.simulations.audit import final_models_saver
 from fedkd.simulations.results import Recorder
 from fedkd.simulations.resume import Checkpointing
 from fedkd.simulations.run import (
@@ -270,7 +271,8 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
     stop, outcome, watch = active_stop() or StopSignals(), _Outcome(), None
     checkpoints = Checkpointing(run, recorder)  # simulation.checkpoint_every, resume=
     inner = make_server_app(run, [recorder.on_replies], recorder.on_server_metrics,
-                            recorder.out_dir, checkpoints.plan)
+                            recorder.out_dir, checkpoints.plan,
+                            final_models_saver(recorder.out_dir, run, checkpoints.client_states))
     config = backend_config(sim)
     flower_log = logging.getLogger("flwr")  # quiet_flower restores its level
     stop.on_signal.append(lambda: flower_log.setLevel(logging.CRITICAL))  # lost client tasks

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 RESUME = "resume"
 """The config key naming the run folder to continue."""
+NOT_THE_RUN = (RESUME, "audit")
+"""Keys a resumed run may set otherwise: they change no number of the run (``audit`` runs after
+it)."""
 FINISHED = ("ok", "degraded")
 """Summary statuses of a run that ran all its rounds: nothing to resume."""
 
@@ -64,7 +67,7 @@ def resume_folder(cfg: DictConfig) -> Path | None:
     ours = _flat(OmegaConf.to_container(cfg, resolve=True))
     theirs = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
     differ = sorted(k for k in ours.keys() | theirs.keys()
-                    if k != RESUME and ours.get(k, "<unset>") != theirs.get(k, "<unset>"))
+                    if k not in NOT_THE_RUN and ours.get(k, "<unset>") != theirs.get(k, "<unset>"))
     if differ:
         shown = ", ".join(f"{k}={ours.get(k, '<unset>')} (the run's: {theirs.get(k, '<unset>')})"
                           for k in differ[:3])
@@ -138,23 +141,29 @@ class Checkpointing:
             else:
                 log.warning("resume: %s has no checkpoint: the run starts again from round 1",
                             recorder.out_dir)
-        if not every and resume is None:
-            return
-        try:
+        self._engine: SimulationNodes | None = None  # captured also without checkpoints:
+        try:  # the final models are read from it (`client_states`)
             require_supported_flower()
         except UnsupportedFlowerError as err:
             if resume is not None:
                 raise
-            log.warning("no checkpoints: %s", err)
+            if every:
+                log.warning("no checkpoints: %s", err)
             return
         self._engine = engine or SimulationNodes()
+        if not every and resume is None:
+            return
         self.plan = CheckpointPlan(
             path=path, every=every, nodes=lambda: Nodes(self._engine.partition_of()),
             parts={"recorder": recorder, "clients": ClientStates(self._engine)},
             resume=resume, meta=meta)
 
+    def client_states(self) -> dict[int, Any] | None:
+        """Partition id -> every client's ``Context.state`` now (None: not captured)."""
+        return None if self._engine is None else self._engine.states()
+
     def __enter__(self) -> CheckpointPlan | None:
-        if self.plan is not None:
+        if self._engine is not None:
             self._stack.enter_context(capture_simulation_nodes(self._engine))
         return self.plan
 

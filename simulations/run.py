@@ -247,6 +247,10 @@ def run(cfg: DictConfig, out_dir: str | Path, runner: Runner | None = None, *,
         prepared = prepare_run(cfg)  # checks every value first (fedkd.checks.check_run)
         recorder = Recorder.for_run(prepared, out_dir)
         summary = _run_recorded(recorder, prepared, runner, stop)
+        if cfg.get("audit", False):  # membership inference; its failure keeps the results
+            from fedkd.simulations.audit import audit_after_run
+
+            summary = audit_after_run(out_dir, summary)
     except Interrupted as stopped:
         if recorder is None:  # stopped while preparing: nothing ran
             name = signal.Signals(stopped.signum).name

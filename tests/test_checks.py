@@ -50,6 +50,7 @@ FOUND_LATE = {  # issue 11, "Bad values found late"
     "seed": _case("seed=-1", "seed=-1", "must be an int in [0, 9223372036854775807]"),
     "seed as text": _case("seed=abc", "seed='abc'", "must be an int in [0, "),
     "partition seed": _case("partition_seed=-1", "partition_seed=-1", "[0, 4294967295]"),
+    "audit": _case("audit=maybe", "audit='maybe'", "must be true or false"),
     "partition seed too big": _case("partition_seed=4294967296", "partition_seed=4294967296",
                                     "[0, 4294967295]"),
     "trimmed mean fraction": _case("aggregator=trimmed_mean aggregator.fraction=0.7",
