@@ -220,3 +220,21 @@ class Accountant:
             (float(n), float(r), int(s)) for n, r, s in
             zip(state["history-noise"], state["history-rate"], state["history-steps"])]
         return accountant
+
+
+def budget_steps(budget: Mapping[str, int | None], batch_size: int, num_rows: int) -> int:
+    """DP-SGD steps of a revisit budget (`fedkd.settings.TrainSettings.local_budget`): its
+    ``steps``, or ``epochs * ceil(n / batch_size)``."""
+    if budget.get("steps") is not None:
+        return int(budget["steps"])
+    return int(budget["epochs"]) * steps_per_epoch(batch_size, num_rows)
+
+
+def planned_steps(first: int, later: int, num_rounds: int) -> int:
+    """The run's planned DP-SGD steps: this (first) round's, then `later` per remaining round.
+
+    A client that skips rounds (``fraction_train < 1``) takes fewer steps than planned: its noise
+    is then larger than its budget needs (never smaller); the reported epsilon counts the steps
+    actually taken.
+    """
+    return max(1, int(first) + max(0, num_rounds - 1) * int(later))

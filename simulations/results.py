@@ -21,7 +21,8 @@ import pandas as pd
 from flwr.app import Message
 
 from fedkd.protocol import (
-    COMPUTE_S, METRICS, NODE, OWN_ACCURACY, PARTITION_ID, PHASES, TEST_ACCURACY, phase_key,
+    COMPUTE_S, DP_DELTA, DP_METRICS, METRICS, NODE, OWN_ACCURACY, PARTITION_ID, PHASES,
+    TEST_ACCURACY, phase_key,
 )
 from fedkd.simulations.ledger import Ledger, clients_per_round
 from fedkd.simulations.status import FAILED, INTERRUPTED, RunFacts, failed_rounds, run_status
@@ -32,7 +33,7 @@ from fedkd.wire import WireStats
 log = logging.getLogger("fedkd.progress")
 
 RECORDED = (TEST_ACCURACY, "test-loss", OWN_ACCURACY, "train-loss", "digest-loss",
-            COMPUTE_S, *(phase_key(p) for p in PHASES))
+            COMPUTE_S, *(phase_key(p) for p in PHASES), *DP_METRICS)
 TOP_K = 5  # FedGen reports the mean of the top 5 rounds
 DROPPED = "replies-dropped"
 """Wire metric: replies of a wave that failed the server's checks (`fedkd.reply_guard`)."""
@@ -276,6 +277,7 @@ class Recorder:
             "bytes_up": int(self.bytes_up),
             "bytes_down": int(self.bytes_down),
             "wall_time_s": round(time.monotonic() - self._t0, 3),
+            **dpsgd_summary(self.frame()),
             **self.server_metrics,
         }
         write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
@@ -288,6 +290,23 @@ class Recorder:
 
             plot_accuracy(frame, self.out_dir / "accuracy.png", title=_title(self.info))
         return summary
+
+
+def dpsgd_summary(frame: pd.DataFrame) -> dict[str, Any]:
+    """``privacy=dpsgd``: each client's last reported (epsilon, delta) and the accountant's
+    inputs (noise multiplier, sample rate, steps), and the max epsilon over clients; {} without."""
+    rows = frame[frame["metric"].isin(DP_METRICS) & (frame["client"] >= 0)]
+    if rows.empty:
+        return {}
+    last = rows.sort_values("round", kind="stable").groupby(["client", "metric"])["value"].last()
+    by_client = {str(c): {m.removeprefix("dp-").replace("-", "_"): float(v)
+                          for m, v in last[c].items()}
+                 for c in last.index.get_level_values(0).unique()}
+    for values in by_client.values():
+        values["steps"] = int(values["steps"])
+    epsilons = [v["epsilon"] for v in by_client.values()]
+    return {"dpsgd_epsilon_max": max(epsilons), "dpsgd_delta": float(last.xs(DP_DELTA, level=1).max()),
+            "dpsgd_by_client": by_client}
 
 
 def mean_by_client(frame: pd.DataFrame, metric: str) -> dict[str, float] | None:
