@@ -31,7 +31,7 @@ from fedkd.server import compose_config, prepare_run
 from fedkd.settings import ClientSettings
 from fedkd.simulations.run import run
 from tests.conftest import SMALL
-from tests.test_resume import Engine, in_process
+from tests.test_resume import Engine, Killed, assert_same_results, in_process
 
 CNN = {"_target_": "fedkd.models.CNN2d", "channels": [4, 8], "head_pool": 2}
 
@@ -229,3 +229,26 @@ def test_two_rounds_in_process(tmp_path: Path, flower_ids) -> None:
         assert values["sample_rate"] == pytest.approx(min(1.0, 32 / n))
         assert values["steps"] > 0
     assert summary["dpsgd_epsilon_max"] == max(v["epsilon"] for v in by_client.values())
+
+
+@pytest.mark.slow
+def test_a_killed_dpsgd_run_resumes_with_the_same_epsilons(tmp_path: Path, flower_ids) -> None:
+    """Killed after the round-2 checkpoint and resumed (fresh contexts, new node ids): the
+    ledgers come back from the checkpoint's client states, so every dp-* row and the summary equal
+    those of a run never stopped."""
+    args = [*SMALL, "num_rounds=3", "distill.warmup_epochs=1", "distill.digest_epochs=1",
+            "privacy=dpsgd", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0",
+            "simulation.checkpoint_every=2", "simulation.poll_interval=0.001",
+            f"simulation.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_config(args)
+    run(cfg, tmp_path / "whole", runner=in_process(Engine(4, base=100)))
+    with pytest.raises(Killed):
+        run(cfg, tmp_path / "killed", runner=in_process(Engine(4, base=300), kill_at=(3, 2)))
+    (tmp_path / "killed" / "summary.json").unlink()
+    resumed = Engine(4, base=500)
+    run(compose_config([*args, f"resume={tmp_path / 'killed'}"]), tmp_path / "ignored",
+        runner=in_process(resumed))
+    assert_same_results(tmp_path / "whole", tmp_path / "killed")
+    assert all(PRIVACY in state for state in resumed.states().values())
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert all(v["steps"] > 0 for v in summary["dpsgd_by_client"].values())
