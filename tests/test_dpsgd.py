@@ -252,3 +252,21 @@ def test_a_killed_dpsgd_run_resumes_with_the_same_epsilons(tmp_path: Path, flowe
     assert all(PRIVACY in state for state in resumed.states().values())
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert all(v["steps"] > 0 for v in summary["dpsgd_by_client"].values())
+
+
+def test_settings_carry_dpsgd_over_the_wire(small_run) -> None:
+    """The settings JSON round-trips the DP-SGD settings; an unknown or bad key is refused; the
+    default run has none."""
+    assert small_run.settings.dpsgd is None
+    assert compose_config([]).privacy.name == "none"
+    dp = DPSettings(noise_multiplier=0.9, target_epsilon=None, accountant="prv")
+    settings = ClientSettings(**{**small_run.settings.__dict__, "dpsgd": dp})
+    assert ClientSettings.from_json(settings.to_json()).dpsgd == dp
+    raw = json.loads(settings.to_json())
+    raw["dpsgd"]["clip"] = 1.0
+    with pytest.raises(ConfigError, match="clip"):
+        ClientSettings.from_json(json.dumps(raw))
+    raw["dpsgd"].pop("clip")
+    raw["dpsgd"]["max_grad_norm"] = -1
+    with pytest.raises(ConfigError, match="privacy.max_grad_norm"):
+        ClientSettings.from_json(json.dumps(raw))
