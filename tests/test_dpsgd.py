@@ -20,7 +20,7 @@ from torch import nn
 from fedkd.checks import check_run
 from fedkd.client.dp_round import distill_plan, open_private
 from fedkd.client.state import PRIVACY, Student
-from fedkd.dp_training import PrivateSteps, dp_digest, noise_generator, poisson_batches
+from fedkd.dp_training import PrivateSteps, dp_digest, poisson_batches
 from fedkd.dpsgd import Accountant, DPSettings, derive_noise, dp_archs, sample_rate
 from fedkd.errors import ConfigError
 from fedkd.losses import distill_loss
