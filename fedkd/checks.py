@@ -26,6 +26,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedkd.aggregation import TeacherMeta
+from fedkd.dpsgd import DPSettings, check_dpsgd
 from fedkd.errors import ConfigError, find_config_error, require_bool, require_int, require_number
 from fedkd.faults import plan_faults
 from fedkd.settings import MAX_SEED, TrainSettings
@@ -53,7 +54,20 @@ def check_run(cfg: DictConfig) -> TrainSettings:
     train = train_settings(cfg)
     check_strategy(cfg)
     check_faults(cfg)
+    check_privacy(cfg, train)
     return train
+
+
+def check_privacy(cfg: DictConfig, train: TrainSettings) -> DPSettings | None:
+    """The ``privacy`` group's DP-SGD settings (`fedkd.dpsgd`), and what they must not be combined
+    with (a strategy DP-SGD does not cover, shared class counts, BatchNorm when refused).
+    Returns None unless ``privacy=dpsgd``."""
+    spec = cfg.get("privacy")
+    dp = DPSettings.from_config(OmegaConf.to_container(spec, resolve=True) if spec else None)
+    if dp is not None:
+        archs = OmegaConf.to_container(cfg.model.get("archs") or {}, resolve=True)
+        check_dpsgd(dp, str(cfg.strategy.name), train.share_class_counts, archs)
+    return dp
 
 
 def check_faults(cfg: DictConfig) -> None:

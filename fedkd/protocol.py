@@ -13,7 +13,9 @@ Request (server -> client, message type ``train.distill``)
 Reply (client -> server)
     ``logits``   ArrayRecord ``logits`` [M, C] float32 (absent when nothing was asked)
     ``metrics``  MetricRecord: ``partition-id``, ``num-examples``, ``train-loss``, ``digest-loss``,
-                 ``test-accuracy`` and ``test-loss`` when the student was evaluated this round.
+                 ``test-accuracy`` and ``test-loss`` when the student was evaluated this round;
+                 with ``privacy=dpsgd`` ``dp-epsilon``, ``dp-delta``, ``dp-noise-multiplier``,
+                 ``dp-sample-rate``, ``dp-steps`` instead of the losses on private rows.
     ``node``     ConfigRecord ``arch``, ``role``: deployed nodes only (`fedkd.client.report`),
                  which also add ``compute-s`` to ``metrics``.
 Nothing else leaves a client. The server checks every field of every reply before anything
@@ -84,8 +86,13 @@ def phase_key(phase: str) -> str:
 
 COMPUTE_S = "compute-s"
 """Seconds a deployed node's handler computed (added by `fedkd.client.report.report_mod`)."""
+DP_EPSILON, DP_DELTA = "dp-epsilon", "dp-delta"
+"""``privacy=dpsgd``: the (epsilon, delta) a client's DP-SGD has spent so far (`fedkd.dpsgd`)."""
+DP_NOISE_MULTIPLIER, DP_SAMPLE_RATE, DP_STEPS = "dp-noise-multiplier", "dp-sample-rate", "dp-steps"
+"""``privacy=dpsgd``: the accountant's inputs (noise multiplier, Poisson rate, steps so far)."""
+DP_METRICS = (DP_EPSILON, DP_DELTA, DP_NOISE_MULTIPLIER, DP_SAMPLE_RATE, DP_STEPS)
 REPLY_METRICS = (PARTITION_ID, NUM_EXAMPLES, TRAIN_LOSS, DIGEST_LOSS, TEST_ACCURACY, TEST_LOSS,
-                 OWN_ACCURACY, *(phase_key(p) for p in PHASES), COMPUTE_S)
+                 OWN_ACCURACY, *(phase_key(p) for p in PHASES), COMPUTE_S, *DP_METRICS)
 """Every metric a fedkd client sends (``compute-s``: deployed nodes only); the server drops a
 reply carrying any other."""
 

@@ -16,8 +16,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedkd.protocol import (
-    COMPUTE_S, DIGEST_LOSS, METRICS, NUM_EXAMPLES, OWN_ACCURACY, PARTITION_ID, PHASES, TEST_ACCURACY,
-    TEST_LOSS, TRAIN_LOSS, phase_key,
+    COMPUTE_S, DIGEST_LOSS, DP_DELTA, DP_EPSILON, DP_NOISE_MULTIPLIER, DP_SAMPLE_RATE, DP_STEPS,
+    METRICS, NUM_EXAMPLES, OWN_ACCURACY, PARTITION_ID, PHASES, TEST_ACCURACY, TEST_LOSS,
+    TRAIN_LOSS, phase_key,
 )
 
 MAX_ABS_LOGIT = 1e4
@@ -40,6 +41,11 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     OWN_ACCURACY: (0.0, 1.0),
     COMPUTE_S: (0.0, math.inf),
     **{phase_key(p): (0.0, math.inf) for p in PHASES},
+    DP_EPSILON: (0.0, math.inf),
+    DP_DELTA: (0.0, 1.0),
+    DP_NOISE_MULTIPLIER: (0.0, math.inf),
+    DP_SAMPLE_RATE: (0.0, 1.0),
+    DP_STEPS: (0.0, math.inf),
 }
 """Closed range of every reported (never aggregated) metric; each must also be finite."""
 

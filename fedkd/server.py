@@ -22,7 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from fedkd.checks import check_run
+from fedkd.checks import check_privacy, check_run
+from fedkd.dpsgd import dp_archs
 from fedkd.settings import ClientSettings
 from fedkd.data import DataInfo, prepare_data
 from fedkd.models import assign_models, assign_roles, build_model, count_parameters, resolve_model
@@ -57,6 +58,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     """Check every value of `cfg` (`fedkd.checks.check_run`), then prepare the data, assign
     architectures and build the client settings of a run."""
     train = check_run(cfg)
+    dp = check_privacy(cfg, train)  # privacy=dpsgd (None otherwise)
     if cfg.dataset.get("on_nodes", False):  # deployment: nodes hold the data, we the public set
         data, node_data = prepare_public_set(cfg)
     else:
@@ -74,6 +76,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     archs = {name: dict(spec) for name, spec in assignment}
     if cfg.dataset.get("on_nodes", False):  # a node may choose any catalogued arch (node config)
         archs = {name: dict(spec) for name, spec in model_cfg["archs"].items()}
+    archs = dp_archs(dp, archs)  # DP-SGD: BatchNorm -> GroupNorm wherever an arch is built
     counts = {}
     for name, spec in archs.items():
         model = build_model(spec, tuple(data.input_shape), data.num_classes)
@@ -86,7 +89,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     settings = ClientSettings(
         data={**data.to_dict(), **node_data}, archs=archs,
         assignment=[name for name, _ in assignment], train=train, seed=int(cfg.seed),
-        num_rounds=int(cfg.num_rounds), roles=roles,
+        num_rounds=int(cfg.num_rounds), roles=roles, dpsgd=dp,
     )
     return PreparedRun(cfg=cfg, data=data, settings=settings, param_counts=counts)
 

@@ -14,6 +14,7 @@ from typing import Any
 from fedkd.errors import (
     ConfigError, is_int, is_number, require_bool, require_int, require_keys, require_number,
 )
+from fedkd.dpsgd import DPSettings
 from fedkd.models.assign import ROLES
 from fedkd.models.build import check_spec
 from fedkd.optim import check_optimizer
@@ -103,6 +104,8 @@ class ClientSettings:
     num_rounds: int
     roles: list[str] = field(default_factory=list)
     """Role per partition id (`student` or `teacher`); empty means every client is a student."""
+    dpsgd: DPSettings | None = None
+    """Example-level DP-SGD of every client (``privacy=dpsgd``, `fedkd.dpsgd`); None: off."""
 
     def __post_init__(self) -> None:
         _check_data(self.data)
@@ -122,6 +125,9 @@ class ClientSettings:
                               "must be TrainSettings")
         require_int("settings.seed", self.seed, 0, MAX_SEED)
         require_int("settings.num_rounds", self.num_rounds, 1)
+        if self.dpsgd is not None and not isinstance(self.dpsgd, DPSettings):
+            raise ConfigError("settings.dpsgd", type(self.dpsgd).__name__,
+                              "must be DPSettings or None")
 
     def role_of(self, partition_id: int) -> str:
         """A partition's role: teachers never digest soft targets."""
@@ -155,7 +161,13 @@ class ClientSettings:
             if not isinstance(raw["train"], dict):
                 raise ConfigError("settings.train", raw["train"], "must be an object")
             _keys(raw["train"], TrainSettings, "distill")
-            return cls(**{**raw, "train": TrainSettings(**raw["train"])})
+            dpsgd = raw.get("dpsgd")
+            if dpsgd is not None:
+                if not isinstance(dpsgd, dict):
+                    raise ConfigError("settings.dpsgd", dpsgd, "must be an object or null")
+                _keys(dpsgd, DPSettings, "privacy")
+                dpsgd = DPSettings(**dpsgd)
+            return cls(**{**raw, "train": TrainSettings(**raw["train"]), "dpsgd": dpsgd})
         except (TypeError, ValueError, RecursionError) as err:  # ConfigError is a ValueError
             raise ConfigError(f"malformed {SETTINGS_KEY} in the message: {err}") from err
 

@@ -20,13 +20,14 @@ import pandas as pd
 from flwr.app import Message
 
 from fedkd.protocol import (
-    COMPUTE_S, METRICS, NODE, OWN_ACCURACY, PARTITION_ID, PHASES, TEST_ACCURACY, phase_key,
+    COMPUTE_S, DP_METRICS, METRICS, NODE, OWN_ACCURACY, PARTITION_ID, PHASES, TEST_ACCURACY,
+    phase_key,
 )
 from fedkd.simulations.ledger import Ledger, clients_per_round
 from fedkd.simulations.status import FAILED, INTERRUPTED, RunFacts, failed_rounds, run_status
 from fedkd.simulations.summary_maths import (
-    honest_mean, mean_by_client, own_accuracy_rounds, own_test_sizes, top_k_mean, write_parquet,
-    write_text,
+    dpsgd_summary, honest_mean, mean_by_client, own_accuracy_rounds, own_test_sizes, top_k_mean,
+    write_parquet, write_text,
 )
 from fedkd.strategies.base import AGGREGATION_METRICS, ANOMALY_SCORE, split_client_metric
 from fedkd.strategies.checkpointed import Nodes
@@ -35,7 +36,7 @@ from fedkd.wire import WireStats
 log = logging.getLogger("fedkd.progress")
 
 RECORDED = (TEST_ACCURACY, "test-loss", OWN_ACCURACY, "train-loss", "digest-loss",
-            COMPUTE_S, *(phase_key(p) for p in PHASES))
+            COMPUTE_S, *(phase_key(p) for p in PHASES), *DP_METRICS)
 TOP_K = 5  # FedGen reports the mean of the top 5 rounds
 DROPPED = "replies-dropped"
 """Wire metric: replies of a wave that failed the server's checks (`fedkd.reply_guard`)."""
@@ -279,6 +280,7 @@ class Recorder:
             "bytes_up": int(self.bytes_up),
             "bytes_down": int(self.bytes_down),
             "wall_time_s": round(time.monotonic() - self._t0, 3),
+            **dpsgd_summary(self.frame()),
             **self.server_metrics,
         }
         write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")

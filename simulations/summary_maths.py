@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedkd.protocol import OWN_ACCURACY
+from fedkd.protocol import DP_DELTA, DP_METRICS, OWN_ACCURACY
 
 
 def mean_by_client(frame: pd.DataFrame, metric: str) -> dict[str, float] | None:
@@ -74,3 +74,20 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     frame.to_parquet(tmp, index=False)
     os.replace(tmp, path)
+
+
+def dpsgd_summary(frame: pd.DataFrame) -> dict[str, Any]:
+    """``privacy=dpsgd``: each client's last reported (epsilon, delta) and the accountant's
+    inputs (noise multiplier, sample rate, steps), and the max epsilon over clients; {} without."""
+    rows = frame[frame["metric"].isin(DP_METRICS) & (frame["client"] >= 0)]
+    if rows.empty:
+        return {}
+    last = rows.sort_values("round", kind="stable").groupby(["client", "metric"])["value"].last()
+    by_client = {str(c): {m.removeprefix("dp-").replace("-", "_"): float(v)
+                          for m, v in last[c].items()}
+                 for c in last.index.get_level_values(0).unique()}
+    for values in by_client.values():
+        values["steps"] = int(values["steps"])
+    epsilons = [v["epsilon"] for v in by_client.values()]
+    return {"dpsgd_epsilon_max": max(epsilons), "dpsgd_delta": float(last.xs(DP_DELTA, level=1).max()),
+            "dpsgd_by_client": by_client}

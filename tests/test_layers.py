@@ -20,7 +20,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("fedkd.errors", "fedkd.settings", "fedkd.protocol", "fedkd.records", "fedkd.losses",
              "fedkd.training", "fedkd.timing", "fedkd.optim", "fedkd.sampling", "fedkd.privacy", "fedkd.pate", "fedkd.client_dp",
              "fedkd.aggregation", "fedkd.models", "fedkd.data", "fedkd.reply_checks",
-             "fedkd.faults", "fedkd.audit"),
+             "fedkd.faults", "fedkd.audit", "fedkd.dpsgd", "fedkd.dp_training"),
     "server": ("fedkd.strategies", "fedkd.transfer", "fedkd.generators", "fedkd.server_distill",
                "fedkd.wire", "fedkd.reply_guard", "fedkd.server", "fedkd.checks"),
     "client": ("fedkd.client",),

@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedkd.client.data import partition_id_of
+from fedkd.client.dp_round import distill_plan, open_private, train_plan
 from fedkd.client.fd import fd_round
 from fedkd.client.report import report_mod
 from fedkd.client.round import open_round, round_of, test_metrics
@@ -36,7 +37,7 @@ app.train("fd")(fd_round)  # FD / FedDistill: per-class mean logits (fedkd.clien
 
 @app.train("distill")
 def distill(msg: Message, context: Context) -> Message:
-    """One fused KD round."""
+    """One fused KD round (under DP-SGD with ``privacy=dpsgd``: `fedkd.client.dp_round`)."""
     timer = PhaseTimer()
     with timer("restore"):
         settings, pid, data, student = open_round(msg, context)
@@ -47,26 +48,36 @@ def distill(msg: Message, context: Context) -> Message:
     metrics: dict[str, float | int] = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.x)}
 
     target_x = rows_from(transfer, TARGETS, data.public_x)
-    if target_x is not None and settings.role_of(pid) == "student":  # teachers are never taught
+    next_x = rows_from(transfer, NEXT, data.public_x)
+    first = student.rounds_done == 0
+    taught = settings.role_of(pid) == "student"  # teachers are never taught
+    rows = next_x if next_x is not None else target_x  # the transfer rows a round digests
+    private = open_private(settings, student, len(data.x), pid, server_round, lambda: distill_plan(
+        train, len(data.x), first, digests=target_x is not None and taught,
+        transfer_rows=len(rows) if rows is not None and taught else 0))
+    if target_x is not None and taught:
         with timer("digest"):
             soft = torch.from_numpy(
                 soft_targets(transfer, len(target_x), int(settings.data["num_classes"])))
-            metrics[DIGEST_LOSS] = digest(
-                student.model, student.optimizer, target_x, soft, data.x, data.y,
-                loss=distill_loss(train.alpha, train.temperature), epochs=train.digest_epochs,
-                batch_size=train.batch_size, gen=gen,
-            )
-    first = student.rounds_done == 0
+            loss = distill_loss(train.alpha, train.temperature)
+            metrics[DIGEST_LOSS] = (
+                private.digest(target_x, soft, data.x, data.y, loss=loss,
+                               epochs=train.digest_epochs, batch_size=train.batch_size, gen=gen)
+                if private else digest(student.model, student.optimizer, target_x, soft, data.x,
+                                       data.y, loss=loss, epochs=train.digest_epochs,
+                                       batch_size=train.batch_size, gen=gen))
     if train.revisits(first_round=first, digested=DIGEST_LOSS in metrics):
         with timer("revisit"):
-            metrics[TRAIN_LOSS] = revisit(
-                student.model, student.optimizer, data.x, data.y, batch_size=train.batch_size,
-                gen=gen, **train.local_budget(first_round=first),
-            )
+            budget = train.local_budget(first_round=first)
+            metrics[TRAIN_LOSS] = (
+                private.revisit(data.x, data.y, batch_size=train.batch_size, gen=gen, **budget)
+                if private else revisit(student.model, student.optimizer, data.x, data.y,
+                                        batch_size=train.batch_size, gen=gen, **budget))
+    if private is not None:
+        private.close(student, metrics)
     student.rounds_done += 1
 
     content = RecordDict()
-    next_x = rows_from(transfer, NEXT, data.public_x)
     if next_x is not None:
         with timer("logits"):
             record = {LOGITS: Array(predict_logits(student.model, next_x))}
@@ -123,17 +134,22 @@ def train(msg: Message, context: Context) -> Message:
         if arrays:
             student.model.load_state_dict(finite_state(arrays))
             student.reset_optimizer(settings)
-    budget = settings.train.local_budget(first_round=not arrays and student.rounds_done == 0)
+    first = not arrays and student.rounds_done == 0
+    budget = settings.train.local_budget(first_round=first)
+    gen = round_generator(settings.seed, pid, round_of(msg))
+    private = open_private(settings, student, len(data.x), pid, round_of(msg),
+                           lambda: train_plan(settings.train, len(data.x), first))
     with timer("revisit"):
-        loss = revisit(
-            student.model, student.optimizer, data.x, data.y,
-            batch_size=settings.train.batch_size,
-            gen=round_generator(settings.seed, pid, round_of(msg)), **budget,
-        )
+        loss = (private.revisit(data.x, data.y, batch_size=settings.train.batch_size, gen=gen,
+                                **budget)
+                if private else revisit(student.model, student.optimizer, data.x, data.y,
+                                        batch_size=settings.train.batch_size, gen=gen, **budget))
+    metrics = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.x), TRAIN_LOSS: loss}
+    if private is not None:
+        private.close(student, metrics)
     student.rounds_done += 1
     with timer("save"):
         student.save(context)
-    metrics = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.x), TRAIN_LOSS: loss}
     if settings.train.profile:
         metrics.update(timer.metrics())
     content = RecordDict({

@@ -32,6 +32,8 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     rounds_done: int
+    privacy: dict[str, Any] | None = None
+    """The DP-SGD accountant's state (`fedkd.dpsgd.Accountant.state_dict`), if the run has one."""
 
 
 def path_of(context: Context) -> Path | None:
@@ -44,7 +46,7 @@ def path_of(context: Context) -> Path | None:
 
 
 def save(context: Context, arch: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-         rounds_done: int) -> Path | None:
+         rounds_done: int, privacy: dict[str, Any] | None = None) -> Path | None:
     """Write the checkpoint atomically; return its path (None: this node does not checkpoint)."""
     path = path_of(context)
     if path is None:
@@ -52,6 +54,8 @@ def save(context: Context, arch: str, model: nn.Module, optimizer: torch.optim.O
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"arch": arch, "rounds_done": int(rounds_done), "model": model.state_dict(),
              "optimizer": optimizer.state_dict()}
+    if privacy is not None:
+        state["privacy"] = privacy
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
@@ -74,4 +78,4 @@ def load(context: Context, arch: str) -> Checkpoint | None:
         raise ConfigError(f"checkpoint {path} holds a {state.get('arch')!r} student, but this node "
                           f"now runs {arch!r}; remove the file or restore the node's arch")
     return Checkpoint(path=path, model=state["model"], optimizer=state["optimizer"],
-                      rounds_done=int(state["rounds_done"]))
+                      rounds_done=int(state["rounds_done"]), privacy=state.get("privacy"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 STUDENT, OPTIMIZER, PROGRESS = "fedkd.student", "fedkd.optimizer", "fedkd.progress"
 OPTIMIZER_EXTRA = "fedkd.optimizer-extra"
+PRIVACY = "fedkd.dp-accountant"
+"""The DP-SGD accountant's state (plain numbers, `fedkd.dpsgd.Accountant.state_dict`)."""
 
 
 @dataclass
@@ -35,6 +38,8 @@ class Student:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     rounds_done: int = 0
+    privacy: dict[str, Any] | None = None
+    """The DP-SGD accountant's state (``privacy=dpsgd``); None before the first DP round."""
 
     @classmethod
     def restore(cls, context: Context, settings: ClientSettings, partition_id: int) -> Student:
@@ -53,6 +58,8 @@ class Student:
             student = cls(arch=arch, model=model, optimizer=new_optimizer(settings, model))
             load_optimizer_state(student.optimizer, state[OPTIMIZER], state[OPTIMIZER_EXTRA])
             student.rounds_done = int(state[PROGRESS]["rounds-done"])
+            if PRIVACY in state:
+                student.privacy = dict(state[PRIVACY])
         else:
             torch.default_generator.manual_seed(settings.seed + partition_id)  # CPU init only
             model = build_model(spec, shape, classes)
@@ -61,6 +68,7 @@ class Student:
                 model.load_state_dict(saved.model)
                 student.optimizer.load_state_dict(saved.optimizer)
                 student.rounds_done = saved.rounds_done
+                student.privacy = saved.privacy
                 log.info("partition %d: student (%s) resumed from checkpoint %s after %d rounds",
                          partition_id, arch, saved.path, saved.rounds_done)
         student.schedule(settings)
@@ -76,12 +84,15 @@ class Student:
         self.schedule(settings)
 
     def save(self, context: Context) -> None:
-        """Write the model, the optimizer state and the counters to `context.state` (and, on a
-        deployed node, to its checkpoint)."""
+        """Write the model, the optimizer state, the counters and the DP accountant's state to
+        `context.state` (and, on a deployed node, to its checkpoint)."""
         context.state[STUDENT] = ArrayRecord(self.model.state_dict())
         context.state[OPTIMIZER], context.state[OPTIMIZER_EXTRA] = optimizer_state(self.optimizer)
         context.state[PROGRESS] = MetricRecord({"rounds-done": self.rounds_done})
-        checkpoint.save(context, self.arch, self.model, self.optimizer, self.rounds_done)
+        if self.privacy is not None:
+            context.state[PRIVACY] = ConfigRecord(self.privacy)
+        checkpoint.save(context, self.arch, self.model, self.optimizer, self.rounds_done,
+                        self.privacy)
 
 
 def new_optimizer(settings: ClientSettings, model: nn.Module) -> torch.optim.Optimizer:

@@ -36,6 +36,10 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 
 NON_CONSTRUCTOR_KEYS = ("name",)
 """Spec keys that describe the model but are not constructor arguments (a string); dropped."""
+DP_COMPATIBLE = "dp_compatible"
+"""Spec key (a boolean, not a constructor argument): true builds the model and then applies Opacus's
+``ModuleValidator.fix`` (BatchNorm -> GroupNorm) and its strict validation (``privacy=dpsgd``,
+`fedkd.dpsgd`), so every builder of the arch (client, reply guard, FedAvg's initial weights) agrees."""
 
 DATA_ARGUMENTS = ("input_shape", "num_classes")
 """Constructor arguments that come from the data, never from a spec."""
@@ -107,6 +111,10 @@ def check_spec(spec: Any, what: str = "model spec") -> tuple[type[nn.Module], di
     for key, value in plain.items():
         if key == "_target_":
             continue
+        if key == DP_COMPATIBLE:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{what} {plain!r}: {key}={value!r} must be true or false")
+            continue
         if key in NON_CONSTRUCTOR_KEYS:
             if not isinstance(value, str):
                 raise ConfigError(f"{what} {plain!r}: {key}={value!r} must be a string")
@@ -145,6 +153,11 @@ def build_model(spec: Mapping, input_shape: Sequence[int], num_classes: int) -> 
     except (ConfigError, TypeError, ValueError) as exc:
         raise ConfigError(f"model spec {plain_mapping(spec, 'model spec')!r} could not be built "
                           f"for input {input_shape!r}: {exc}") from exc
+    if spec.get(DP_COMPATIBLE):
+        from opacus.validators import ModuleValidator
+
+        model = ModuleValidator.fix(model)
+        ModuleValidator.validate(model, strict=True)
     log.debug("built %s for input %s: %d parameters", cls.__name__, input_shape, count_parameters(model))
     return model
 

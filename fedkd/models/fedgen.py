@@ -38,6 +38,9 @@ class FedGenCNN(nn.Module):
         Width of the hidden Linear layer; FedGen uses 32.
     """
 
+    has_batchnorm = True
+    """Always BatchNorm (`fedkd.dpsgd.spec_has_batchnorm` reads it: ``privacy.batchnorm=refuse``)."""
+
     def __init__(
         self,
         input_shape: Sequence[int],

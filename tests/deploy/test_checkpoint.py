@@ -91,3 +91,26 @@ def test_checkpoints_are_keyed_by_run(flower_ids, deployment, tmp_path):
     assert (tmp_path / "run-7" / "partition-0.pt").is_file()
     assert checkpoint.load(node_context(deployment.files, 0, run_id=8,
                                         **{"checkpoint-dir": str(tmp_path)}), "cnn_small") is None
+
+
+def test_dpsgd_ledger_survives_a_node_restart(flower_ids, deployment, tmp_path):
+    """privacy=dpsgd: the accountant is in the node's checkpoint, so a node restarted with an
+    empty Context.state continues its ledger: the same epsilon and steps as without a restart."""
+    from dataclasses import replace
+
+    from fedkd.client.state import PRIVACY
+    from fedkd.dpsgd import DPSettings, dp_archs
+
+    dp = DPSettings(noise_multiplier=1.0, target_epsilon=None)
+    base = deployment.server.settings
+    settings = replace(base, dpsgd=dp, archs=dp_archs(dp, base.archs))
+    ctx = node_context(deployment.files, 1, **{"checkpoint-dir": str(tmp_path)})
+    _rounds(settings, ctx, range(1, 3))
+    assert checkpoint.load(ctx, "mlp").privacy == dict(ctx.state[PRIVACY])
+
+    restarted = node_context(deployment.files, 1, **{"checkpoint-dir": str(tmp_path)})  # empty
+    (resumed,) = _rounds(settings, restarted, range(3, 4))
+    (continued,) = _rounds(settings, ctx, range(3, 4))
+    for key in ("dp-epsilon", "dp-steps", "dp-noise-multiplier", "dp-sample-rate"):
+        assert resumed.content["metrics"][key] == continued.content["metrics"][key], key
+    assert resumed.content["metrics"]["dp-steps"] > 0
