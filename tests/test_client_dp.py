@@ -55,16 +55,16 @@ def test_epsilon_without_sampling_equals_the_gaussian_closed_form(z: float, roun
 
 def test_sampling_amplifies_and_the_ledger_replays() -> None:
     full, sampled = ClientDP(noise_multiplier=1.0), ClientDP(noise_multiplier=1.0)
-    for _ in range(20):
+    for _ in range(5):  # each sampled spend costs dp-accounting ~0.25 s
         full.spend(1.0)
         sampled.spend(0.1)
     assert sampled.epsilon < 0.5 * full.epsilon
-    assert sampled.epsilon == pytest.approx(4.2243, rel=1e-4)  # dp-accounting 0.6.0, q=0.1, z=1, 20 rounds
+    assert sampled.epsilon == pytest.approx(2.9021, rel=1e-4)  # dp-accounting 0.6.0, q=0.1, z=1, 5 rounds
     import dp_accounting
 
     once = dp_accounting.rdp.RdpAccountant()  # the same rounds as one self-composed event
     once.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0)), 20))
+        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0)), 5))
     assert sampled.epsilon == pytest.approx(once.get_epsilon(1e-5), rel=1e-12)
     restored = ClientDP(noise_multiplier=1.0)
     restored.load_state_dict(sampled.state_dict())

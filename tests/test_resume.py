@@ -188,6 +188,7 @@ def test_a_killed_run_resumed_ends_bit_for_bit_like_one_never_stopped(
     assert not (tmp_path / "ignored").exists()  # the resumed run writes into the run's folder
 
 
+@pytest.mark.slow  # the bit-for-bit test above stays in the default suite
 def test_a_resume_that_changes_the_numbers_is_caught(tmp_path, flower_ids):
     """The comparison can fail: resuming without the clients' states (fresh students) differs."""
     args = _config(tmp_path, [])
