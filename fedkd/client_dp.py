@@ -15,7 +15,10 @@ partitions: an approximation the accounting states); a client is one partition.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,6 +45,19 @@ def noisy_clipped_sum(contributions: np.ndarray, clip: float, noise_multiplier: 
     contributions = np.asarray(contributions, dtype=np.float64)
     total = sum((clip_to_norm(c, clip) for c in contributions), np.zeros(contributions.shape[1:]))
     return total + rng.normal(0.0, noise_multiplier * clip, size=total.shape)
+
+
+@contextmanager
+def quiet_absl() -> Iterator[None]:
+    """dp-accounting's warnings (absl) at ERROR level only while the block runs: with sampling,
+    every round would log one line per fractional RDP order it leaves out of the bound."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 class ClientDP:
@@ -73,7 +89,8 @@ class ClientDP:
         from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 
         rate = require_number("sampling_rate", sampling_rate, 0.0, 1.0, low_open=True)
-        self._accountant.compose(PoissonSampledDpEvent(rate, GaussianDpEvent(self.noise_multiplier)))
+        with quiet_absl():  # fractional orders that do not converge are left out, with a warning each
+            self._accountant.compose(PoissonSampledDpEvent(rate, GaussianDpEvent(self.noise_multiplier)))
         self._rounds.append(rate)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 
@@ -140,3 +141,12 @@ def test_privacy_client_dp_bad_values_are_named(key: str, value: float) -> None:
 def test_privacy_client_dp_with_a_non_sum_aggregator_is_refused() -> None:
     with pytest.raises(ConfigError, match="aggregator"):
         check_run(compose_config(["privacy=client_dp", "aggregator=median"]))
+
+
+def test_a_sampled_round_logs_no_accountant_warnings(caplog) -> None:
+    """dp-accounting warns once per fractional order it leaves out; a run would log them every round."""
+    ledger = ClientDP(noise_multiplier=1.0)
+    with caplog.at_level(logging.WARNING):
+        ledger.spend(0.1)
+    assert ledger.epsilon > 0
+    assert not [r for r in caplog.records if r.name == "absl"]
