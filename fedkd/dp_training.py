@@ -97,13 +97,7 @@ class PrivateSteps:
         extra = None
         if public is not None:  # the public term's gradient, without per-sample hooks
             self.optimizer.zero_grad()
-            self.module.disable_hooks()
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    public.backward()
-            finally:
-                self.module.enable_hooks()
+            self._backward_without_hooks(public)
             extra = [p.grad.clone() if p.grad is not None else None for p in self.params]
         self.optimizer.zero_grad()
         loss = float("nan")
@@ -138,14 +132,18 @@ class PrivateSteps:
         """An ordinary optimizer step on a loss of public rows only (no clipping, no noise, no
         accounting: no private row is involved)."""
         self.optimizer.original_optimizer.zero_grad()
+        self._backward_without_hooks(public)
+        self.optimizer.original_optimizer.step()
+
+    def _backward_without_hooks(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` with Opacus's per-sample hooks off (a loss of public rows)."""
         self.module.disable_hooks()
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                public.backward()
+                loss.backward()
         finally:
             self.module.enable_hooks()
-        self.optimizer.original_optimizer.step()
 
     def close(self) -> None:
         """Remove Opacus's hooks and per-sample gradients from the model."""
