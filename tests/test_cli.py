@@ -36,8 +36,7 @@ class Case:
 
 CASES = {
     "negative alpha": Case(("partition.partitioner.alpha=-1",), ("alpha", "-1")),
-    "more clients than samples": Case(("num_clients=5000",), ("num_clients=5000", "private samples"),
-                                      ci=True),
+    "more clients than samples": Case(("num_clients=5000",), ("num_clients=5000", "private samples")),
     "unknown dataset": Case(("dataset=nosuch",), ("nosuch",), config_error=False),
     "missing file": Case(("dataset=files", "dataset.path=/nonexistent/x.npz"),
                          ("/nonexistent/x.npz", "not found"), ci=True),
@@ -51,7 +50,7 @@ CASES = {
     # issue 11's "found late" values (all of them, in process: tests/test_checks.py)
     "negative learning rate": Case(
         ("distill.optimizer.lr=-1",), ("distill.optimizer.lr=-1: must be a number >= 0",),
-        fast=True, ci=True),
+        fast=True),
     "trimmed mean fraction": Case(
         ("aggregator=trimmed_mean", "aggregator.fraction=0.7"),
         ("aggregator.fraction=0.7: must be a number in [0, 0.5)",), fast=True),

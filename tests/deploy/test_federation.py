@@ -59,6 +59,7 @@ def _accuracy(result: RunResult) -> pd.DataFrame:
                                                                values="value")
 
 
+@pytest.mark.slow  # ~30 s; the default suite keeps one Ray simulation (tests/test_simulation.py)
 def test_two_nodes_two_rounds_of_fedmd(workdir):
     """TLS and node authentication on (as deployed); an unregistered node: the slow test below."""
     opts = Options(num_nodes=2, rounds=2, archs=("cnn_small", "cnn_teacher"), overrides=FAST,
@@ -86,7 +87,7 @@ def test_two_nodes_two_rounds_of_fedmd(workdir):
     assert "wire: HttpGrid wrapped in WireGrid" in log  # our poll loop, not Flower's 3 s sleeps
 
 
-@pytest.mark.slow  # the default suite's federation runs with TLS and authentication
+@pytest.mark.slow  # a secure federation of its own
 def test_an_unregistered_node_is_refused(workdir):
     with LocalFederation(workdir, Options(num_nodes=1, secure=True)) as fed:
         key, _ = make_node_key(workdir / "keys", "intruder")
