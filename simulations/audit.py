@@ -25,17 +25,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from fedkd.atomic import save_atomic
 from fedkd.audit import DEFAULT_FPR, AttackResult, audit_model, summarise
 from fedkd.data import load_client, load_test
 from fedkd.errors import ConfigError, error_line, require_int, require_number
 from fedkd.models import build_model
 from fedkd.server import PreparedRun, prepare_run
-from fedkd.simulations.results import write_text
-from fedkd.strategies.checkpointed import save_atomic
+from fedkd.simulations.summary_maths import write_text
 
 log = logging.getLogger(__name__)
 

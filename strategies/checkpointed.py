@@ -24,9 +24,7 @@ partition now (`Nodes`). Checkpoints hold tensors and plain values only and are 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedkd.atomic import save_atomic
 from fedkd.errors import ConfigError
 from fedkd.records import array_record_from_state, array_record_state
 
@@ -241,26 +240,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
                             "pos": numpy_state["state"]["pos"]}
     np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
-
-
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """`torch.save` `state` to `path` whole or not at all: to a temporary file in the same folder,
-    flushed to disk, renamed over `path`, the folder's entry flushed too."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -10,8 +10,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import torch
 from flwr.app import Context
 from torch import nn
 
+from fedkd.atomic import save_atomic
 from fedkd.client.node import NodeConfig
 from fedkd.errors import ConfigError
 
@@ -51,20 +50,11 @@ def save(context: Context, arch: str, model: nn.Module, optimizer: torch.optim.O
     path = path_of(context)
     if path is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"arch": arch, "rounds_done": int(rounds_done), "model": model.state_dict(),
              "optimizer": optimizer.state_dict()}
     if privacy is not None:
         state["privacy"] = privacy
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    save_atomic(state, path)
     return path
 
 
