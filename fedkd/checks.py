@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedkd.aggregation import TeacherMeta
 from fedkd.dpsgd import DPSettings, check_dpsgd
 from fedkd.errors import ConfigError, find_config_error, require_bool, require_int, require_number
-from fedkd.faults import plan_faults
+from fedkd.faults import FaultPlan, plan_faults
 from fedkd.settings import MAX_SEED, TrainSettings
 
 MAX_PARTITION_SEED = 2**32 - 1
@@ -70,12 +70,14 @@ def check_privacy(cfg: DictConfig, train: TrainSettings) -> DPSettings | None:
     return dp
 
 
-def check_faults(cfg: DictConfig) -> None:
-    """The ``faults`` group (`fedkd.faults.plan_faults`), with the run's clients and rounds."""
+def check_faults(cfg: DictConfig) -> FaultPlan | None:
+    """The ``faults`` group's plan (`fedkd.faults.plan_faults`), with the run's clients and rounds
+    (None: no faults)."""
     spec = cfg.get("faults")
-    if spec is not None:
-        plan_faults(OmegaConf.to_container(spec, resolve=True), int(cfg.num_clients),
-                    int(cfg.num_rounds), float(cfg.simulation.round_timeout), int(cfg.seed))
+    if spec is None:
+        return None
+    return plan_faults(OmegaConf.to_container(spec, resolve=True), int(cfg.num_clients),
+                       int(cfg.num_rounds), float(cfg.simulation.round_timeout), int(cfg.seed))
 
 
 def check_wire(simulation: DictConfig) -> None:

@@ -1,6 +1,6 @@
 """The ``faults`` config group of a simulation: its plan, and the ClientApp that applies it.
 
-`fault_plan(cfg)` reads ``cfg.faults`` (`fedkd.faults.plan_faults`; a bad value is a
+`fault_plan(cfg)` reads ``cfg.faults`` (`fedkd.checks.check_faults`; a bad value is a
 ConfigError before anything starts); `with_faults` wraps fedkd's ClientApp in
 `fedkd.client.faults.FaultyClientApp` when the plan names anyone. Faults are simulated only:
 they need the simulation engine's ClientApp (``fedkd-sim``), never a deployed node's.
@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from flwr.clientapp import ClientApp
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from fedkd.checks import check_faults
 from fedkd.client.faults import FaultyClientApp
 from fedkd.errors import ConfigError
-from fedkd.faults import FaultPlan, plan_faults
+from fedkd.faults import FaultPlan
 
 SIMULATE = "fedkd.simulations.launch.simulate"
 """The runner that injects faults (Flower's simulation engine)."""
@@ -24,11 +25,7 @@ SIMULATE = "fedkd.simulations.launch.simulate"
 def fault_plan(cfg: DictConfig) -> FaultPlan | None:
     """The run's `FaultPlan` (None: no faults). Raises ConfigError for a bad ``faults`` value
     or faults under a runner that cannot inject them (the pooled baseline)."""
-    spec = cfg.get("faults")
-    if spec is None:
-        return None
-    plan = plan_faults(OmegaConf.to_container(spec, resolve=True), int(cfg.num_clients),
-                       int(cfg.num_rounds), float(cfg.simulation.round_timeout), int(cfg.seed))
+    plan = check_faults(cfg)
     runner = str((cfg.strategy.get("runner") or {}).get("_target_", SIMULATE))
     if plan is not None and runner != SIMULATE:
         raise ConfigError("strategy", str(cfg.strategy.name),
