@@ -9,6 +9,8 @@ GNMax (`NoisyVote`, every query answered with the same sigma) would cost::
 
     python -m benchmarks.pate_tradeoff                     # 10, 50, 100 teachers, 1000 queries, table
     python -m benchmarks.pate_tradeoff --queries 200 --csv out.csv
+    python -m benchmarks.pate_tradeoff --votes votes.npy --labels labels.npy --setting 60,20,10   # real votes
+                                                             # (benchmarks.pate_votes), T and noise in votes
 
 Threshold and noise are given as fractions of the number of teachers K (the paper's MNIST setting with K = 250
 is T = 0.8 K, sigma1 = 0.6 K, sigma2 = 0.16 K).
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--votes", type=Path, help="[N, C] vote counts (.npy) instead of synthetic teachers")
     parser.add_argument("--labels", type=Path, help="[N] true labels (.npy) of --votes")
+    parser.add_argument("--setting", action="append", default=[], metavar="T,SIGMA1,SIGMA2",
+                        help="with --votes: also answer with this threshold and noise, in votes (repeatable)")
     parser.add_argument("--csv", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -103,8 +107,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         counts = np.load(args.votes)
         labels = np.load(args.labels) if args.labels is not None else None
         k = int(counts[0].sum())
-        frame = pd.DataFrame([{"setting": name, **tradeoff(counts, labels, t * k, s1 * k, s2 * k, seed=args.seed)}
-                              for name, (t, s1, s2) in SETTINGS.items()])
+        settings = [(name, (t * k, s1 * k, s2 * k)) for name, (t, s1, s2) in SETTINGS.items()]
+        settings += [(text, tuple(float(v) for v in text.split(","))) for text in args.setting]
+        frame = pd.DataFrame([{"setting": name, **tradeoff(counts, labels, t, s1, s2, seed=args.seed)}
+                              for name, (t, s1, s2) in settings])
     else:
         frame = table(args.queries, seed=args.seed)
     log.info("%s", frame.to_string(index=False, float_format=lambda v: f"{v:.3g}"))

@@ -32,8 +32,14 @@ def mnist_like(tmp_path_factory) -> list[str]:
             "dataset.public_size=200", "num_clients=6", "num_rounds=2"]
 
 
+def _brings_files(preset: str) -> bool:
+    """Whether the preset runs on files the user brings (``override /dataset: files``)."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{preset}.yaml"))
+    return any(d.get("override /dataset") == "files" for d in raw.get("defaults", []))
+
+
 def _overrides(preset: str, tmp_path: Path, mnist_like: list[str]) -> list[str]:
-    extra = mnist_like if preset == "fedgen_mnist" else []
+    extra = mnist_like if _brings_files(preset) else []
     return [f"+experiment={preset}", f"simulation.cache_dir={tmp_path}", *extra]
 
 
@@ -75,6 +81,21 @@ def test_fedgen_preset_matches_the_paper_setting(tmp_path, mnist_like):
     assert cfg.partition.partitioner.max_partition_size == 1500
     assert list(cfg.model.cycle) == ["fedgen_cnn"]
     assert cfg.model.archs.fedgen_cnn._target_ == "fedkd.models.FedGenCNN"
+
+
+def test_dpsgd_mnist_preset_is_the_issue_setting_with_a_free_digest(tmp_path, mnist_like):
+    cfg = compose_config(_overrides("dpsgd_mnist", tmp_path, mnist_like)[:2] + mnist_like[:2])
+    assert (cfg.num_clients, cfg.num_rounds, cfg.partition.partitioner.alpha) == (10, 20, 0.5)
+    assert (cfg.privacy.name, cfg.privacy.target_epsilon, cfg.privacy.delta) == ("dpsgd", 8.0, 1e-5)
+    assert cfg.distill.alpha == 1.0  # the digest touches no private row: no privacy spent on it
+    assert (cfg.distill.batch_size, cfg.dataset.public_size) == (256, 3000)
+
+
+def test_pate_mnist100_preset_asks_100_teachers_500_queries(tmp_path, mnist_like):
+    cfg = compose_config(_overrides("pate_mnist100", tmp_path, mnist_like)[:2] + mnist_like[:2])
+    assert cfg.num_clients == 100 and cfg.aggregator._target_ == "fedkd.aggregation.ConfidentVote"
+    assert cfg.num_rounds * cfg.transfer.size == 500
+    assert (cfg.aggregator.threshold, cfg.aggregator.sigma_threshold, cfg.aggregator.sigma) == (60, 20, 10)
 
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
