@@ -7,6 +7,7 @@ accountant's inputs, and the membership-inference audit::
 
     python -m benchmarks.privacy_results sweeps/issue12/mnist --csv docs/results/privacy/mnist_dpsgd.csv
     python -m benchmarks.privacy_results sweeps/issue12/mnist --by strategy,target_epsilon   # means over seeds
+    python -m benchmarks.privacy_results sweeps/issue12/mnist --plot mnist_dpsgd.png   # accuracy against epsilon
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def run_row(run: Path) -> dict[str, Any]:
         "num_rounds": summary.get("num_rounds"), "seed": summary.get("seed"), "status": summary.get("status"),
         "privacy": "confident_vote" if str(aggregator).startswith("ConfidentVote") else name,
         "target_epsilon": privacy.get("target_epsilon") if name == "dpsgd" else None,
+        "alpha": (cfg.get("distill") or {}).get("alpha") if isinstance(cfg, dict) else None,
     }
     if name == "dpsgd":
         row.update(_dpsgd(summary))
@@ -85,11 +87,46 @@ def means(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     return out.reset_index()
 
 
+def plot_curve(table: pd.DataFrame, path: Path, title: str = "") -> None:
+    """Accuracy against the DP-SGD target epsilon, one line per strategy (mean over seeds, every seed as a
+    dot); runs without DP as a dashed line each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    dp = table[table.privacy == "dpsgd"]
+    several = dp.groupby("strategy").alpha.nunique() > 1  # strategies run with more than one digest alpha
+    for i, ((strategy, alpha), runs) in enumerate(dp.groupby(["strategy", "alpha"], dropna=False)):
+        color = f"C{i}"
+        name = f"{strategy} (alpha {alpha:g})" if several.get(strategy, False) else strategy
+        mean = runs.groupby("target_epsilon").final_mean_accuracy.mean()
+        ax.plot(mean.index, mean.values, "o-", color=color, label=f"{name} + DP-SGD")
+        ax.scatter(runs.target_epsilon, runs.final_mean_accuracy, color=color, s=12, alpha=0.5)
+        plain = table[(table.privacy == "none") & (table.strategy == strategy)].final_mean_accuracy
+        if len(plain) and not (several.get(strategy, False) and alpha != dp[dp.strategy == strategy].alpha.min()):
+            ax.axhline(plain.mean(), color=color, ls="--", lw=1, label=f"{strategy}, no DP")
+    ax.set_xscale("log", base=2)
+    ticks = sorted(dp.target_epsilon.dropna().unique())
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlabel("epsilon per client for the run (delta 1e-5)")
+    ax.set_ylabel("final mean test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--csv", type=Path, help="write the per-run table here")
     parser.add_argument("--by", help="comma-separated columns: print means over seeds per group")
+    parser.add_argument("--plot", type=Path, help="write the accuracy-against-epsilon plot here (.png)")
+    parser.add_argument("--title", default="", help="the plot's title")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     table = collect(args.folders)
@@ -97,6 +134,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
         log.info("wrote %s (%d runs)", args.csv, len(table))
+    if args.plot:
+        plot_curve(table, args.plot, args.title)
+        log.info("wrote %s", args.plot)
     shown = means(table, args.by.split(",")) if args.by else table.drop(columns=["run"])
     log.info("%s", shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return table

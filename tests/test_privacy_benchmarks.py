@@ -42,6 +42,8 @@ def test_collect_reads_dpsgd_ranges_and_server_ledgers(tmp_path):
     means = privacy_results.means(table.reset_index(), ["privacy"]).set_index("privacy")
     assert means.loc["dpsgd", "seeds"] == 2
     assert means.loc["dpsgd", "final_mean_accuracy_mean"] == pytest.approx(0.92)
+    privacy_results.plot_curve(table.reset_index(), tmp_path / "curve.png", "test")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
 def test_pate_votes_counts_one_vote_per_client_and_row(tmp_path):
