@@ -152,7 +152,9 @@ def dp_fedavg(global_state: dict[str, np.ndarray], client_states: list[dict[str,
     """DP-FedAvg's new global weights: ``global + noisy clipped sum of updates / K`` (uniform weights).
 
     A client's update is the concatenation of its floating-point arrays minus the global ones, clipped as one
-    vector; other arrays (integer counters) keep their global value.
+    vector; other arrays (integer counters) keep their global value. BatchNorm's running variances
+    (``*running_var``) are clamped at 0 after the noise (post-processing: the guarantee is unchanged); noise
+    drove them negative, and the model's outputs to NaN, on digits at noise multiplier 1.
     """
     keys = [k for k, v in global_state.items() if np.asarray(v).dtype.kind == "f"]
     flat_global = np.concatenate([np.ravel(global_state[k]) for k in keys]).astype(np.float64)
@@ -162,7 +164,8 @@ def dp_fedavg(global_state: dict[str, np.ndarray], client_states: list[dict[str,
     for key in keys:
         shape, dtype = np.shape(global_state[key]), np.asarray(global_state[key]).dtype
         size = int(np.prod(shape))
-        new[key] = flat[start:start + size].reshape(shape).astype(dtype)
+        values = flat[start:start + size].reshape(shape)
+        new[key] = (np.maximum(values, 0.0) if key.endswith("running_var") else values).astype(dtype)
         start += size
     return new
 

@@ -7,6 +7,7 @@ import math
 from functools import partial
 
 import numpy as np
+import torch
 import pytest
 
 from fedkd.aggregation import TeacherMeta, entropy_weighted, mean_logits, mean_probs, softmax
@@ -101,6 +102,18 @@ def test_dp_fedavg_clips_each_update() -> None:
     clients = [{"w": np.array([3.0, 4.0], dtype=np.float32)}, {"w": np.array([0.0, 0.1], dtype=np.float32)}]
     new = dp_fedavg(start, clients, ClientDP(clip=1.0, noise_multiplier=1e-12), np.random.default_rng(0))
     np.testing.assert_allclose(new["w"], [0.3, 0.45], atol=1e-6)
+
+
+def test_dp_fedavg_keeps_batchnorm_running_variances_non_negative() -> None:
+    """Noise of std 5 on a variance of 0.1 goes negative about half the time; BatchNorm then gives NaN."""
+    start = {"bn.running_var": np.full(50, 0.1, dtype=np.float32), "w": np.zeros(50, dtype=np.float32)}
+    clients = [{"bn.running_var": np.full(50, 0.1, dtype=np.float32), "w": np.zeros(50, dtype=np.float32)}]
+    new = dp_fedavg(start, clients, ClientDP(clip=1.0, noise_multiplier=5.0), np.random.default_rng(0))
+    assert (new["bn.running_var"] >= 0).all() and (new["bn.running_var"] == 0).any()
+    assert (new["w"] < 0).any()  # other arrays keep their noise, signs and all
+    bn = torch.nn.BatchNorm1d(50).eval()
+    bn.load_state_dict({**bn.state_dict(), "running_var": torch.from_numpy(new["bn.running_var"])})
+    assert torch.isfinite(bn(torch.randn(4, 50))).all()
 
 
 def test_kd_strategy_applies_client_dp_and_reports_epsilon() -> None:
