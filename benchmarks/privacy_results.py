@@ -24,6 +24,8 @@ import yaml
 
 log = logging.getLogger(__name__)
 
+NO_DIGEST = ("fedavg", "local", "centralized")
+"""Strategies whose clients never digest soft targets (``distill.alpha`` plays no part)."""
 METRICS = ["final_mean_accuracy", "final_min_accuracy", "epsilon", "epsilon_data_independent",
            "audit_auc_mean", "audit_tpr_at_fpr_mean", "audit_global_auc_mean", "audit_global_tpr_at_fpr_mean"]
 
@@ -58,8 +60,10 @@ def run_row(run: Path) -> dict[str, Any]:
         "num_rounds": summary.get("num_rounds"), "seed": summary.get("seed"), "status": summary.get("status"),
         "privacy": "confident_vote" if str(aggregator).startswith("ConfidentVote") else name,
         "target_epsilon": privacy.get("target_epsilon") if name == "dpsgd" else None,
-        "alpha": (cfg.get("distill") or {}).get("alpha") if isinstance(cfg, dict) else None,
+        "alpha": None,  # the digest's KD weight: only a KD strategy digests
     }
+    if summary.get("strategy") not in NO_DIGEST and isinstance(cfg, dict):
+        row["alpha"] = (cfg.get("distill") or {}).get("alpha")
     if name == "dpsgd":
         row.update(_dpsgd(summary))
     elif summary.get("epsilon") is not None:  # client_dp, noisy or confident vote: the server's ledger
