@@ -55,7 +55,18 @@ def check_run(cfg: DictConfig) -> TrainSettings:
     check_strategy(cfg)
     check_faults(cfg)
     check_privacy(cfg, train)
+    codec_spec(cfg)
     return train
+
+
+def codec_spec(cfg: DictConfig) -> dict | None:
+    """The ``codec`` group's spec, checked (`fedkd.codecs.check_codec`); None without one."""
+    spec = cfg.get("codec")
+    if spec is None:
+        return None
+    from fedkd.codecs import check_codec
+
+    return check_codec(OmegaConf.to_container(spec, resolve=True))
 
 
 def check_privacy(cfg: DictConfig, train: TrainSettings) -> DPSettings | None:

@@ -6,10 +6,15 @@ Request (server -> client, message type ``train.distill``)
     ``config``   ConfigRecord: ``fedkd.settings`` (JSON, see `fedkd.settings`), ``server-round``
     ``transfer`` ArrayRecord, every key optional:
         ``targets.probs``   soft targets [N, C] from the previous round
-        ``targets.indices`` rows of the public set they belong to [N], or
-        ``targets.inputs``  the (synthetic) inputs they belong to [N, ...]
-        ``next.indices``    rows of the public set to return logits on [M], or
-        ``next.inputs``     (synthetic) inputs to return logits on [M, ...]
+        ``targets.<rows>``  the rows they belong to [N] (absent when the node holds them: the
+                            config's ``fedkd.targets-rows`` names them by digest)
+        ``next.<rows>``     the rows to return logits on [M]
+        where ``<rows>`` is ``mask`` (rows of the public set in increasing order, as packed
+        bits), ``indices`` (rows of the public set, any order, smallest unsigned int type) or
+        ``inputs`` ((synthetic) inputs [N, ...], float32): `encode_rows`, `decode_rows`.
+    Constant size: the settings travel once per node (then ``fedkd.settings-digest`` alone),
+    the rows a node answered on are not sent back to it, and with ``codec`` other than ``none``
+    ``targets.probs`` and weights travel encoded (``<key>|<part>``, `fedkd.wire_codec`).
 Reply (client -> server)
     ``logits``   ArrayRecord ``logits`` [M, C] float32 (absent when nothing was asked)
     ``metrics``  MetricRecord: ``partition-id``, ``num-examples``, ``train-loss``, ``digest-loss``,
@@ -34,6 +39,8 @@ Who-am-I (server -> client, message type ``query.whoami``; sampling with ``fract
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -66,6 +73,15 @@ NODE_ARCH, NODE_ROLE = "arch", "role"
 # --- config keys (server -> client) --------------------------------------------------------------
 SETTINGS_KEY = "fedkd.settings"
 """The run settings as JSON (`fedkd.settings.ClientSettings`)."""
+SETTINGS_DIGEST = "fedkd.settings-digest"
+"""The digest of the settings document (`text_digest`); alone when the node holds the document."""
+TARGETS_HELD = "fedkd.targets-rows"
+"""The digest of the rows the soft targets belong to, when the node holds them (the last
+``next.<rows>`` it answered on) and the ``targets.<rows>`` array is left out."""
+CODEC = "fedkd.codec"
+"""The codec of this message's encoded arrays, and of the reply's (`fedkd.codecs`, as JSON)."""
+PART_SEPARATOR = "|"
+"""Encoded array keys: ``<key>|<part>`` (``targets.probs|values``, ``logits|scale``)."""
 SERVER_ROUND = "server-round"
 QUERY_SEED, QUERY_DIRECTIONS, QUERY_MU = "query-seed", "query-directions", "query-mu"
 
@@ -97,12 +113,74 @@ REPLY_METRICS = (PARTITION_ID, NUM_EXAMPLES, TRAIN_LOSS, DIGEST_LOSS, TEST_ACCUR
 reply carrying any other."""
 
 
-def rows_key(prefix: str, rows: np.ndarray | None) -> str:
-    """``<prefix>.indices`` for integer rows (into the public set), ``<prefix>.inputs`` else."""
-    if rows is None:
-        raise ValueError(f"{prefix} rows are required")
-    kind = "indices" if np.issubdtype(np.asarray(rows).dtype, np.integer) else "inputs"
-    return f"{prefix}.{kind}"
+ROW_KINDS = ("mask", "indices", "inputs")
+"""How transfer rows travel (`encode_rows`)."""
+MAX_PUBLIC_ROWS = 1 << 31
+"""Most rows a public set may have (a mask or index array reaching further is refused)."""
+
+
+def encode_rows(rows: np.ndarray) -> tuple[str, np.ndarray]:
+    """``(kind, array)`` of transfer rows, the smallest form that says the same:
+
+    - integers in strictly increasing order: ``mask``, packed bits (little bit order), bit i set
+      when public row i is asked (a 400-row public set costs 50 bytes whatever is asked);
+    - other integers: ``indices`` in the smallest unsigned type that holds them;
+    - anything else: ``inputs``, float32.
+    """
+    rows = np.asarray(rows)
+    if not np.issubdtype(rows.dtype, np.integer):
+        return "inputs", rows.astype(np.float32, copy=False)
+    idx = rows.astype(np.int64, copy=False).reshape(-1)
+    if idx.size and idx.min() < 0:
+        raise ValueError("transfer row indices must be >= 0")
+    if idx.size and np.all(np.diff(idx) > 0):
+        bits = np.zeros(int(idx[-1]) + 1, dtype=bool)
+        bits[idx] = True
+        return "mask", np.packbits(bits, bitorder="little")
+    top = int(idx.max()) if idx.size else 0
+    dtype = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if top <= np.iinfo(t).max)
+    return "indices", idx.astype(dtype)
+
+
+def decode_rows(kind: str, array: np.ndarray, name: str = "rows") -> np.ndarray:
+    """Inverse of `encode_rows`: int64 indices (``mask``, ``indices``) or float32 inputs.
+
+    Raises ValueError for an unknown kind, a mask or indices of the wrong type or shape."""
+    array = np.asarray(array)
+    if kind == "inputs":
+        if not np.issubdtype(array.dtype, np.floating) or array.ndim < 2:
+            raise ValueError(f"{name}.inputs must be a float array [N, ...], got {array.dtype} "
+                             f"{array.shape}")
+        return array
+    if kind == "mask":
+        if array.dtype != np.uint8 or array.ndim != 1 or array.size * 8 > MAX_PUBLIC_ROWS:
+            raise ValueError(f"{name}.mask must be packed bits (uint8 [n]), got {array.dtype} "
+                             f"{array.shape}")
+        return np.flatnonzero(np.unpackbits(array, bitorder="little")).astype(np.int64)
+    if kind == "indices":
+        if not np.issubdtype(array.dtype, np.integer) or array.ndim != 1:
+            raise ValueError(f"{name}.indices must be integers [N], got {array.dtype} "
+                             f"{array.shape}")
+        return array.astype(np.int64)
+    raise ValueError(f"{name}.{kind} is not a kind of rows; allowed: {list(ROW_KINDS)}")
+
+
+def row_count(kind: str, array: np.ndarray) -> int:
+    """How many rows an encoded rows array names (without decoding a mask)."""
+    if kind == "mask":
+        return int(np.unpackbits(np.asarray(array, dtype=np.uint8)).sum())
+    return int(np.asarray(array).shape[0])
+
+
+def text_digest(text: str) -> str:
+    """A document's digest: the first 32 hex digits of its SHA-256 (UTF-8)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def array_digest(kind: str, dtype: str, shape: tuple[int, ...], data: bytes) -> str:
+    """An encoded rows array's digest: kind, dtype, shape and bytes (SHA-256, 32 hex digits)."""
+    head = f"{kind}|{dtype}|{tuple(int(n) for n in shape)}|".encode()
+    return hashlib.sha256(head + bytes(data)).hexdigest()[:32]
 
 
 def rows_to_inputs(rows: np.ndarray, public_x: torch.Tensor, name: str = "rows") -> torch.Tensor:
@@ -112,6 +190,8 @@ def rows_to_inputs(rows: np.ndarray, public_x: torch.Tensor, name: str = "rows")
     """
     if np.issubdtype(rows.dtype, np.integer):
         idx = rows.astype(np.int64)
+        if idx.ndim != 1:
+            raise ValueError(f"{name}.indices must be one-dimensional, got shape {idx.shape}")
         if idx.size and (idx.min() < 0 or idx.max() >= len(public_x)):
             raise ValueError(f"{name}.indices reach outside the public set of {len(public_x)} rows")
         return public_x[torch.from_numpy(idx)]

@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedkd.protocol import CLASS_COUNTS, LOGITS, NEXT, TARGETS, rows_key, rows_to_inputs
+from fedkd.protocol import (
+    CLASS_COUNTS, CONFIG, LOGITS, NEXT, QUERY, QUERY_DIRECTIONS, ROW_KINDS, TARGETS, TRANSFER,
+    decode_rows, encode_rows, row_count, rows_to_inputs,
+)
 from fedkd import reply_checks
 from fedkd.reply_checks import MAX_EXAMPLES, ReplyError
 
@@ -25,23 +28,55 @@ def transfer_record(
     target_rows: np.ndarray | None = None,
     next_rows: np.ndarray | None = None,
 ) -> ArrayRecord:
-    """Build the ``transfer`` record; row arrays of integers are indices, others inputs."""
+    """Build the ``transfer`` record; rows of integers are public rows (a mask or indices,
+    `fedkd.protocol.encode_rows`), others inputs."""
     record = ArrayRecord()
     if soft_targets is not None:
+        if target_rows is None:
+            raise ValueError("soft targets need the rows they belong to")
         record[f"{TARGETS}.probs"] = Array(np.asarray(soft_targets, dtype=np.float32))
-        record[rows_key(TARGETS, target_rows)] = Array(np.asarray(target_rows))
+        kind, array = encode_rows(target_rows)
+        record[f"{TARGETS}.{kind}"] = Array(array)
     if next_rows is not None:
-        record[rows_key(NEXT, next_rows)] = Array(np.asarray(next_rows))
+        kind, array = encode_rows(next_rows)
+        record[f"{NEXT}.{kind}"] = Array(array)
     return record
 
 
-def rows_from(record: ArrayRecord, prefix: str, public_x: torch.Tensor) -> torch.Tensor | None:
-    """Inputs named by ``<prefix>.indices`` (rows of `public_x`) or ``<prefix>.inputs``."""
-    for kind in ("indices", "inputs"):
-        key = f"{prefix}.{kind}"
-        if key in record:
-            return rows_to_inputs(record[key].numpy(), public_x, prefix)
+def rows_key_in(record: ArrayRecord, prefix: str) -> str | None:
+    """The key of `record`'s ``<prefix>.<kind>`` rows array, None when it has none."""
+    for kind in ROW_KINDS:
+        if f"{prefix}.{kind}" in record:
+            return f"{prefix}.{kind}"
     return None
+
+
+def rows_of(record: ArrayRecord, prefix: str) -> np.ndarray | None:
+    """The rows ``<prefix>.<kind>`` names, decoded: int64 indices or float inputs."""
+    key = rows_key_in(record, prefix)
+    if key is None:
+        return None
+    return decode_rows(key.rsplit(".", 1)[1], record[key].numpy(), prefix)
+
+
+def rows_from(record: ArrayRecord, prefix: str, public_x: torch.Tensor) -> torch.Tensor | None:
+    """Inputs named by ``<prefix>.<kind>``: rows of `public_x` (mask, indices) or inputs."""
+    rows = rows_of(record, prefix)
+    return None if rows is None else rows_to_inputs(rows, public_x, prefix)
+
+
+def asked_rows(request: Message) -> int | None:
+    """Rows of logits `request` asks for: its ``next.*`` rows (``train.distill``), or a query's
+    ``(1 + Q) * N``; None when it asks for none."""
+    content = request.content
+    if request.metadata.message_type == QUERY:
+        inputs = next(iter(content[QUERY].values()))
+        return (1 + int(content[CONFIG][QUERY_DIRECTIONS])) * int(inputs.shape[0])
+    transfer = content.array_records.get(TRANSFER)
+    key = None if transfer is None else rows_key_in(transfer, NEXT)
+    if key is None:
+        return None
+    return row_count(key.rsplit(".", 1)[1], transfer[key].numpy())
 
 
 def reply_logits(reply: Message, rows: int, num_classes: int) -> np.ndarray:

@@ -35,9 +35,9 @@ from fedkd.models import build_model
 from fedkd.models.assign import ROLES
 from fedkd.protocol import (
     ARRAYS, CLASS_COUNTS, CLASS_LOGITS, CONFIG, EVALUATE, FD_MESSAGE_TYPE, LOGITS, MESSAGE_TYPE,
-    METRICS, NEXT, NODE, NODE_ARCH, NODE_ROLE, NUM_EXAMPLES, PARTITION_ID, QUERY,
-    QUERY_DIRECTIONS, TRAIN, TRANSFER, WHOAMI,
+    METRICS, NODE, NODE_ARCH, NODE_ROLE, NUM_EXAMPLES, PARTITION_ID, QUERY, TRAIN, WHOAMI,
 )
+from fedkd.records import asked_rows
 from fedkd.reply_checks import ReplyError
 from fedkd.settings import ClientSettings
 from fedkd.strategies.checkpointed import Nodes
@@ -89,7 +89,7 @@ class ReplyGuard:
         pid = self._partition(node, metrics.get(PARTITION_ID), wave)
         self._metrics(metrics, pid, kind)
         counted = kind == TRAIN and self.settings.train.share_class_counts
-        if LOGITS in records or counted or kind == MESSAGE_TYPE and _asked_rows(request) is not None:
+        if LOGITS in records or counted or kind == MESSAGE_TYPE and asked_rows(request) is not None:
             self._logits(records.get(LOGITS), request, pid, kind)
         if ARRAYS in records:
             arch, _ = self.settings.arch_of(pid)
@@ -164,7 +164,7 @@ class ReplyGuard:
                 raise ReplyError(f"{LOGITS} were not asked for")
             shapes = {CLASS_COUNTS: (c,)}
         else:
-            rows = _asked_rows(request)
+            rows = asked_rows(request)
             if rows is None:
                 raise ReplyError(f"{LOGITS} were not asked for")
             shapes = {LOGITS: (rows, c)}
@@ -203,20 +203,3 @@ class ReplyGuard:
             self._shapes[arch] = {k: (tuple(v.shape), v.is_floating_point())
                                   for k, v in model.state_dict().items()}
         return self._shapes[arch]
-
-
-def _asked_rows(request: Message) -> int | None:
-    """Rows of logits `request` asks for: its ``next.*`` rows (``train.distill``), or a query's
-    ``(1 + Q) * N``; None when it asks for none."""
-    content = request.content
-    kind = request.metadata.message_type
-    if kind == QUERY:
-        inputs = next(iter(content[QUERY].values()))
-        return (1 + int(content[CONFIG][QUERY_DIRECTIONS])) * int(inputs.shape[0])
-    transfer = content.array_records.get(TRANSFER)
-    if transfer is None:
-        return None
-    for key in (f"{NEXT}.indices", f"{NEXT}.inputs"):
-        if key in transfer:
-            return int(transfer[key].shape[0])
-    return None

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from fedkd.checks import check_privacy, check_run
+from fedkd.checks import check_privacy, check_run, codec_spec
 from fedkd.dpsgd import dp_archs
 from fedkd.settings import ClientSettings
 from fedkd.data import DataInfo, prepare_data
@@ -30,6 +30,7 @@ from fedkd.models import assign_models, assign_roles, build_model, count_paramet
 from fedkd.reply_guard import ReplyGuard
 from fedkd.strategies.checkpointed import CheckpointPlan, Checkpointed
 from fedkd.wire import ReplyObserver, WireGrid
+from fedkd.wire_codec import WireCodec
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,9 @@ def run_strategy(
     cfg = run.cfg
     torch.set_num_threads(1)  # server maths (FedDF, generators): the same numbers on any machine
     guard = ReplyGuard(run.settings, connected=grid.get_node_ids)
-    wire = WireGrid(grid, poll_interval=float(cfg.simulation.poll_interval), check=guard)
+    codec = WireCodec.of(codec_spec(cfg), int(run.settings.data["num_classes"]))
+    wire = WireGrid(grid, poll_interval=float(cfg.simulation.poll_interval), check=guard,
+                    codec=codec)
     log.info("wire: %s wrapped in WireGrid (poll every %.3f s, round timeout %.0f s)",
              type(grid).__name__, wire.poll_interval, float(cfg.simulation.round_timeout))
     wire.observers.extend(observers)

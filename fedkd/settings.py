@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import lru_cache
 from typing import Any
 
+from fedkd.compact import compact, expand
 from fedkd.errors import (
     ConfigError, is_int, is_number, require_bool, require_int, require_keys, require_number,
 )
@@ -143,8 +145,14 @@ class ClientSettings:
         return name, self.archs[name]
 
     def to_json(self) -> str:
-        """Compact JSON form."""
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        """The wire form, of a size independent of the number of partitions: compact JSON,
+        ``assignment`` and ``roles`` as a cycle plus exceptions (`fedkd.compact`), without the
+        server-only per-partition data facts (`SERVER_ONLY_DATA_KEYS`)."""
+        doc = asdict(self)
+        doc["data"] = {k: v for k, v in doc["data"].items() if k not in SERVER_ONLY_DATA_KEYS}
+        doc["assignment"] = compact(self.assignment)
+        doc["roles"] = compact(self.roles) if self.roles else []
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ClientSettings:
@@ -167,7 +175,9 @@ class ClientSettings:
                     raise ConfigError("settings.dpsgd", dpsgd, "must be an object or null")
                 _keys(dpsgd, DPSettings, "privacy")
                 dpsgd = DPSettings(**dpsgd)
-            return cls(**{**raw, "train": TrainSettings(**raw["train"]), "dpsgd": dpsgd})
+            return cls(**{**raw, "train": TrainSettings(**raw["train"]), "dpsgd": dpsgd,
+                          "assignment": expand(raw["assignment"], "settings.assignment"),
+                          "roles": expand(raw.get("roles", []), "settings.roles")})
         except (TypeError, ValueError, RecursionError) as err:  # ConfigError is a ValueError
             raise ConfigError(f"malformed {SETTINGS_KEY} in the message: {err}") from err
 
@@ -177,14 +187,23 @@ class ClientSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ClientSettings:
-        """Read the settings from a message's config (a ConfigRecord or a plain mapping)."""
+        """Read the settings from a message's config (a ConfigRecord or a plain mapping).
+
+        A document parsed once is not parsed again in this process (`parse_settings`)."""
         if SETTINGS_KEY not in config:
             raise ConfigError(f"the message's config has no {SETTINGS_KEY!r} entry")
         text = config[SETTINGS_KEY]
         if not isinstance(text, str):
             raise ConfigError(f"the message's {SETTINGS_KEY!r} must be a JSON string, got "
                               f"{type(text).__name__}")
-        return cls.from_json(text)
+        return parse_settings(text)
+
+
+@lru_cache(maxsize=8)
+def parse_settings(text: str) -> ClientSettings:
+    """`ClientSettings.from_json`, memoised: every round of every client in a process reads the
+    same document (treat the result as read-only)."""
+    return ClientSettings.from_json(text)
 
 
 # --- checks of values that arrive over the wire ---------------------------------------------------
@@ -202,7 +221,9 @@ DATA_KEYS = {
     "public_recipe": "null or an embedded public set's recipe (deployment), optional",
 }
 """Keys of `ClientSettings.data` (`fedkd.data.DataInfo` plus the deployment's two)."""
-OPTIONAL_DATA_KEYS = ("normalize", "public_recipe")
+SERVER_ONLY_DATA_KEYS = ("client_sizes", "class_histograms")
+"""Per-partition facts the server checks replies against; they never travel (`to_json`)."""
+OPTIONAL_DATA_KEYS = ("normalize", "public_recipe", *SERVER_ONLY_DATA_KEYS)
 RECIPE_KEYS = ("name", "args", "test_fraction", "public_size", "seed")
 
 

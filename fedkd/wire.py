@@ -7,7 +7,10 @@ Flower's) in its place. It is the one place that sees every message, so it
 - never waits longer than the timeout, and remembers unanswered messages ("stragglers"): a node
   with an unanswered message gets no new one until its old reply arrives (then discarded), so two
   state updates on one node never race;
-- counts the bytes of every message in both directions;
+- leaves out what a node already holds (the settings, the rows it answered on: `HeldValues`,
+  `fedkd.wire_cache`), so a message's size does not grow with the run;
+- encodes what it sends and decodes what comes back with the run's codec (`fedkd.wire_codec`);
+- counts the bytes of every message in both directions, as they travel (encoded);
 - checks every reply that is not an error (`ReplyCheck`: `fedkd.reply_guard.ReplyGuard`, bound
   to the run by `fedkd.server.run_strategy`) before anything else reads it, and drops a bad one
   with one warning naming the node and the field (`WireStats.dropped`);
@@ -21,12 +24,16 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedkd.protocol import METRICS, PARTITION_ID
+from fedkd.wire_cache import HeldValues
+
+if TYPE_CHECKING:
+    from fedkd.wire_codec import WireCodec
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +92,17 @@ class WireGrid(Grid):
     check : ReplyCheck or None
         Run on every reply that is not an error before it is sorted, observed or returned; a
         reply it refuses is dropped. None: replies pass unchecked (tests of the wire alone).
+    codec : WireCodec or None
+        Encodes requests and decodes replies (`fedkd.wire_codec`); None sends arrays as they are.
     """
 
     def __init__(self, grid: Grid, poll_interval: float = 0.02,
-                 check: ReplyCheck | None = None) -> None:
+                 check: ReplyCheck | None = None, codec: WireCodec | None = None) -> None:
         self._grid = grid
         self.poll_interval = poll_interval
         self.check = check
+        self.codec = codec
+        self.held = HeldValues()
         self._stragglers: dict[str, int] = {}  # message id -> node id
         self.observers: list[ReplyObserver] = []
         self.waves: list[WireStats] = []
@@ -158,8 +169,12 @@ class WireGrid(Grid):
         if stats.skipped_busy:
             log.warning("%d node(s) still busy with an earlier message: skipped", stats.skipped_busy)
         start = time.monotonic()
+        to_send, offers = self.held.slim(to_send)
+        if self.codec is not None:
+            to_send = [self.codec.encode_request(m) for m in to_send]
         stats.bytes_down = sum(message_bytes(m) for m in to_send)
         ids = list(self._grid.push_messages(to_send))
+        self.held.sent(ids, [m.metadata.dst_node_id for m in to_send], offers)
         requests = dict(zip(ids, to_send))
         pending = {mid: m.metadata.dst_node_id for mid, m in requests.items()}
         stats.sent = len(ids)
@@ -168,11 +183,13 @@ class WireGrid(Grid):
         while pending:
             for reply in self._grid.pull_messages(list(pending)):
                 pending.pop(reply.metadata.reply_to_message_id, None)
+                self.held.replied(reply)
                 replies.append(reply)
             if not pending or time.monotonic() >= end:
                 break
             time.sleep(self.poll_interval)
         self._stragglers.update(pending)
+        self.held.unanswered(list(pending))
         stats.timed_out = len(pending)
         if pending:
             log.warning("round %s: %d node(s) did not answer within %.0f s", stats.server_round,
@@ -195,14 +212,17 @@ class WireGrid(Grid):
     def _checked(self, stats: WireStats, replies: list[Message],
                  requests: dict[str, Message]) -> list[Message]:
         """The replies `check` accepts (in arrival order), error replies included."""
-        if self.check is None:
+        if self.check is None and self.codec is None:
             return replies
         kept, wave = [], set()
         for reply in replies:
             if not reply.has_error():
                 try:
                     request = requests[reply.metadata.reply_to_message_id]
-                    self.check(reply, request, wave)
+                    if self.codec is not None:
+                        self.codec.decode_reply(reply, request)
+                    if self.check is not None:
+                        self.check(reply, request, wave)
                 except (ValueError, KeyError, TypeError) as err:
                     stats.dropped += 1
                     log.warning("round %s: reply from node %s dropped: %s", stats.server_round,

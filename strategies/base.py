@@ -38,7 +38,7 @@ from fedkd.protocol import (
     CONFIG, MESSAGE_TYPE, METRICS, NUM_EXAMPLES, PARTITION_ID, QUERY, QUERY_DIRECTIONS, QUERY_MU,
     QUERY_SEED, SERVER_ROUND, TARGETS, TRANSFER,
 )
-from fedkd.records import reply_class_counts, reply_logits, transfer_record
+from fedkd.records import reply_class_counts, reply_logits, rows_of, transfer_record
 from fedkd.strategies.checkpointed import Nodes
 from fedkd.strategies.partitions import PartitionMap, PartitionSampling, free_nodes
 from fedkd.transfer import Public, TransferSource
@@ -423,8 +423,10 @@ def parse_replies(
 
 
 def _target_rows(arrays: ArrayRecord) -> np.ndarray:
-    key = f"{TARGETS}.indices" if f"{TARGETS}.indices" in arrays else f"{TARGETS}.inputs"
-    return arrays[key].numpy()
+    rows = rows_of(arrays, TARGETS)
+    if rows is None:
+        raise ValueError(f"the soft targets' record has no {TARGETS}.<rows>")
+    return rows
 
 
 def teacher_facts(reply: Message, settings: ClientSettings) -> tuple[float, int]:

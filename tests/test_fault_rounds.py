@@ -16,6 +16,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedkd.records import rows_of
 from fedkd.aggregation import mean_probs
 from fedkd.client.faults import FaultyClientApp
 from fedkd.faults import FaultPlan, plan_faults
@@ -43,7 +44,7 @@ class Honest(ClientApp):
         pid = int(context.node_config["partition-id"])
         if message.metadata.message_type != "train.distill":
             return honest(message, self.settings, pid)
-        rows = message.content["transfer"]["next.indices"].numpy()
+        rows = rows_of(message.content["transfer"], "next")
         c = int(self.settings.data["num_classes"])
         return reply(message, logits=np.eye(c, dtype=np.float32)[rows % c] * 5, partition_id=pid,
                      num_examples=self.settings.data["client_sizes"][pid],

@@ -23,6 +23,7 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedkd.records import rows_of
 from fedkd import reply_checks
 from fedkd.models import build_model
 from fedkd.reply_guard import ReplyGuard
@@ -82,8 +83,8 @@ def honest(msg: Message, settings: ClientSettings, pid: int) -> Message:
         return reply(msg, partition_id=pid, num_examples=settings.data["num_test"],
                      **{"test-accuracy": 0.5, "test-loss": 1.2})
     logits = None
-    if kind == "train.distill" and "next.indices" in msg.content["transfer"]:
-        logits = np.zeros((len(msg.content["transfer"]["next.indices"].numpy()), C), np.float32)
+    if kind == "train.distill" and rows_of(msg.content["transfer"], "next") is not None:
+        logits = np.zeros((len(rows_of(msg.content["transfer"], "next")), C), np.float32)
     elif kind == "query":
         logits = np.zeros(((1 + Q) * N, C), np.float32)
     out = reply(msg, logits=logits, partition_id=pid, num_examples=size,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fedkd.records import rows_of
 from fedkd.aggregation import (
     Reputation, TeacherMeta, anomaly_scores, geometric_median, mean_logits, mean_probs, median,
     outliers, softmax, total_variation, trimmed_mean, weiszfeld,
@@ -206,7 +207,7 @@ def test_fedmd_reports_each_teachers_anomaly_score_into_the_metrics(flower_ids, 
 
     def answer(msg):
         pid = msg.metadata.dst_node_id - 11
-        rows = msg.content["transfer"]["next.indices"].numpy()
+        rows = rows_of(msg.content["transfer"], "next")
         logits = np.eye(c, dtype=np.float32)[rows % c] * 5  # every honest teacher agrees
         if pid == liar_pid:
             logits = attack_logits(logits, Attack("confident_wrong"), 0, pid, 1)

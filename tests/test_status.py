@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from fedkd.records import rows_of
 from fedkd.server import compose_config
 from fedkd.simulations.ledger import missing_clients
 from fedkd.simulations.results import Recorder
@@ -229,7 +230,7 @@ def _fedmd_run(tmp_path, small_run, logits_value: float, rounds: int = 2) -> dic
     c = small_run.data.num_classes
 
     def answer(msg):
-        rows = len(msg.content["transfer"]["next.indices"].numpy())
+        rows = len(rows_of(msg.content["transfer"], "next"))
         return reply(msg, logits=np.full((rows, c), logits_value, np.float32),
                      partition_id=msg.metadata.dst_node_id - 11, **{"test-accuracy": 0.1})
 

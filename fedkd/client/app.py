@@ -20,6 +20,7 @@ from fedkd.client.data import partition_id_of
 from fedkd.client.dp_round import distill_plan, open_private, train_plan
 from fedkd.client.fd import fd_round
 from fedkd.client.report import report_mod
+from fedkd.client.wire_mod import wire_mod
 from fedkd.client.round import open_round, round_of, test_metrics
 from fedkd.losses import distill_loss
 from fedkd.protocol import (
@@ -31,7 +32,9 @@ from fedkd.records import finite_state, rows_from, soft_targets
 from fedkd.timing import PhaseTimer
 from fedkd.training import digest, label_counts, predict_logits, revisit, round_generator
 
-app = ClientApp(mods=[report_mod])  # deployed nodes report arch, role, compute time
+# wire_mod: restores what the server left out (held settings and rows), decodes and encodes;
+# report_mod: deployed nodes report arch, role, compute time
+app = ClientApp(mods=[wire_mod, report_mod])
 app.train("fd")(fd_round)  # FD / FedDistill: per-class mean logits (fedkd.client.fd)
 
 

@@ -11,6 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedkd.client.wire_mod import wire_mod
 from fedkd.client.fd import fd_round, regularized_train
 from fedkd.protocol import FD_MESSAGE_TYPE
 from fedkd.settings import ClientSettings
@@ -77,7 +78,7 @@ def drive(run: PreparedRun, settings: ClientSettings | None = None, **strategy_k
     def answer(msg: Message) -> Message:
         TaskIdentity.node_id = msg.metadata.dst_node_id
         try:
-            return fd_round(msg, contexts[msg.metadata.dst_node_id])
+            return wire_mod(msg, contexts[msg.metadata.dst_node_id], fd_round)
         finally:
             TaskIdentity.node_id = 1
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Context, RecordDict
 
+from fedkd.client.wire_mod import SETTINGS_STATE, wire_mod
 from fedkd.client import app as client_app
 from fedkd.client.state import Student
 from fedkd.errors import ConfigError
@@ -33,7 +34,8 @@ def _client_grid(small_run):
                               state=RecordDict(), run_config={}) for node in (11, 12, 13, 14)}
     handlers = {"query": client_app.query, "train.distill": client_app.distill}
     fake = FakeGrid(list(contexts),
-                    answer=lambda m: handlers[m.metadata.message_type](m, contexts[m.metadata.dst_node_id]))
+                    answer=lambda m: wire_mod(m, contexts[m.metadata.dst_node_id],
+                                              handlers[m.metadata.message_type]))
     grid = WireGrid(fake, poll_interval=0.0)
     waves = []
     grid.observers.append(lambda rnd, replies, stats: waves.append((stats, list(replies))))
@@ -69,7 +71,8 @@ def test_black_box_query_waves_send_inputs_and_a_seed_and_get_logits_only(flower
             assert set(reply.content["metrics"].keys()) == {"partition-id", "num-examples"}
             pid = int(reply.content["metrics"]["partition-id"])
             np.testing.assert_array_equal(reply.content["logits"]["logits"].numpy(), expected[pid])
-    assert all(len(ctx.state) == 0 for ctx in contexts.values())  # a query keeps nothing
+    # a query keeps nothing but the settings document (sent once, then named by digest)
+    assert all(set(ctx.state.keys()) == {SETTINGS_STATE} for ctx in contexts.values())
     assert source.steps_done == 2 and source.queries == 2 * 8 * 4
     for msg in train:
         assert msg.content["transfer"]["next.inputs"].numpy().shape == (20, *shape)

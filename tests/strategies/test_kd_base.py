@@ -7,6 +7,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
+from fedkd.records import rows_of
 from fedkd.aggregation import mean_logits, mean_probs, softmax, weighted
 from fedkd.errors import ConfigError
 from fedkd.sampling import sample_partitions
@@ -30,7 +31,7 @@ def _start(strategy, small_run, num_rounds=3, nodes=(11, 12, 13, 14)):
     def answer(msg):
         pid, rnd = msg.metadata.dst_node_id - nodes[0], int(msg.metadata.group_id)
         transfer = msg.content["transfer"]
-        rows = len(transfer["next.indices"].numpy()) if "next.indices" in transfer else 0
+        rows = len(rows_of(transfer, "next")) if rows_of(transfer, "next") is not None else 0
         logits = np.tile(np.arange(c, dtype=np.float32) * (pid + rnd), (rows, 1)) if rows else None
         return reply(msg, logits=logits, partition_id=pid, **{"test-accuracy": 0.1 * rnd + 0.01 * pid})
 
@@ -81,16 +82,16 @@ def test_round_one_sends_the_whole_public_set_as_indices_and_no_targets(flower_i
     msg = messages[0]
     assert msg.metadata.message_type == "train.distill" and msg.metadata.group_id == "1"
     transfer = msg.content["transfer"]
-    assert list(transfer.keys()) == ["next.indices"]
-    np.testing.assert_array_equal(transfer["next.indices"].numpy(),
+    assert list(transfer.keys()) == ["next.mask"]  # increasing rows travel as packed bits
+    np.testing.assert_array_equal(rows_of(transfer, "next"),
                                   np.arange(small_run.data.num_public))
     assert msg.content["config"]["server-round"] == 1
     assert "fedkd.settings" in msg.content["config"]
 
 
 def test_transfer_size_samples_a_seeded_subset(flower_ids, small_run):
-    rows = [_configure(FedMD(transfer_size=50, seed=s, min_available_nodes=1), small_run)[0]
-            .content["transfer"]["next.indices"].numpy() for s in (3, 3, 4)]
+    rows = [rows_of(_configure(FedMD(transfer_size=50, seed=s, min_available_nodes=1), small_run)[0]
+            .content["transfer"], "next") for s in (3, 3, 4)]
     assert len(rows[0]) == 50 and len(set(rows[0])) == 50
     np.testing.assert_array_equal(rows[0], rows[1])
     assert not np.array_equal(rows[0], rows[2])
@@ -125,7 +126,7 @@ def test_aggregate_sorts_by_partition_id_then_applies_the_aggregator(flower_ids,
     assert seen == [[0, 1, 2]]
     expected = np.mean([softmax(logits[p], 2.0) for p in range(3)], axis=0)
     np.testing.assert_allclose(arrays["targets.probs"].numpy(), expected, rtol=1e-6)
-    np.testing.assert_array_equal(arrays["targets.indices"].numpy(), np.arange(n))
+    np.testing.assert_array_equal(rows_of(arrays, "targets"), np.arange(n))
 
 
 def test_next_round_carries_the_soft_targets_back(flower_ids, small_run):
@@ -135,7 +136,7 @@ def test_next_round_carries_the_soft_targets_back(flower_ids, small_run):
     arrays, _ = _round(strategy, small_run, logits, order=[0, 1])
     msg = _configure(strategy, small_run, server_round=2, arrays=arrays)[0]
     transfer = msg.content["transfer"]
-    assert sorted(transfer.keys()) == ["next.indices", "targets.indices", "targets.probs"]
+    assert sorted(transfer.keys()) == ["next.mask", "targets.mask", "targets.probs"]
     np.testing.assert_allclose(transfer["targets.probs"].numpy(), np.full((n, c), 1.0 / c), rtol=1e-6)
 
 
