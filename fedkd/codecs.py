@@ -232,6 +232,24 @@ def _sparse_decode(spec: dict[str, Any], parts: Any, what: str, rows: int, num_c
     return _normalise(q)
 
 
+def layout(spec: Mapping[str, Any], shape: tuple[int, ...], dtype: Any = None
+           ) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Part name -> (dtype, shape) of what encodes an array of `shape`: a [N, C] matrix of logits
+    or probabilities (`dtype` None), or a model array of `dtype` (weights)."""
+    name, shape = check_codec(spec)["name"], tuple(int(d) for d in shape)
+    if dtype is not None and (np.dtype(dtype).kind != "f" or name not in _COMPRESS_WEIGHTS):
+        return {"values": (np.dtype(dtype), shape)}
+    if name in _DENSE:
+        kept = {"none": _F32, "float16": _F16, "int8": _I8}[name]
+        return {"values": (kept, shape), **({"scale": (_F32, (_grid(shape)[0],))} if name == "int8" else {})}
+    rows, num_classes = shape
+    index = _U8 if num_classes <= 256 else _U16
+    if name == "hard_label":
+        return {"labels": (index, (rows,)), "confidence": (_U8, (rows,))}
+    k = min(spec["k"], num_classes)
+    return {"values": (_F16, (rows, k)), "indices": (index, (rows, k))}
+
+
 # --- the three payloads ----------------------------------------------------------------------------
 def encode_logits(spec: Mapping[str, Any], logits: np.ndarray) -> Parts:
     """Parts of float [N, C] logits (client -> server)."""

@@ -1,17 +1,19 @@
 """The codec on the wire: soft targets and weights encoded on the way to a node, logits and
 weights on the way back (`fedkd.codecs` holds the maths; ``codec=`` config group).
 
-An encoded array ``<key>`` travels as its parts ``<key>|<part>`` (`fedkd.protocol.PART_SEPARATOR`);
-an encoded weight tensor adds ``<key>|shape``. Requests name the codec in their config
-(``fedkd.codec``, JSON), and the node answers with the same one. Which arrays are encoded:
+An encoded array ``<key>`` travels as one uint8 array ``<key>|<codec name>`` (`pack`): the
+array's shape (one byte, its rank, then uint32 dimensions) and then the codec's parts
+(`fedkd.codecs.layout`) back to back, so a payload pays one array header, not one per part.
+Requests name the codec in their config (``fedkd.codec``, JSON) and the node answers with the
+same one. What is encoded:
 
 - request ``transfer``: ``targets.probs`` (`fedkd.codecs.encode_probs`);
 - request and reply ``arrays`` (weights of FedAvg and FedDF): floating tensors, when the codec
   applies to weights (`fedkd.codecs.applies_to_weights`); integer buffers travel as they are;
 - reply ``logits``: ``logits`` (`fedkd.codecs.encode_logits`); ``class_counts`` as they are.
 
-Decoding on the server is a check: parts of the wrong type or shape raise ValueError naming
-the field, and the wire drops the reply (`fedkd.wire.WireGrid`).
+Decoding on the server is a check: a payload of the wrong size, shape or content raises
+ValueError naming the field, and the wire drops the reply (`fedkd.wire.WireGrid`).
 """
 
 from __future__ import annotations
@@ -24,34 +26,63 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedkd import codecs
-from fedkd.protocol import ARRAYS, CODEC, CONFIG, LOGITS, PART_SEPARATOR, TARGETS, TRANSFER
-from fedkd.records import asked_rows
+from fedkd.protocol import (
+    ARRAYS, CODEC, CONFIG, LOGITS, PART_SEPARATOR, TARGETS, TRANSFER, row_count,
+)
+from fedkd.records import asked_rows, rows_key_in
 
 PROBS = f"{TARGETS}.probs"
-SHAPE = "shape"
 MAX_DIMS, MAX_VALUES = 8, 1 << 28
-"""Largest weight tensor a reply may name (dimensions, values)."""
+"""Largest array a payload may name (rank, values)."""
 
 
-def _parts_of(record: ArrayRecord, key: str) -> dict[str, np.ndarray]:
-    prefix = f"{key}{PART_SEPARATOR}"
-    return {k[len(prefix):]: v.numpy() for k, v in record.items() if k.startswith(prefix)}
+def pack(spec: Mapping[str, Any], shape: tuple[int, ...], parts: Mapping[str, np.ndarray],
+         dtype: Any = None) -> np.ndarray:
+    """One uint8 buffer: rank, dimensions (uint32), then the parts in `codecs.layout` order."""
+    head = np.concatenate([np.array([len(shape)], np.uint8),
+                           np.asarray(shape, dtype="<u4").view(np.uint8)])
+    body = [np.ascontiguousarray(parts[name], dtype=want).view(np.uint8).reshape(-1)
+            for name, (want, _) in sorted(codecs.layout(spec, shape, dtype).items())]
+    return np.concatenate([head, *body])
 
 
-def _encoded_keys(record: ArrayRecord) -> list[str]:
-    """Base keys of the encoded arrays in `record`, in order."""
-    keys: list[str] = []
+def unpack(spec: Mapping[str, Any], buffer: np.ndarray, what: str, dtype: Any = None
+           ) -> tuple[tuple[int, ...], dict[str, np.ndarray]]:
+    """The shape and parts of a `pack`ed buffer; ValueError naming `what` if it is malformed."""
+    if not isinstance(buffer, np.ndarray) or buffer.dtype != np.uint8 or buffer.ndim != 1 \
+            or buffer.size < 1 or buffer[0] > MAX_DIMS or buffer.size < 1 + 4 * int(buffer[0]):
+        raise ValueError(f"{what} must be a packed uint8 buffer (rank <= {MAX_DIMS}, dims)")
+    rank = int(buffer[0])
+    shape = tuple(int(d) for d in buffer[1:1 + 4 * rank].view("<u4"))
+    if float(np.prod(shape, dtype=np.float64)) > MAX_VALUES:
+        raise ValueError(f"{what} names more than {MAX_VALUES:,} values")
+    expected = sorted(codecs.layout(spec, shape, dtype).items())
+    sizes = [np.dtype(d).itemsize * int(np.prod(s, dtype=np.int64)) for _, (d, s) in expected]
+    body = buffer[1 + 4 * rank:]
+    if body.size != sum(sizes):
+        raise ValueError(f"{what} holds {body.size} bytes after its shape {shape}, the codec "
+                         f"needs {sum(sizes)}")
+    parts, start = {}, 0
+    for (name, (want, part_shape)), size in zip(expected, sizes):
+        parts[name] = body[start:start + size].copy().view(want).reshape(part_shape)
+        start += size
+    return shape, parts
+
+
+def _key(key: str, spec: Mapping[str, Any]) -> str:
+    return f"{key}{PART_SEPARATOR}{spec['name']}"
+
+
+def _encoded(record: ArrayRecord, spec: Mapping[str, Any], what: str) -> list[str]:
+    """Base keys of `record`'s encoded arrays; one under another codec is refused."""
+    bases = []
     for key in record.keys():
         if PART_SEPARATOR in key:
-            base = key.split(PART_SEPARATOR, 1)[0]
-            if base not in keys:
-                keys.append(base)
-    return keys
-
-
-def _with_parts(record: ArrayRecord, key: str, parts: Mapping[str, np.ndarray]) -> dict[str, Array]:
-    return {f"{key}{PART_SEPARATOR}{name}": Array(np.ascontiguousarray(part))
-            for name, part in parts.items()}
+            base, name = key.split(PART_SEPARATOR, 1)
+            if name != spec["name"]:
+                raise ValueError(f"{what}.{key} is not encoded with the run's codec {spec['name']!r}")
+            bases.append(base)
+    return bases
 
 
 def encode_weights(spec: Mapping[str, Any], record: ArrayRecord) -> ArrayRecord:
@@ -62,9 +93,8 @@ def encode_weights(spec: Mapping[str, Any], record: ArrayRecord) -> ArrayRecord:
     for key, array in record.items():
         values = array.numpy()
         if np.issubdtype(values.dtype, np.floating):
-            parts = dict(codecs.encode_array(spec, values))
-            parts[SHAPE] = np.asarray(values.shape, dtype=np.uint32)
-            out.update(_with_parts(record, key, parts))
+            parts = codecs.encode_array(spec, values.astype(np.float32))
+            out[_key(key, spec)] = Array(pack(spec, values.shape, parts, np.float32))
         else:
             out[key] = array
     return ArrayRecord(array_dict=out)
@@ -72,31 +102,17 @@ def encode_weights(spec: Mapping[str, Any], record: ArrayRecord) -> ArrayRecord:
 
 def decode_weights(spec: Mapping[str, Any], record: ArrayRecord, what: str) -> ArrayRecord:
     """Inverse of `encode_weights`; ValueError names the bad field."""
-    encoded = _encoded_keys(record)
-    if not encoded:
+    if not _encoded(record, spec, what):
         return record
     out: dict[str, Array] = {}
     for key, array in record.items():
         if PART_SEPARATOR not in key:
             out[key] = array
             continue
-        base = key.split(PART_SEPARATOR, 1)[0]
-        if base in out:
-            continue
-        parts = _parts_of(record, base)
-        shape = _shape(parts.pop(SHAPE, None), f"{what}.{base}{PART_SEPARATOR}{SHAPE}")
-        values = codecs.decode_array(spec, parts, shape, np.dtype(np.float32))
-        out[base] = Array(np.asarray(values, dtype=np.float32).reshape(shape))
+        base, field = key.split(PART_SEPARATOR, 1)[0], f"{what}.{key}"
+        shape, parts = unpack(spec, array.numpy(), field, np.float32)
+        out[base] = Array(codecs.decode_array(spec, parts, shape, np.float32, what=field))
     return ArrayRecord(array_dict=out)
-
-
-def _shape(value: np.ndarray | None, what: str) -> tuple[int, ...]:
-    if value is None or value.dtype != np.uint32 or value.ndim != 1 or value.size > MAX_DIMS:
-        raise ValueError(f"{what} must be uint32 [<= {MAX_DIMS}]")
-    shape = tuple(int(n) for n in value)
-    if int(np.prod(shape, dtype=np.float64)) > MAX_VALUES:
-        raise ValueError(f"{what} names more than {MAX_VALUES:,} values")
-    return shape
 
 
 def _replace(message: Message, name: str, record: Any) -> None:
@@ -137,9 +153,10 @@ class WireCodec:
             records[CONFIG] = ConfigRecord({**records[CONFIG], CODEC: self.text})
         transfer = records.get(TRANSFER)
         if isinstance(transfer, ArrayRecord) and PROBS in transfer:
-            parts = codecs.encode_probs(self.spec, transfer[PROBS].numpy())
+            probs = transfer[PROBS].numpy()
+            buffer = pack(self.spec, probs.shape, codecs.encode_probs(self.spec, probs))
             kept = {k: v for k, v in transfer.items() if k != PROBS}
-            records[TRANSFER] = ArrayRecord(array_dict={**kept, **_with_parts(transfer, PROBS, parts)})
+            records[TRANSFER] = ArrayRecord(array_dict={**kept, _key(PROBS, self.spec): Array(buffer)})
         if isinstance(records.get(ARRAYS), ArrayRecord):
             records[ARRAYS] = encode_weights(self.spec, records[ARRAYS])
         meta = message.metadata
@@ -150,15 +167,17 @@ class WireCodec:
         """Decode `reply`'s logits and weights in place; ValueError names the bad field."""
         content = reply.content
         logits = content.array_records.get(LOGITS)
-        if logits is not None and _encoded_keys(logits):
-            if _encoded_keys(logits) != [LOGITS]:
-                raise ValueError(f"{LOGITS}.{_encoded_keys(logits)[0]} is not an encoded array "
-                                 "a reply carries")
-            rows = asked_rows(request)
+        if logits is not None and _encoded(logits, self.spec, LOGITS):
+            if _encoded(logits, self.spec, LOGITS) != [LOGITS]:
+                raise ValueError(f"{LOGITS}.{_encoded(logits, self.spec, LOGITS)[0]} is not an "
+                                 "encoded array a reply carries")
+            rows, field = asked_rows(request), f"{LOGITS}.{_key(LOGITS, self.spec)}"
             if rows is None:
                 raise ValueError(f"{LOGITS} were not asked for")
-            parts = _parts_of(logits, LOGITS)
-            values = codecs.decode_logits(self.spec, parts, rows, self.num_classes)
+            shape, parts = unpack(self.spec, logits[_key(LOGITS, self.spec)].numpy(), field)
+            if shape != (rows, self.num_classes):
+                raise ValueError(f"{field} has shape {shape}, expected {(rows, self.num_classes)}")
+            values = codecs.decode_logits(self.spec, parts, rows, self.num_classes, what=field)
             kept = {k: v for k, v in logits.items() if PART_SEPARATOR not in k}
             _replace(reply, LOGITS, ArrayRecord(array_dict={**kept, LOGITS: Array(values)}))
         arrays = content.array_records.get(ARRAYS)
@@ -179,13 +198,20 @@ def decode_request(msg: Message) -> dict[str, Any] | None:
         return None
     spec = _spec(str(config[CODEC]))
     transfer = msg.content.array_records.get(TRANSFER)
-    if transfer is not None and _encoded_keys(transfer):
-        parts = _parts_of(transfer, PROBS)
-        values = next(iter(parts.values()), np.zeros((0,)))
+    if transfer is not None and _encoded(transfer, spec, TRANSFER):
         from fedkd.settings import ClientSettings
 
+        field = f"{TRANSFER}.{_key(PROBS, spec)}"
+        if _encoded(transfer, spec, TRANSFER) != [PROBS]:
+            raise ValueError(f"{TRANSFER} carries encoded arrays other than {PROBS}")
         classes = int(ClientSettings.from_config(config).data["num_classes"])
-        probs = codecs.decode_probs(spec, parts, int(values.shape[0]), classes)
+        shape, parts = unpack(spec, transfer[_key(PROBS, spec)].numpy(), field)
+        target = rows_key_in(transfer, TARGETS)
+        rows = None if target is None else row_count(target.rsplit(".", 1)[1],
+                                                     transfer[target].numpy())
+        if len(shape) != 2 or shape[1] != classes or rows not in (None, shape[0]):
+            raise ValueError(f"{field} has shape {shape}, expected ({rows}, {classes})")
+        probs = codecs.decode_probs(spec, parts, shape[0], classes, what=field)
         kept = {k: v for k, v in transfer.items() if PART_SEPARATOR not in k}
         _replace(msg, TRANSFER, ArrayRecord(array_dict={**kept, PROBS: Array(probs)}))
     arrays = msg.content.array_records.get(ARRAYS)
@@ -198,9 +224,10 @@ def encode_reply(reply: Message, spec: Mapping[str, Any]) -> None:
     """Encode `reply`'s logits and weights in place with the request's codec."""
     logits = reply.content.array_records.get(LOGITS)
     if logits is not None and LOGITS in logits:
-        parts = codecs.encode_logits(spec, logits[LOGITS].numpy())
+        values = logits[LOGITS].numpy()
+        buffer = pack(spec, values.shape, codecs.encode_logits(spec, values))
         kept = {k: v for k, v in logits.items() if k != LOGITS}
-        _replace(reply, LOGITS, ArrayRecord(array_dict={**kept, **_with_parts(logits, LOGITS, parts)}))
+        _replace(reply, LOGITS, ArrayRecord(array_dict={**kept, _key(LOGITS, spec): Array(buffer)}))
     arrays = reply.content.array_records.get(ARRAYS)
     if arrays is not None:
         _replace(reply, ARRAYS, encode_weights(spec, arrays))

@@ -44,6 +44,7 @@ class CodecNodes:
         if self.raw is not None and msg.metadata.dst_node_id == 2:
             out.content["logits"] = ArrayRecord(array_dict={
                 f"logits|{k}": Array(v) for k, v in self.raw.items()})
+            return out  # sent as it is, not encoded by the mod
         return out
 
     def answer(self, msg: Message) -> Message:
@@ -73,7 +74,7 @@ def test_both_directions_travel_encoded_and_arrive_decoded(flower_ids, small_run
     replies = nodes.wave(small_run.settings, probs)
     pushed = nodes.fake.pushed[0]
     assert "targets.probs" not in pushed.content["transfer"]
-    assert any(k.startswith("targets.probs|") for k in pushed.content["transfer"].keys())
+    assert f"targets.probs|{spec['name']}" in pushed.content["transfer"]  # one packed array
     assert pushed.content["config"]["fedkd.codec"].startswith("{")
     for seen in nodes.seen:  # the handler read a distribution close to the one sent
         np.testing.assert_allclose(seen.sum(axis=1), 1.0, atol=1e-5)
@@ -93,11 +94,18 @@ def test_int8_logits_come_back_within_half_a_step(flower_ids, small_run):
     assert (np.abs(logits - nodes.logits) <= step / 2 + 1e-6).all()
 
 
+def _packed(shape, values, scale):
+    head = np.concatenate([np.array([len(shape)], np.uint8), np.asarray(shape, "<u4").view(np.uint8)])
+    return np.concatenate([head, scale.view(np.uint8), values.view(np.uint8).reshape(-1)])
+
+
 @pytest.mark.parametrize(("raw", "field"), [
-    ({"values": np.zeros((8, 10), np.float32), "scale": np.ones(8, np.float32)}, "values"),
-    ({"values": np.zeros((8, 10), np.int8)}, "logits"),
-    ({"values": np.zeros((8, 10), np.int8), "scale": np.full(8, np.nan, np.float32)}, "scale"),
-    ({"values": np.zeros((3, 10), np.int8), "scale": np.ones(3, np.float32)}, "values"),
+    ({"int8": np.zeros(5, np.float32)}, "packed uint8"),
+    ({"int8": _packed((8, 10), np.zeros((8, 10), np.int8), np.ones(8, np.float32))[:-3]}, "bytes"),
+    ({"int8": _packed((3, 10), np.zeros((3, 10), np.int8), np.ones(3, np.float32))}, "shape"),
+    ({"int8": _packed((8, 10), np.zeros((8, 10), np.int8), np.full(8, np.nan, np.float32))},
+     "scale"),
+    ({"float16": np.zeros(5, np.uint8)}, "not encoded with the run's codec"),
 ])
 def test_a_malformed_encoded_reply_is_dropped_naming_node_and_field(
         flower_ids, small_run, caplog, raw, field):
@@ -117,7 +125,7 @@ def test_weights_round_trip_in_order_with_integer_buffers_untouched():
         "fc.bias": Array(np.linspace(-1, 1, 5).astype(np.float32))})
     for spec, tol in (({"name": "float16"}, 1e-3), ({"name": "int8"}, 2.0 / 127)):
         sent = encode_weights(spec, record)
-        assert "conv.weight" not in sent and "conv.weight|values" in sent
+        assert "conv.weight" not in sent and f"conv.weight|{spec['name']}" in sent
         assert sent["bn.num_batches_tracked"].numpy().dtype == np.int64  # as it was
         back = decode_weights(spec, sent, "arrays")
         assert list(back.keys()) == list(record.keys())
@@ -137,3 +145,19 @@ def test_codec_none_encodes_nothing():
 def test_a_bad_codec_stops_the_run_before_it_starts(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_run(compose_config(overrides))
+
+
+@pytest.mark.parametrize(("spec", "nbytes"), [
+    ({"name": "float16"}, 8000), ({"name": "int8"}, 4000 + 1600),
+    ({"name": "topk", "k": 2}, 400 * 2 * 3), ({"name": "hard_label"}, 800)])
+def test_a_payload_is_one_array_of_its_parts_and_a_9_byte_shape(spec, nbytes):
+    from fedkd import codecs
+    from fedkd.wire_codec import pack, unpack
+
+    z = np.random.default_rng(0).normal(size=(400, 10)).astype(np.float32)
+    parts = codecs.encode_logits(spec, z)
+    assert {k: (v.dtype, v.shape) for k, v in parts.items()} == codecs.layout(spec, z.shape)
+    buffer = pack(spec, z.shape, parts)
+    assert buffer.dtype == np.uint8 and buffer.nbytes == nbytes + 9
+    shape, back = unpack(spec, buffer, "logits")
+    assert shape == (400, 10) and all(np.array_equal(back[k], parts[k]) for k in parts)
