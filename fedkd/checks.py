@@ -26,6 +26,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedkd.aggregation import TeacherMeta
+from fedkd.devices import select_device
 from fedkd.dpsgd import DPSettings, check_dpsgd
 from fedkd.errors import ConfigError, find_config_error, require_bool, require_int, require_number
 from fedkd.faults import FaultPlan, plan_faults
@@ -50,6 +51,7 @@ def check_run(cfg: DictConfig) -> TrainSettings:
     require_int("seed", cfg.seed, 0, MAX_SEED)
     require_int("partition_seed", cfg.partition_seed, 0, MAX_PARTITION_SEED)
     require_bool("audit", cfg.get("audit", False))
+    select_device()  # FEDKD_DEVICE: a bad value (or cuda without one) stops the run here
     check_wire(cfg.simulation)
     train = train_settings(cfg)
     check_strategy(cfg)

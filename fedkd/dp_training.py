@@ -33,15 +33,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedkd.devices import model_device
 from fedkd.dpsgd import Accountant, DPSettings, steps_per_epoch
 from fedkd.losses import CELoss, KDLoss, WeightedSum
 
 
-def noise_generator(seed: int, partition_id: int, server_round: int) -> torch.Generator:
+def noise_generator(seed: int, partition_id: int, server_round: int,
+                    device: torch.device | str = "cpu") -> torch.Generator:
     """The DP noise stream of a client's round, apart from its sampling stream (seeded, so runs
-    repeat; Opacus's ``secure_mode`` would draw from a cryptographic source instead)."""
+    repeat; Opacus's ``secure_mode`` would draw from a cryptographic source instead). It lives on
+    the model's `device` (Opacus draws the noise there): a GPU stream differs from the CPU's."""
     state = np.random.SeedSequence([seed, partition_id, server_round, 1]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
+    return torch.Generator(device=device).manual_seed(int(state))
 
 
 def poisson_batches(n: int, rate: float, steps: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
@@ -58,7 +61,8 @@ class PrivateSteps:
     """One round's DP-SGD machinery around a client's model and optimizer.
 
     Wraps `model` in a ``GradSampleModule`` and `optimizer` in a ``DPOptimizer`` (its state stays
-    the wrapped optimizer's, so it persists as before); `close` removes the hooks.
+    the wrapped optimizer's, so it persists as before); `close` removes the hooks. Steps run where
+    the model is (`device`); the sampling stream stays on the CPU.
 
     Parameters
     ----------
@@ -81,6 +85,7 @@ class PrivateSteps:
         from opacus.optimizers import DPOptimizer
 
         self.model, self.accountant, self.num_rows = model, accountant, num_rows
+        self.device = model_device(model)
         self.module = GradSampleModule(model, loss_reduction="mean")
         self.optimizer = DPOptimizer(
             optimizer, noise_multiplier=accountant.noise_multiplier,
@@ -156,6 +161,7 @@ def dp_revisit(steps: PrivateSteps, x: torch.Tensor, y: torch.Tensor, *, epochs:
     """`fedkd.training.revisit` under DP-SGD: ``epochs * ceil(n / batch_size)`` (or `step_count`)
     DP steps on Poisson batches; returns the mean private loss (kept on the client)."""
     steps.model.train()
+    x, y = x.to(steps.device), y.to(steps.device)
     count = step_count if step_count is not None else epochs * steps_per_epoch(batch_size, len(x))
     losses = [steps.step(x, y, idx) for idx in
               poisson_batches(len(x), steps.accountant.rate, count, gen)]
@@ -171,6 +177,8 @@ def dp_digest(steps: PrivateSteps, transfer_x: torch.Tensor, soft_targets: torch
     rows. With ``alpha = 1`` no private row is touched and the steps are ordinary (no
     accounting). Returns the mean KD loss (public rows; kept on the client)."""
     steps.model.train()
+    transfer_x, soft_targets = transfer_x.to(steps.device), soft_targets.to(steps.device)
+    x, y = x.to(steps.device), y.to(steps.device)
     terms = {type(term): (w, term) for w, term in loss.active_terms()}
     kd_weight, kd = terms.get(KDLoss, (0.0, None))
     ce_weight = terms.get(CELoss, (0.0, None))[0]

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedkd.protocol import (
     CLASS_COUNTS, CONFIG, LOGITS, NEXT, QUERY, QUERY_DIRECTIONS, ROW_KINDS, TARGETS, TRANSFER,
-    decode_rows, encode_rows, row_count, rows_to_inputs,
+    array_digest, decode_rows, encode_rows, row_count, rows_to_inputs,
 )
 from fedkd import reply_checks
 from fedkd.reply_checks import MAX_EXAMPLES, ReplyError
@@ -41,6 +41,12 @@ def transfer_record(
         kind, array = encode_rows(next_rows)
         record[f"{NEXT}.{kind}"] = Array(array)
     return record
+
+
+def rows_digest(key: str, array: Array) -> str:
+    """The digest of a ``<prefix>.<kind>`` rows array (the prefix does not count)."""
+    kind = key.rsplit(".", 1)[1]
+    return array_digest(kind, array.dtype, tuple(array.shape), array.data)
 
 
 def rows_key_in(record: ArrayRecord, prefix: str) -> str | None:

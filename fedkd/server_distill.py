@@ -3,6 +3,10 @@
 These functions know nothing of Flower messages; `fedkd.strategies.feddf.FedDF` calls them, and their
 tests pin the numbers. State dicts are ``{name: torch.Tensor}`` (the full ``state_dict()``,
 BatchNorm buffers included).
+
+The functions that run models (`teacher_logits`, `distill`, `kd_divergence`) compute on `device`
+(None: `fedkd.devices.select_device`, a GPU when one is visible) and leave every model where
+they found it; shuffling stays on the CPU, and what they return is CPU numbers.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from fedkd import reply_checks
+from fedkd.devices import deterministic_from_env, on_device, rng_devices, select_device
 from fedkd.losses import KDLoss
+from fedkd.training import mean_loss
 
 StateDict = dict[str, torch.Tensor]
 
@@ -94,12 +100,16 @@ def split_models(record: ArrayRecord) -> dict[str, ArrayRecord]:
 
 
 @torch.no_grad()
-def teacher_logits(teachers: Sequence[nn.Module], x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-    """Logits ``[K, N, C]`` of each teacher on ``x``, in eval mode."""
+def teacher_logits(teachers: Sequence[nn.Module], x: torch.Tensor, batch_size: int = 1024,
+                   device: torch.device | None = None) -> np.ndarray:
+    """Logits ``[K, N, C]`` of each teacher on ``x``, in eval mode (on `device`)."""
+    device = select_device() if device is None else device
     out = []
     for model in teachers:
-        model.eval()
-        out.append(torch.cat([model(chunk) for chunk in x.split(batch_size)]).float().numpy())
+        with on_device([model], device):
+            model.eval()
+            logits = [model(chunk.to(device)) for chunk in x.split(batch_size)]
+            out.append(torch.cat(logits).float().cpu().numpy())
     return np.stack(out)
 
 
@@ -113,6 +123,7 @@ def distill(
     lr: float,
     batch_size: int,
     seed: Sequence[int],
+    device: torch.device | None = None,
 ) -> list[float]:
     """Distil soft targets into `student` on unlabelled inputs; return the mean KD loss per epoch.
 
@@ -132,13 +143,18 @@ def distill(
         KD temperature, passes over ``x``, Adam learning rate, mini-batch size.
     seed : sequence of int
         Entropy for the seed (e.g. ``(strategy seed, round, architecture index)``).
+    device : torch.device, optional
+        Where to train (None: `fedkd.devices.select_device`); the student comes back where it was.
     """
+    device = select_device() if device is None else device
+    deterministic_from_env(device)
     loss_fn = KDLoss(temperature)
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     state = int(np.random.SeedSequence(list(seed)).generate_state(1)[0])
-    gen = torch.Generator().manual_seed(state)
+    gen = torch.Generator().manual_seed(state)  # the shuffles: on the CPU, whatever the device
     history = []
-    with torch.random.fork_rng(devices=[]):
+    with on_device([student], device), torch.random.fork_rng(devices=rng_devices(device)):
+        optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+        x, soft_targets = x.to(device), soft_targets.to(device)
         torch.manual_seed(state)
         student.train()
         for _ in range(epochs):
@@ -148,14 +164,18 @@ def distill(
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.item())
-            history.append(float(np.mean(losses)))
-    student.eval()
+                losses.append(loss.detach())
+            history.append(mean_loss(losses))
+        student.eval()
     return history
 
 
 @torch.no_grad()
-def kd_divergence(model: nn.Module, x: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> float:
-    """``KDLoss(temperature)`` of `model` (eval mode) against `soft_targets` on all of ``x``."""
-    model.eval()
-    return float(KDLoss(temperature)(model(x), soft_targets=soft_targets))
+def kd_divergence(model: nn.Module, x: torch.Tensor, soft_targets: torch.Tensor, temperature: float,
+                  device: torch.device | None = None) -> float:
+    """``KDLoss(temperature)`` of `model` (eval mode) against `soft_targets` on all of ``x``
+    (on `device`)."""
+    device = select_device() if device is None else device
+    with on_device([model], device):
+        model.eval()
+        return float(KDLoss(temperature)(model(x.to(device)), soft_targets=soft_targets.to(device)))

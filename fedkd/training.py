@@ -2,6 +2,12 @@
 
 These functions know nothing of Flower; the ClientApp and the plain-PyTorch benchmark loop both
 call them, so the simulation and the reference do exactly the same arithmetic.
+
+Devices: each function computes where the model is (or on `device`, moving the model there: do it
+before the optimizer's first step, whose state lives with the parameters) and sends its inputs
+there; the seeded generator and the index permutations stay on the CPU, so the batch order does
+not depend on the device, and what it returns (losses, logits) is on the CPU (`fedkd.devices`,
+docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedkd.devices import place
 from fedkd.losses import CELoss, KDLoss, WeightedSum
 
 
@@ -25,6 +32,14 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor
     return list(torch.randperm(n, generator=gen).split(batch_size))
 
 
+def mean_loss(losses: list[torch.Tensor]) -> float:
+    """The mean of per-batch losses (0-d tensors), exactly ``np.mean`` of their ``.item()``, with
+    one device synchronisation instead of one per batch; NaN for none."""
+    if not losses:
+        return float("nan")
+    return float(np.mean(torch.stack(losses).double().cpu().numpy()))
+
+
 def revisit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -35,12 +50,16 @@ def revisit(
     batch_size: int,
     gen: torch.Generator,
     steps: int | None = None,
+    device: torch.device | None = None,
 ) -> float:
     """Train on private data with cross-entropy; return the mean batch loss.
 
     Runs `epochs` passes over the data, or exactly `steps` mini-batches when `steps` is given
-    (reshuffling at every pass), as in papers that count local steps instead of epochs.
+    (reshuffling at every pass), as in papers that count local steps instead of epochs. Computes
+    on `device` (None: where the model is).
     """
+    device = place(model, device)
+    x, y = x.to(device), y.to(device)
     ce = CELoss()
     model.train()
     losses = []
@@ -49,8 +68,8 @@ def revisit(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    return float(np.mean(losses)) if losses else float("nan")
+        losses.append(loss.detach())
+    return mean_loss(losses)
 
 
 def private_batches(
@@ -81,6 +100,7 @@ def digest(
     epochs: int,
     batch_size: int,
     gen: torch.Generator,
+    device: torch.device | None = None,
 ) -> float:
     """Distil on soft targets, mixed with CE on private batches; return the mean batch loss.
 
@@ -89,8 +109,11 @@ def digest(
     (BatchNorm then never normalises a label-skewed private batch on its own: with separate passes
     the FedGen MNIST students at alpha 0.05 peaked at 0.89 and drifted, see
     docs/results/fedgen_mnist). A term of weight 0 is not even evaluated, so `alpha=0` is plain CE
-    training and `alpha=1` pure distillation.
+    training and `alpha=1` pure distillation. Computes on `device` (None: where the model is).
     """
+    device = place(model, device)
+    transfer_x, soft_targets = transfer_x.to(device), soft_targets.to(device)
+    x, y = x.to(device), y.to(device)
     model.train()
     losses = []
     active = loss.active_terms()
@@ -115,22 +138,26 @@ def digest(
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
-            losses.append(total.item())
-    return float(np.mean(losses)) if losses else float("nan")
+            losses.append(total.detach())
+    return mean_loss(losses)
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-    """Logits of the model in eval mode, float32 [N, C]."""
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
+                   device: torch.device | None = None) -> np.ndarray:
+    """Logits of the model in eval mode, float32 [N, C] (on `device`, None: where the model is;
+    `x` goes there a chunk at a time)."""
+    device = place(model, device)
     model.eval()
-    out = [model(chunk) for chunk in x.split(batch_size)]
-    return torch.cat(out).float().numpy()
+    out = [model(chunk.to(device)) for chunk in x.split(batch_size)]
+    return torch.cat(out).float().cpu().numpy()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy on (x, y)."""
-    logits = torch.from_numpy(predict_logits(model, x))
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             device: torch.device | None = None) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy on (x, y) (the logits computed on `device`)."""
+    logits = torch.from_numpy(predict_logits(model, x, device=device))
     loss = nn.functional.cross_entropy(logits, y).item()
     acc = (logits.argmax(1) == y).float().mean().item()
     return acc, loss
@@ -143,8 +170,8 @@ def label_counts(y: torch.Tensor, num_classes: int) -> np.ndarray:
 
 @torch.no_grad()
 def own_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 own: torch.Tensor | None) -> float | None:
+                 own: torch.Tensor | None, device: torch.device | None = None) -> float | None:
     """Accuracy on the test rows `own` (a client's own-label chunk); None without a chunk."""
     if own is None or len(own) == 0:
         return None
-    return evaluate(model, x[own], y[own])[0]
+    return evaluate(model, x[own], y[own], device=device)[0]

@@ -24,17 +24,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedkd.protocol import (
     CONFIG, NEXT, ROW_KINDS, SETTINGS_DIGEST, SETTINGS_KEY, TARGETS, TARGETS_HELD, TRANSFER,
-    array_digest, text_digest,
+    text_digest,
 )
+from fedkd.records import rows_digest
 
 SETTINGS, ROWS = "settings", "rows"
 """The values a node may hold."""
-
-
-def rows_digest(key: str, array: Array) -> str:
-    """The digest of a ``<prefix>.<kind>`` rows array (the prefix does not count)."""
-    kind = key.rsplit(".", 1)[1]
-    return array_digest(kind, array.dtype, tuple(array.shape), array.data)
 
 
 @dataclass

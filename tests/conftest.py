@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,6 +16,9 @@ from fedkd.server import PreparedRun, compose_config, prepare_run
 SMALL = ["num_clients=4", "num_rounds=3", "distill.warmup_epochs=5", "model=hetero"]
 """The default config shrunk; `model=hetero` keeps two model families (a CNN and an MLP) in play."""
 _ids = itertools.count(1)
+
+os.environ.setdefault("FEDKD_DEVICE", "cpu")  # pinned numbers are CPU numbers, on a GPU machine too
+# (Ray's workers inherit it); GPU tests pass device= explicitly (docs/gpu.md)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ partition id, not Flower's node id, which a restarted SuperNode gets anew). It h
 full ``state_dict``, the optimizer state, the rounds done and the architecture name, and is
 replaced atomically (written to a temporary file in the same folder, then renamed), so a crash
 mid-write leaves the previous checkpoint intact. Nodes without ``data-path`` (simulation) do not
-checkpoint.
+checkpoint. Tensors are written and read on the CPU, whatever device the student trains on.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 
 from fedkd.atomic import save_atomic
 from fedkd.client.node import NodeConfig
+from fedkd.devices import cpu_state
 from fedkd.errors import ConfigError
 
 
@@ -50,8 +51,8 @@ def save(context: Context, arch: str, model: nn.Module, optimizer: torch.optim.O
     path = path_of(context)
     if path is None:
         return None
-    state = {"arch": arch, "rounds_done": int(rounds_done), "model": model.state_dict(),
-             "optimizer": optimizer.state_dict()}
+    state = {"arch": arch, "rounds_done": int(rounds_done), "model": cpu_state(model.state_dict()),
+             "optimizer": cpu_state(optimizer.state_dict())}
     if privacy is not None:
         state["privacy"] = privacy
     save_atomic(state, path)
@@ -63,7 +64,7 @@ def load(context: Context, arch: str) -> Checkpoint | None:
     path = path_of(context)
     if path is None or not path.is_file():
         return None
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, map_location="cpu")
     if state.get("arch") != arch:
         raise ConfigError(f"checkpoint {path} holds a {state.get('arch')!r} student, but this node "
                           f"now runs {arch!r}; remove the file or restore the node's arch")

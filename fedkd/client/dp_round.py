@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fedkd.client.state import Student
+from fedkd.devices import model_device
 from fedkd.dp_training import PrivateSteps, dp_digest, dp_revisit, noise_generator
 from fedkd.dpsgd import (
     Accountant, budget_steps, derive_noise, planned_steps, sample_rate, steps_per_epoch,
@@ -92,7 +93,8 @@ def open_private(settings: ClientSettings, student: Student, num_rows: int, part
         accountant = Accountant(dp, derive_noise(dp, rate, steps), rate, steps)
         log.info("partition %d: DP-SGD noise multiplier %.4g, sample rate %.4g, %d planned steps",
                  partition_id, accountant.noise_multiplier, rate, steps)
-    noise = noise_generator(settings.seed, partition_id, server_round)
+    noise = noise_generator(settings.seed, partition_id, server_round,
+                            model_device(student.model))
     return PrivateRound(accountant, PrivateSteps(student.model, student.optimizer, dp, accountant,
                                                  num_rows, noise))
 

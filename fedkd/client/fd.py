@@ -27,7 +27,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from torch import nn
 
 from fedkd.client.round import open_round, round_of, test_metrics
-from fedkd.training import label_counts, predict_logits, private_batches, round_generator
+from fedkd.devices import place
+from fedkd.training import label_counts, mean_loss, predict_logits, private_batches, round_generator
 from fedkd.losses import CELoss, KDLoss, WeightedSum, distill_loss
 from fedkd.protocol import (
     CLASS_COUNTS, CLASS_LOGITS, LOGITS, METRICS, NUM_EXAMPLES, PARTITION_ID, TARGETS, TRAIN_LOSS,
@@ -86,6 +87,7 @@ def regularized_train(
     batch_size: int,
     gen: torch.Generator,
     steps: int | None = None,
+    device: torch.device | None = None,
 ) -> float:
     """Train on private batches with CE plus KD toward the class soft targets; mean batch loss.
 
@@ -93,7 +95,12 @@ def regularized_train(
     the per-sample KD losses of the samples whose class is `known`, divided by the batch size
     (unknown classes contribute 0); a batch with nothing to learn from is skipped. The batches
     are those of `fedkd.training.revisit`, so with ``alpha = 0`` this is exactly `revisit`.
+    Computes on `device` (None: where the model is).
     """
+    device = place(model, device)
+    x, y = x.to(device), y.to(device)
+    if class_probs is not None and known is not None:
+        class_probs, known = class_probs.to(device), known.to(device)
     model.train()
     losses = []
     for idx in private_batches(len(x), batch_size, gen, epochs, steps):
@@ -114,8 +121,8 @@ def regularized_train(
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        losses.append(total.item())
-    return float(np.mean(losses)) if losses else float("nan")
+        losses.append(total.detach())
+    return mean_loss(losses)
 
 
 def fd_round(msg: Message, context: Context) -> Message:

@@ -5,6 +5,10 @@ transactional: if a handler raises, nothing written here is kept. A SuperNode re
 a deployed node (node config ``data-path``) also checkpoints the student to its own disk, keyed by
 run and partition id (`fedkd.client.checkpoint`), and resumes from there when `Context.state` is
 empty.
+
+The student trains on the device `fedkd.devices.select_device` picks (a GPU when the node's
+resources grant one); what is kept is always CPU tensors, so a state saved on a GPU restores on a
+CPU and the other way round.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from torch import nn
 
 from fedkd.client import checkpoint
+from fedkd.devices import cpu_state, deterministic_from_env, place, select_device
 from fedkd.models import build_model
 from fedkd.optim import build_optimizer, schedule_lr
 from fedkd.settings import ClientSettings
@@ -42,19 +47,26 @@ class Student:
     """The DP-SGD accountant's state (``privacy=dpsgd``); None before the first DP round."""
 
     @classmethod
-    def restore(cls, context: Context, settings: ClientSettings, partition_id: int) -> Student:
-        """Rebuild the student from `context.state` or a checkpoint, or create it (seeded).
+    def restore(cls, context: Context, settings: ClientSettings, partition_id: int,
+                device: torch.device | None = None) -> Student:
+        """Rebuild the student from `context.state` or a checkpoint, or create it (seeded), on
+        `device` (None: `fedkd.devices.select_device`).
 
         A student kept in `context.state` is built without initialising its weights (on the meta
-        device) and takes the kept tensors as they are: a round's restore costs no init.
+        device) and takes the kept tensors as they are: a round's restore costs no init (and on
+        the CPU no copy). A new student is initialised on the CPU, so its weights do not depend
+        on the device.
         """
         arch, spec = settings.arch_of(partition_id)
         shape, classes = tuple(settings.data["input_shape"]), int(settings.data["num_classes"])
+        device = select_device() if device is None else device
+        deterministic_from_env(device)
         state = context.state
         if STUDENT in state:
             with torch.device("meta"):
                 model = build_model(spec, shape, classes)
             model.load_state_dict(state[STUDENT].to_torch_state_dict(), assign=True)
+            place(model, device)  # on the CPU nothing moves
             student = cls(arch=arch, model=model, optimizer=new_optimizer(settings, model))
             load_optimizer_state(student.optimizer, state[OPTIMIZER], state[OPTIMIZER_EXTRA])
             student.rounds_done = int(state[PROGRESS]["rounds-done"])
@@ -63,6 +75,7 @@ class Student:
         else:
             torch.default_generator.manual_seed(settings.seed + partition_id)  # CPU init only
             model = build_model(spec, shape, classes)
+            place(model, device)
             student = cls(arch=arch, model=model, optimizer=new_optimizer(settings, model))
             if (saved := checkpoint.load(context, arch)) is not None:
                 model.load_state_dict(saved.model)
@@ -85,8 +98,8 @@ class Student:
 
     def save(self, context: Context) -> None:
         """Write the model, the optimizer state, the counters and the DP accountant's state to
-        `context.state` (and, on a deployed node, to its checkpoint)."""
-        context.state[STUDENT] = ArrayRecord(self.model.state_dict())
+        `context.state` (and, on a deployed node, to its checkpoint), as CPU tensors."""
+        context.state[STUDENT] = ArrayRecord(cpu_state(self.model.state_dict()))
         context.state[OPTIMIZER], context.state[OPTIMIZER_EXTRA] = optimizer_state(self.optimizer)
         context.state[PROGRESS] = MetricRecord({"rounds-done": self.rounds_done})
         if self.privacy is not None:
@@ -109,7 +122,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[ArrayRecord, Conf
         for name, value in values.items():
             key = f"{index}.{name}"
             if isinstance(value, torch.Tensor):
-                tensors[key] = value
+                tensors[key] = value.cpu()
             elif value is None:
                 nones.append(key)
             else:
@@ -119,7 +132,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[ArrayRecord, Conf
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, arrays: ArrayRecord,
                          extra: ConfigRecord) -> None:
-    """Inverse of `optimizer_state` for an optimizer over the same parameters."""
+    """Inverse of `optimizer_state` for an optimizer over the same parameters (torch moves the
+    CPU tensors to the parameters' device)."""
     state: dict[int, dict[str, object]] = {}
 
     def put(key: str, value: object) -> None:

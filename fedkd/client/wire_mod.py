@@ -26,7 +26,8 @@ from fedkd.protocol import (
     text_digest,
 )
 from fedkd.settings import parse_settings
-from fedkd.wire_cache import rows_digest
+from fedkd.wire_codec import decode_request, encode_reply
+from fedkd.records import rows_digest
 
 SETTINGS_STATE = "fedkd.held-settings"
 """``Context.state`` ConfigRecord: ``digest`` and ``text`` of the settings this node holds."""
@@ -45,8 +46,6 @@ def wire_mod(msg: Message, context: Context,
     """Flower mod: restore what the server left out, decode, run the handler, encode."""
     if msg.has_content() and CONFIG in msg.content.config_records:
         restore(msg, context)
-    from fedkd.wire_codec import decode_request, encode_reply
-
     codec = decode_request(msg)
     reply = call_next(msg, context)
     if codec is not None and not reply.has_error():

@@ -11,6 +11,10 @@ round and sample a class-balanced transfer set from it (seeded per round):
 - `BlackBoxGenerator` (`LogitGuided`): for logit-only strategies (FedMD, DS-FL); fitted from the
   teachers' logits on queried inputs with zero-order gradient estimates, under a query budget.
 
+The generator (and, for a white-box fit, the teachers and students) compute on the device
+`fedkd.devices.select_device` picks when the generator is built; the noise and the requested
+classes are drawn on the CPU (seeded), generated inputs and checkpoints come back as CPU data.
+
 After each fit the generator is checkpointed (``generator.pt``) into the run's output folder when
 the strategy gives one (`set_output_dir`), and a sample grid (``generator_samples.png``) is drawn
 in the last round.
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedkd.devices import cpu_state, deterministic_from_env, select_device
 from fedkd.settings import ClientSettings
 from fedkd.errors import ConfigError, is_number, require_int, require_number
 from fedkd.generators.model import ConditionalGenerator, balanced_labels
@@ -100,6 +105,8 @@ class _GeneratorSource:
         self.w_div = w_div
         self.seed = seed
         self.generator: ConditionalGenerator | None = None
+        self.device: torch.device | None = None
+        """Where the generator computes (chosen when it is built)."""
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps_done = 0
         self.output_dir: Path | None = None
@@ -107,22 +114,26 @@ class _GeneratorSource:
 
     # --- the generator ------------------------------------------------------------------------
     def build(self, settings: ClientSettings) -> ConditionalGenerator:
-        """The generator (built, seeded, on first use from the data's shape and classes)."""
+        """The generator (built, seeded, on first use from the data's shape and classes; its
+        weights are initialised on the CPU, then it moves to `device`)."""
         if self.generator is None:
             data = settings.data
+            self.device = select_device()
+            deterministic_from_env(self.device)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed(self.seed, 0))
                 self.generator = ConditionalGenerator(
                     tuple(data["input_shape"]), int(data["num_classes"]), z_dim=self.z_dim,
                     hidden=self.hidden, low=self.low, high=self.high)
+            self.generator.to(self.device)
             self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=(0.5, 0.999))
         return self.generator
 
     def draw(self, n: int, gen: torch.Generator, settings: ClientSettings) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` class-balanced (noise, label) pairs from `gen`."""
+        """``n`` class-balanced (noise, label) pairs from `gen` (a CPU generator), on `device`."""
         generator = self.build(settings)
         z = torch.randn(n, self.z_dim, generator=gen)
-        return z, balanced_labels(n, generator.num_classes, gen)
+        return z.to(self.device), balanced_labels(n, generator.num_classes, gen).to(self.device)
 
     def draw_pairs(self, n: int, gen: torch.Generator,
                    settings: ClientSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +149,7 @@ class _GeneratorSource:
                          settings)
         generator.eval()
         with torch.no_grad():
-            return generator(z, y).numpy().astype(np.float32), y.numpy()
+            return generator(z, y).cpu().numpy().astype(np.float32), y.cpu().numpy()
 
     def rows(self, server_round: int, settings: ClientSettings) -> np.ndarray:
         """This round's transfer set: `size` generated inputs, classes balanced (float32)."""
@@ -147,7 +158,7 @@ class _GeneratorSource:
     def exact_terms(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Terms that depend on the generated inputs alone (no teacher): diversity."""
         if not self.w_div:
-            return torch.zeros(()), {}
+            return x.new_zeros(()), {}
         div = diversity_loss(x, z)
         return self.w_div * div, {"gen-diversity": -div.item()}
 
@@ -188,12 +199,13 @@ class _GeneratorSource:
         self.output_dir = Path(path)
 
     def state_dict(self) -> dict[str, Any]:
-        """Generator and optimizer state (once built), counters, the last fit's metrics."""
+        """Generator and optimizer state (once built, as CPU tensors), counters, the last fit's
+        metrics."""
         state = {"steps_done": self.steps_done, "extra": self.extra_state(),
                  "last_metrics": dict(self.last_metrics)}
         if self.generator is not None and self.optimizer is not None:
-            state.update(generator=self.generator.state_dict(),
-                         optimizer=self.optimizer.state_dict())
+            state.update(generator=cpu_state(self.generator.state_dict()),
+                         optimizer=cpu_state(self.optimizer.state_dict()))
         return state
 
     def load_state_dict(self, state: dict[str, Any], settings: ClientSettings) -> None:
@@ -219,7 +231,7 @@ class _GeneratorSource:
 
     def load(self, path: str | Path, settings: ClientSettings) -> int:
         """Restore a checkpoint written by `save`; return its round."""
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")
         self.load_state_dict(state, settings)
         return int(state["round"])
 

@@ -68,7 +68,7 @@ class BlackBoxGenerator(_GeneratorSource):
             z, y = self.draw_pairs(self.batch_size, gen, settings)
             x = generator(z, y)
             seed = _seed(self.seed, server_round, 3, step)
-            logits = query(x.detach().numpy(), seed, self.directions, self.mu)
+            logits = query(x.detach().cpu().numpy(), seed, self.directions, self.mu)
             if logits is None:
                 break
             self.queries += self.wave_cost()
@@ -81,16 +81,18 @@ class BlackBoxGenerator(_GeneratorSource):
         n, q = len(x), self.directions
         k, _, c = logits.shape
         blocks = logits.reshape(k, 1 + q, n, c)
-        base = torch.from_numpy(np.ascontiguousarray(blocks[:, 0])).requires_grad_(True)
+        base = torch.from_numpy(np.ascontiguousarray(blocks[:, 0])).to(x.device)
+        base.requires_grad_(True)
         loss, terms = self.objective(base.mean(0), y, base if self.w_adv else None)
         (grad_logits,) = torch.autograd.grad(loss, base)
         u = query_directions(seed, q, tuple(x.shape))
-        grad_x = zo_input_gradient(grad_logits.numpy(), blocks[:, 0], blocks[:, 1:], u, self.mu)
+        grad_x = zo_input_gradient(grad_logits.cpu().numpy(), blocks[:, 0], blocks[:, 1:], u,
+                                   self.mu)
         exact, more = self.exact_terms(x, z)  # exact gradient; the rest is estimated
         terms.update(more)
         assert self.optimizer is not None
         self.optimizer.zero_grad()
-        ((x * torch.from_numpy(grad_x)).sum() + exact).backward()
+        ((x * torch.from_numpy(grad_x).to(x.device)).sum() + exact).backward()
         self.optimizer.step()
         self.steps_done += 1
         return terms

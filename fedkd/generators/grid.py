@@ -26,9 +26,10 @@ def sample_grid(source: GeneratorSource, settings: ClientSettings, per_class: in
     gen = torch.Generator().manual_seed(seed)
     y = torch.arange(generator.num_classes).repeat_interleave(per_class)
     z = torch.randn(len(y), generator.z_dim, generator=gen)
+    device = next(generator.parameters()).device
     generator.eval()
     with torch.no_grad():
-        return generator(z, y).numpy(), y.numpy()
+        return generator(z.to(device), y.to(device)).cpu().numpy(), y.numpy()
 
 
 def save_sample_grid(source: GeneratorSource, settings: ClientSettings, path: Path,

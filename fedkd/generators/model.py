@@ -11,8 +11,8 @@ from torch import nn
 class ConditionalGenerator(nn.Module):
     """``G(z, y)``: an MLP from noise ``z`` and a class embedding to inputs in ``[low, high]``.
 
-    Small on purpose: it runs on the server, between rounds, on CPU. Any input shape works (the
-    output is reshaped), so the same generator serves 8x8 images and 1-d signals.
+    Small on purpose: it runs on the server, between rounds (on a GPU when there is one). Any input
+    shape works (the output is reshaped), so the same generator serves 8x8 images and 1-d signals.
 
     Parameters
     ----------

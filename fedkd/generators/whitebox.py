@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fedkd.devices import on_device
 from fedkd.settings import ClientSettings
 from fedkd.errors import require_number
 from fedkd.generators.base import _GeneratorSource, _seed
@@ -31,13 +32,14 @@ class WhiteBoxGenerator(_GeneratorSource):
 
     def fit_models(self, server_round: int, settings: ClientSettings, teachers: Sequence[nn.Module],
                    students: Sequence[nn.Module]) -> dict[str, float]:
-        """Fit the generator for `steps` steps against the teachers' ensemble."""
+        """Fit the generator for `steps` steps against the teachers' ensemble (the models join
+        the generator on its device for the fit, and go back afterwards)."""
         generator = self.build(settings)
         assert self.optimizer is not None
         gen = torch.Generator().manual_seed(_seed(self.seed, server_round, 2))
         history = []
         generator.train()
-        with frozen([*teachers, *students]):
+        with on_device([*teachers, *students], self.device), frozen([*teachers, *students]):
             for _ in range(self.steps):
                 z, y = self.draw_pairs(self.batch_size, gen, settings)
                 x = generator(z, y)
