@@ -2,16 +2,22 @@
 
 `fedkd.simulations.launch` starts the engine; this module only notices its end: Ray's GCS server
 or raylet of this run ending, or (declared by `launch.simulate`) Flower's engine returning or
-raising while the ServerApp still waits for replies. The Grid then raises `EngineDied`.
+raising while the ServerApp still waits for replies. The Grid (`StopGrid`) then raises
+`EngineDied`, or `Interrupted` once a stop was asked for.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+from collections.abc import Iterable
 from typing import Any
 
-from fedkd.simulations.run import running
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedkd.simulations.run import Interrupted, StopSignals, running
 
 log = logging.getLogger("fedkd.simulations.launch")
 
@@ -88,6 +94,48 @@ class EngineWatch:
                 if not (self._closed.is_set() or self.stopping.is_set()) and ray.is_initialized():
                     self.declare(reason)
                 return
+
+
+class StopGrid(Grid):
+    """Grid that raises `Interrupted` at its next call once `stop` is asked to stop, and
+    `EngineDied` once `watch` declares the engine dead."""
+
+    def __init__(self, grid: Grid, stop: StopSignals, watch: EngineWatch | None = None) -> None:
+        self._grid, self._stop, self._watch = grid, stop, watch
+
+    def _check(self) -> None:
+        if self._stop.event.is_set():
+            raise Interrupted(self._stop.signum or signal.SIGINT)
+        if self._watch is not None and self._watch.dead.is_set():
+            raise EngineDied(self._watch.reason)
+
+    def set_run(self, run: Any) -> None:  # noqa: D102
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:  # noqa: D102
+        return self._grid.run
+
+    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:  # noqa: D102
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        self._check()
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        self._check()
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        self._check()
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
+        self._check()
+        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 def proc_name(proc: Any) -> str:

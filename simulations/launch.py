@@ -10,7 +10,9 @@ Flower shut Ray down under them: a segfault. So a stop (SIGINT/SIGTERM, see
 `fedkd.simulations.run.StopSignals`) only sets a flag here; the Grid handed to the ServerApp
 raises `Interrupted` at its next call, the ServerApp returns, and Flower winds its workers
 down and shuts Ray down in order. Ray is started here (before Flower would) so that our signal
-handlers replace the ones ``ray.init`` installs, and its processes are reaped afterwards.
+handlers replace the ones ``ray.init`` installs, and its processes are reaped afterwards; with
+``simulation.ray_init.address`` an existing cluster is joined instead
+(`fedkd.simulations.ray_cluster`), and the prepared data shipped to its nodes.
 
 An engine that dies ends the run the same way (`EngineWatch`): when Ray's core processes of this
 run end, or Flower's engine returns or raises while the ServerApp still waits for replies, the
@@ -24,15 +26,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
@@ -40,9 +40,12 @@ from fedkd.errors import ConfigError, is_number, require_int, require_keys
 from fedkd.flower_compat import UnsupportedFlowerError, replace_crashed_actors
 from fedkd.server import PreparedRun, make_server_app
 from fedkd.simulations.engine import (
-    EngineDied, EngineWatch, child_processes, engine_message, engine_processes,
+    EngineDied, EngineWatch, StopGrid, child_processes, engine_message, engine_processes,
 )
 from fedkd.simulations.audit import final_models_saver
+from fedkd.simulations.ray_cluster import (  # init_ray: tests replace it here
+    QUIET_ENV, attach, backend_config, check_cluster_config, cluster_address, init_ray,
+)
 from fedkd.simulations.results import Recorder
 from fedkd.simulations.resume import Checkpointing
 from fedkd.simulations.run import (
@@ -51,13 +54,6 @@ from fedkd.simulations.run import (
 
 log = logging.getLogger(__name__)
 
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}
 REAP_TIMEOUT_S = 1.0  # how long killed leftovers may take to vanish after ray.shutdown()
 SERVER_GRACE_S = 10.0  # how long the ServerApp may take to notice a dead engine and return
 
@@ -110,6 +106,9 @@ def check_backend(cfg: Any) -> None:
     round timeout. So ``num_cpus`` must be in ``(0, CPUs]``, CPUs being ``ray_init.num_cpus`` or
     the CPUs Ray finds here, and ``num_gpus`` in ``[0, GPUs]``, GPUs being
     ``ray_init.num_gpus`` or the CUDA devices torch sees: 0 on a machine without a GPU.
+    With ``ray_init.address`` (an existing cluster) the nodes declare their resources:
+    `fedkd.simulations.ray_cluster.check_cluster_config` checks what can be checked before
+    connecting, and the rest once connected.
     """
     import inspect
 
@@ -122,6 +121,9 @@ def check_backend(cfg: Any) -> None:
     ray_options = set(inspect.signature(ray.init).parameters) - {"runtime_env", "kwargs"}
     require_keys("simulation.ray_init", {k: v for k, v in init.items() if not k.startswith("_")},
                  ray_options, owner="ray.init")
+    if cluster_address(init) is not None:
+        check_cluster_config(init, resources)
+        return
     cpus = require_int("simulation.ray_init.num_cpus", init.get("num_cpus"), 1, null=True)
     gpus = require_int("simulation.ray_init.num_gpus", init.get("num_gpus"), 0, null=True)
     where_cpus = "simulation.ray_init.num_cpus" if cpus else "the CPUs Ray finds here"
@@ -139,72 +141,6 @@ def check_backend(cfg: Any) -> None:
         raise ConfigError("simulation.client_resources.num_gpus", num_gpus, allowed)
 
 
-def backend_config(sim: Any) -> dict[str, Any]:
-    """Ray backend settings from the `simulation` config group."""
-    init_args = {k: v for k, v in OmegaConf.to_container(sim.ray_init, resolve=True).items()
-                 if v is not None}
-    return {
-        "client_resources": OmegaConf.to_container(sim.client_resources, resolve=True),
-        "init_args": init_args,
-    }
-
-
-def init_ray(init_args: dict[str, Any]) -> None:
-    """Start Ray as Flower's RayBackend would (it skips ``ray.init`` when Ray is up)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    pythonpath = os.pathsep.join(sys.path)  # Ray workers get the driver's sys.path
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-             **{"include_dashboard": False, **init_args})
-
-
-class StopGrid(Grid):
-    """Grid that raises `Interrupted` at its next call once `stop` is asked to stop, and
-    `EngineDied` once `watch` declares the engine dead."""
-
-    def __init__(self, grid: Grid, stop: StopSignals, watch: EngineWatch | None = None) -> None:
-        self._grid, self._stop, self._watch = grid, stop, watch
-
-    def _check(self) -> None:
-        if self._stop.event.is_set():
-            raise Interrupted(self._stop.signum or signal.SIGINT)
-        if self._watch is not None and self._watch.dead.is_set():
-            raise EngineDied(self._watch.reason)
-
-    def set_run(self, run: Any) -> None:  # noqa: D102
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:  # noqa: D102
-        return self._grid.run
-
-    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:  # noqa: D102
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        self._check()
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        self._check()
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        self._check()
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:  # noqa: D102
-        self._check()
-        return self._grid.send_and_receive(messages, timeout=timeout)
-
-
 class _Outcome:
     """What the ServerApp thread leaves behind: its error, Ray's processes while they ran, and
     whether it is still running (`server_running`, `server_done`)."""
@@ -215,6 +151,7 @@ class _Outcome:
         self.started = time.time()  # processes started since are the simulation's
         self.server_running = False
         self.server_done = threading.Event()
+        self.shipped: Any = None  # on a cluster: the actor shipping the data, kept while it runs
 
 
 def guarded_app(inner: ServerApp, stop: StopSignals, outcome: _Outcome,
@@ -286,6 +223,7 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
             client_app = with_faults(client_app, fault_plan(run.cfg))  # conf/faults (none: as is)
 
             init_ray(config["init_args"])
+            outcome.shipped = attach(run, config)  # a cluster: resources checked, data shipped
             try:
                 replace_crashed_actors()
             except UnsupportedFlowerError as err:
