@@ -131,6 +131,7 @@ def run_strategy(
     out_dir: Path | None = None,
     checkpoints: CheckpointPlan | None = None,
     on_result: Callable[[Any], None] | None = None,
+    engine_partitions: Callable[[], dict[int, int]] | None = None,
 ) -> WireGrid:
     """Instantiate the configured strategy and run all rounds on `grid`; return the wire.
 
@@ -139,9 +140,11 @@ def run_strategy(
     on the server each round (e.g. the privacy spent by a noisy aggregator), if it reports any;
     `out_dir` is where the strategy may keep artefacts (a generator's checkpoints and samples).
     With `checkpoints` the strategy runs under `Checkpointed`: the run checkpoints every
-    ``checkpoints.every`` rounds (the reply guard's bindings too) and resumes from
+    ``checkpoints.every`` rounds (the reply guard's bindings and what the wire knows each node
+    holds too) and resumes from
     ``checkpoints.resume``. `on_result` gets what ``strategy.start`` returns (Flower's `Result`:
-    the final arrays) once the last round is over.
+    the final arrays) once the last round is over. `engine_partitions` (simulation: node id ->
+    partition id as the engine assigned them) spares the strategy its ``query.whoami`` wave.
     """
     cfg = run.cfg
     torch.set_num_threads(1)  # server maths (FedDF, generators): the same numbers on any machine
@@ -159,9 +162,11 @@ def run_strategy(
         strategy.set_output_dir(out_dir)
     if hasattr(strategy, "bind"):  # fedkd's strategies learn the run from the typed settings
         strategy.bind(run.settings)
+    if engine_partitions is not None and hasattr(strategy, "engine_partitions"):
+        strategy.engine_partitions = engine_partitions
     if checkpoints is not None:
         strategy = Checkpointed(strategy, replace(
-            checkpoints, parts={**checkpoints.parts, "reply-guard": guard}))
+            checkpoints, parts={**checkpoints.parts, "reply-guard": guard, "wire": wire.held}))
     random.seed(int(cfg.seed))  # Flower's own strategies sample nodes with the global RNG
     result = strategy.start(
         grid=wire,
@@ -180,6 +185,7 @@ def make_server_app(
     run: PreparedRun, observers: list[ReplyObserver], on_server_metrics: ServerMetricSink | None = None,
     out_dir: Path | None = None, checkpoints: CheckpointPlan | None = None,
     on_result: Callable[[Any], None] | None = None,
+    engine_partitions: Callable[[], dict[int, int]] | None = None,
 ) -> ServerApp:
     """A ServerApp that runs the prepared run and reports every reply to `observers` (the
     other arguments: `run_strategy`'s)."""
@@ -187,7 +193,8 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:  # noqa: ARG001
-        run_strategy(grid, run, observers, on_server_metrics, out_dir, checkpoints, on_result)
+        run_strategy(grid, run, observers, on_server_metrics, out_dir, checkpoints, on_result,
+                     engine_partitions)
 
     return app
 

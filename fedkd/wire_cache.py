@@ -19,6 +19,7 @@ error, never a silently different value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
@@ -73,6 +74,15 @@ class HeldValues:
             node, _ = self._offered.pop(mid, (None, None))
             if node is not None:
                 self.held.pop(node, None)
+
+    def state_dict(self, nodes: Any) -> dict[str, Any]:
+        """What each node holds, by partition (a checkpoint's: node ids differ from run to run;
+        the nodes' own half is in their ``Context.state``, checkpointed with them)."""
+        return {"held": nodes.to_partitions({n: dict(v) for n, v in self.held.items()})}
+
+    def load_state_dict(self, state: dict[str, Any], nodes: Any) -> None:
+        """Inverse of `state_dict`, onto this run's nodes (`fedkd.strategies.checkpointed.Nodes`)."""
+        self.held = {int(n): dict(v) for n, v in nodes.to_nodes(state["held"]).items()}
 
     def _digest(self, key: str, array: Array) -> str:
         if id(array) not in self._memo:

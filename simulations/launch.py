@@ -209,7 +209,8 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
     checkpoints = Checkpointing(run, recorder)  # simulation.checkpoint_every, resume=
     inner = make_server_app(run, [recorder.on_replies], recorder.on_server_metrics,
                             recorder.out_dir, checkpoints.plan,
-                            final_models_saver(recorder.out_dir, run, checkpoints.client_states))
+                            final_models_saver(recorder.out_dir, run, checkpoints.client_states),
+                            checkpoints.engine_partitions())
     config = backend_config(sim)
     flower_log = logging.getLogger("flwr")  # quiet_flower restores its level
     stop.on_signal.append(lambda: flower_log.setLevel(logging.CRITICAL))  # lost client tasks

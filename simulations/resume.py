@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,10 @@ class Checkpointing:
             path=path, every=every, nodes=lambda: Nodes(self._engine.partition_of()),
             parts={"recorder": recorder, "clients": ClientStates(self._engine)},
             resume=resume, meta=meta)
+
+    def engine_partitions(self) -> Callable[[], dict[int, int]] | None:
+        """Node id -> partition id as the engine assigned them (None: not captured)."""
+        return None if self._engine is None else self._engine.partition_of
 
     def client_states(self) -> dict[int, Any] | None:
         """Partition id -> every client's ``Context.state`` now (None: not captured)."""

@@ -15,14 +15,16 @@ nodes with a `PartitionMap`:
   map only keeps who holds what for sampling.
 
 With ``fraction_train = 1`` (or every free node sampled anyway) nothing is asked: `sample_nodes`
-returns the free nodes as they are, as before. `PartitionSampling` gives a Flower strategy
-(`KDStrategy`, fedkd's `FedAvg`) this `sample`.
+returns the free nodes as they are, as before. In simulation the engine itself knows which node
+holds which partition (`PartitionSampling.engine_partitions`, set by the simulation launcher):
+then no node is asked either, which at 10,000 clients saves a wave of 10,000 messages.
+`PartitionSampling` gives a Flower strategy (`KDStrategy`, fedkd's `FedAvg`) this `sample`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Message, RecordDict
@@ -152,6 +154,9 @@ class PartitionSampling:
     ``min_available_nodes``, ``wait_for_nodes_s`` and ``seed``.
     """
 
+    engine_partitions: Callable[[], dict[int, int]] | None = None
+    """Simulation only: node id -> partition id as the engine assigned them (trusted: not from
+    the wire); nodes it names are never asked ``query.whoami``."""
     whoami_timeout_s: float | None = None
     """Longest wait for the ``query.whoami`` answers; None: the round timeout `start` was given
     (in simulation the first contact also starts the clients' actors, which can take a minute)."""
@@ -173,9 +178,15 @@ class PartitionSampling:
         wait = getattr(grid, "wait_for_nodes", None)
         nodes = (wait(self.min_available_nodes, self.wait_for_nodes_s) if wait
                  else list(grid.get_node_ids()))
+        num_partitions = len(self.settings.assignment)
+        if self.engine_partitions is not None and any(
+                n not in self.partitions.by_node for n in nodes):
+            for node, pid in self.engine_partitions().items():
+                if node not in self.partitions.by_node:
+                    self.partitions.learn(node, pid, num_partitions, server_round)
         return sample_nodes(
             grid, self.partitions, nodes, free_nodes(grid, nodes),
-            num_partitions=len(self.settings.assignment), fraction=self.fraction_train,
+            num_partitions=num_partitions, fraction=self.fraction_train,
             min_nodes=self.min_train_nodes, seed=self.seed, server_round=server_round,
             timeout=self.whoami_timeout_s or self.round_timeout_s)
 

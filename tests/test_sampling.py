@@ -129,6 +129,20 @@ def test_server_asks_once_with_an_empty_message_then_samples_partitions(flower_i
     assert wire.waves[0].message_type == WHOAMI and wire.waves[0].bytes_down == 0
 
 
+def test_in_simulation_the_engine_says_who_holds_what_and_nobody_is_asked(flower_ids, small_run):
+    claims = {901: 3, 517: 0, 42: 2, 660: 1}
+    node_of = {p: n for n, p in claims.items()}
+    wire, fake = _whoami_grid(claims)
+    strategy = bound(FedMD(fraction_train=0.5, min_available_nodes=1, wait_for_nodes_s=0, seed=0),
+                     small_run.settings)
+    strategy.engine_partitions = lambda: dict(claims)  # what the simulation engine assigned
+    for rnd in (1, 2, 3):  # the same sample as when the nodes are asked (test above)
+        msgs = strategy.configure_train(rnd, ArrayRecord(), small_run.settings.to_config(), wire)
+        expected = sample_partitions(4, 0.5, 2, 0, rnd)
+        assert sorted(m.metadata.dst_node_id for m in msgs) == sorted(node_of[p] for p in expected)
+    assert _sent(fake, WHOAMI) == [] and strategy.partitions.by_node == claims
+
+
 def test_malformed_duplicate_and_out_of_range_answers_are_dropped(flower_ids, small_run, caplog):
     claims = {11: 0, 12: 0, 13: 1.5, 14: 9, 15: -1, 16: None, 17: 3, 18: 2}
     wire, fake = _whoami_grid(claims)
