@@ -140,3 +140,9 @@ def test_preset_runs_at_a_tiny_budget(preset, tmp_path, mnist_like):
         overrides += ["num_clients=4", *TINY]
     summary = run(compose_config(overrides), tmp_path / "out")
     assert summary["status"] == "ok" and summary["final_mean_accuracy"] > 0.1
+
+
+def test_few_bytes_preset_sends_labels_and_confidences(tmp_path):
+    cfg = compose_config(["+experiment=few_bytes_digits", f"simulation.cache_dir={tmp_path}"])
+    assert cfg.codec.name == "hard_label" and cfg.codec.temperature == cfg.distill.temperature
+    assert cfg.distill.digest_epochs == 5 and cfg.strategy.name == "fedmd"
