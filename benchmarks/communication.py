@@ -84,6 +84,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -94,6 +95,8 @@ def plot(table: pd.DataFrame, path: Path) -> None:
             ax.annotate(row["codec"], (row["bytes_total"] / 1e6, row["accuracy"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("total bytes, both directions, whole run (MB, log scale)")
     ax.set_ylabel("final mean test accuracy")
     ax.grid(alpha=0.3)

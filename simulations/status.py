@@ -170,16 +170,20 @@ def degradation_reasons(facts: RunFacts, first_error: bool = True) -> list[str]:
 
 
 def final_reasons(facts: RunFacts) -> list[str]:
-    """Clients whose final accuracy is missing, or (full participation) older than the rest."""
+    """Under full participation, clients whose final accuracy is missing or older than the rest.
+
+    Under partial participation a client without an evaluation may simply never have been
+    sampled (10,000 clients, 100 a round): not a fault. One that was asked and failed is named
+    by the failure reasons (`failed_rounds`)."""
     reasons: list[str] = []
     if not facts.last_eval:  # no result at all: a failure (`failure_reasons`), not per client
         return reasons
     final = max(r for r, _ in facts.last_eval.values())
-    for client in range(facts.num_clients):
+    for client in range(facts.num_clients if facts.full_final else 0):
         if client not in facts.last_eval:
             reasons.append(f"client {client} never reported a test accuracy (null in "
                            "final_accuracy_by_client, left out of the final mean)")
-        elif facts.full_final and facts.last_eval[client][0] != final:
+        elif facts.last_eval[client][0] != final:
             reasons.append(f"client {client}'s final accuracy is stale: from round "
                            f"{facts.last_eval[client][0]}, not the final round {final}")
     return reasons
