@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -30,6 +30,7 @@ import ray  # pinned by flwr[simulation]; importing it puts its vendored psutil 
 import psutil  # noqa: E402  (not a direct dependency of fedkd)
 
 import fedkd.simulations.run as sim_run
+from benchmarks.flower_dispatch import one_pass_dispatch
 from benchmarks.plain_loop import run_plain
 from fedkd.protocol import PHASES, phase_key
 from fedkd.server import compose_config, prepare_run
@@ -223,21 +224,26 @@ def phase_table(r: dict[str, Any]) -> list[str]:
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Split argv into options (`--json PATH` or `--json=PATH`) and Hydra overrides."""
+    """Split argv into options (`--json PATH` or `--json=PATH`; the flag `--fast-dispatch`)
+    and Hydra overrides."""
     opts, overrides, it = {}, [], iter(argv)
     for arg in it:
         key, eq, value = arg[2:].partition("=")
         if not arg.startswith("--"):
             overrides.append(arg)
+        elif key == "fast-dispatch" and not eq:
+            opts[key] = "1"
         elif key != "json":
-            raise SystemExit(f"unknown option --{key}; usage: [--json PATH] [overrides...]")
+            raise SystemExit(f"unknown option --{key}; usage: [--json PATH] [--fast-dispatch] "
+                             "[overrides...]")
         else:
             opts[key] = value if eq else next(it, "")
     return opts, overrides
 
 
-def benchmark(overrides: list[str]) -> dict[str, Any]:
-    """Run both arms (plain first) and return all measurements."""
+def benchmark(overrides: list[str], fast_dispatch: bool = False) -> dict[str, Any]:
+    """Run both arms (plain first) and return all measurements (`fast_dispatch`: the simulation
+    with Flower's message dispatcher replaced, `benchmarks.flower_dispatch`)."""
     start, load_start = time.time(), os.getloadavg()[0]
     cfg = compose_config([*overrides, "distill.profile=true"])  # clients report their phases
     t = time.monotonic()
@@ -252,7 +258,8 @@ def benchmark(overrides: list[str]) -> dict[str, Any]:
         plain_wall = time.monotonic() - t
     sim_marks: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, timed_hooks(sim_marks), \
-            TreeMemory(since=start) as sim_mem:
+            TreeMemory(since=start) as sim_mem, \
+            one_pass_dispatch() if fast_dispatch else nullcontext():
         t = time.monotonic()
         summary = sim_run.run(cfg, tmp)
         sim_wall = time.monotonic() - t
@@ -260,10 +267,12 @@ def benchmark(overrides: list[str]) -> dict[str, Any]:
         sim_phases = phase_totals(frame)
     parts = breakdown(elapsed_rounds(frame), marks, sim_wall=sim_wall,
                       recorder_at=sim_marks["recorder"] - t, finish_at=sim_marks["finish"] - t)
-    sim_final = {int(k): v for k, v in summary["final_accuracy_by_client"].items()}
+    sim_final = {int(k): v for k, v in summary["final_accuracy_by_client"].items()
+                 if v is not None}  # null: never evaluated (fraction_train < 1)
     history = {r: accs for r, accs in history.items() if accs}  # rounds without evaluation
     return {
         "overrides": overrides, "num_clients": int(cfg.num_clients),
+        "dispatch": "one-pass" if fast_dispatch else "flower",
         "num_rounds": int(cfg.num_rounds), "prepare_s": round(prepare_s, 3),
         "plain_wall_s": round(plain_wall, 3), "sim_wall_s": round(sim_wall, 3),
         "ratio": round(sim_wall / plain_wall, 3), **parts,
@@ -290,8 +299,8 @@ def table(r: dict[str, Any]) -> str:
     rows += [(f"peak {k} GiB", pm[f"peak_{k}_gib"], sm[f"peak_{k}_gib"])
              for k in ("rss", "main_rss", "pss", "uss")]
     rows.append(("processes (max)", pm["max_processes"], sm["max_processes"]))
-    lines = [f"{r['num_clients']} clients, {r['num_rounds']} rounds; prepare (once, not timed) "
-             f"{r['prepare_s']} s; simulation / plain = {r['ratio']}"]
+    lines = [f"{r['num_clients']} clients, {r['num_rounds']} rounds, {r['dispatch']} dispatch; "
+             f"prepare (once, not timed) {r['prepare_s']} s; simulation / plain = {r['ratio']}"]
     lines += [f"{a:<22}{b!s:>12}{c!s:>12}" for a, b, c in rows]
     lines.append("extra time of the simulation:")
     for key, label in [("prepare_in_run_s", "prepare again in run()"),
@@ -316,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("fedkd", "benchmarks", "simulations"):
         logging.getLogger(name).setLevel(logging.INFO)
-    result = benchmark(overrides)
+    result = benchmark(overrides, fast_dispatch=bool(opts.get("fast-dispatch")))
     print(table(result))
     if opts.get("json"):
         Path(opts["json"]).write_text(json.dumps(result, indent=2))

@@ -34,7 +34,7 @@ from fedkd import reply_checks as check
 from fedkd.models import build_model
 from fedkd.models.assign import ROLES
 from fedkd.protocol import (
-    ARRAYS, CLASS_COUNTS, CLASS_LOGITS, CONFIG, EVALUATE, FD_MESSAGE_TYPE, LOGITS, MESSAGE_TYPE,
+    ARRAYS, CLASS_COUNTS, CLASS_LOGITS, EVALUATE, FD_MESSAGE_TYPE, LOGITS, MESSAGE_TYPE,
     METRICS, NODE, NODE_ARCH, NODE_ROLE, NUM_EXAMPLES, PARTITION_ID, QUERY, TRAIN, WHOAMI,
 )
 from fedkd.records import asked_rows

@@ -24,6 +24,7 @@ ClientApp worker (Ray actor) whose process dies is replaced
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -37,7 +38,9 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from fedkd.errors import ConfigError, is_number, require_int, require_keys
-from fedkd.flower_compat import UnsupportedFlowerError, replace_crashed_actors
+from fedkd.flower_compat import (
+    UnsupportedFlowerError, one_pass_dispatch, replace_crashed_actors, require_supported_flower,
+)
 from fedkd.server import PreparedRun, make_server_app
 from fedkd.simulations.engine import (
     EngineDied, EngineWatch, StopGrid, child_processes, engine_message, engine_processes,
@@ -234,13 +237,14 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
             stop.check()
             watch = EngineWatch(engine_processes(outcome.started), stopping=stop.event).start()
             try:
-                run_simulation(
-                    server_app=guarded_app(inner, stop, outcome, watch),
-                    client_app=client_app,
-                    num_supernodes=int(run.cfg.num_clients),
-                    backend_config=config,
-                    verbose_logging=bool(sim.verbose),
-                )
+                with dispatch():  # Flower's dispatcher is O(nodes x messages) per sweep
+                    run_simulation(
+                        server_app=guarded_app(inner, stop, outcome, watch),
+                        client_app=client_app,
+                        num_supernodes=int(run.cfg.num_clients),
+                        backend_config=config,
+                        verbose_logging=bool(sim.verbose),
+                    )
             except Exception as err:
                 if end_with_engine(outcome, watch, err):
                     raise EngineDied(engine_message(err)) from err  # the engine's own words
@@ -258,6 +262,17 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
         ray.shutdown()
         reap(leftovers)
     stop.check()
+
+
+def dispatch() -> Any:
+    """`fedkd.flower_compat.one_pass_dispatch` on the supported Flower; Flower's own (warned)
+    on another."""
+    try:
+        require_supported_flower()
+    except UnsupportedFlowerError as err:
+        log.warning("%s: Flower's own message dispatcher (slow at thousands of nodes)", err)
+        return contextlib.nullcontext()
+    return one_pass_dispatch()
 
 
 simulate.check_config = check_backend  # type: ignore[attr-defined]  # fedkd.simulations.run

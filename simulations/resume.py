@@ -161,7 +161,7 @@ class Checkpointing:
 
     def engine_partitions(self) -> Callable[[], dict[int, int]] | None:
         """Node id -> partition id as the engine assigned them (None: not captured)."""
-        return None if self._engine is None else self._engine.partition_of
+        return None if self._engine is None else self._engine.known
 
     def client_states(self) -> dict[int, Any] | None:
         """Partition id -> every client's ``Context.state`` now (None: not captured)."""

@@ -30,13 +30,12 @@ def honest_mean(last: Mapping[int, tuple[int, float]], honest: list[int] | None)
 
 def own_test_sizes(data: Any) -> list[int] | None:
     """Rows of each client's own-label test chunk in the prepared data (None without chunks)."""
-    from fedkd.data.cache import load_own_test
+    from fedkd.data.own_test import own_test_sizes as sizes  # the archive read once, not per client
 
     try:
-        chunks = [load_own_test(data.cache_dir, i) for i in range(len(data.client_sizes))]
+        return sizes(data.cache_dir, len(data.client_sizes))
     except (OSError, ValueError):  # deployment: the nodes hold the data
         return None
-    return None if any(c is None for c in chunks) else [len(c) for c in chunks]
 
 
 def own_accuracy_rounds(frame: pd.DataFrame, sizes: list[int] | None) -> dict[int, float]:

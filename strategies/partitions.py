@@ -179,7 +179,7 @@ class PartitionSampling:
         nodes = (wait(self.min_available_nodes, self.wait_for_nodes_s) if wait
                  else list(grid.get_node_ids()))
         num_partitions = len(self.settings.assignment)
-        if self.engine_partitions is not None and any(
+        if self.engine_partitions is not None and self.fraction_train < 1 and any(
                 n not in self.partitions.by_node for n in nodes):
             for node, pid in self.engine_partitions().items():
                 if node not in self.partitions.by_node:

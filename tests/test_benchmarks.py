@@ -49,6 +49,7 @@ def test_parse_args_splits_options_and_overrides() -> None:
     assert svp.parse_args(["num_rounds=3", "--json", "x.json", "seed=1"]) == (
         {"json": "x.json"}, ["num_rounds=3", "seed=1"])
     assert svp.parse_args(["--json=y.json"]) == ({"json": "y.json"}, [])
+    assert svp.parse_args(["--fast-dispatch", "seed=1"]) == ({"fast-dispatch": "1"}, ["seed=1"])
     with pytest.raises(SystemExit):
         svp.parse_args(["--nope"])
 

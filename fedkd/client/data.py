@@ -4,6 +4,11 @@ In simulation each client reads its partition from the prepared cache (a folder 
 by the data config hash). A deployed SuperNode (node config ``data-path``) reads its own files
 instead (`fedkd.client.node_data`). Either way the public set's fingerprint must equal the one
 the server announces, every round. The arrays are memoised per process: a cache, not state.
+
+Set-up cost at many clients: a Ray actor serves many partitions, so the per-partition caches
+miss for a client it has not served lately. A miss then reads only that partition: its own
+``client_<i>.npz`` and its member of ``own_test.npz``, which stays open per process
+(`fedkd.data.own_test`) instead of being read whole (one array per client) at every miss.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from flwr.app import Context
 from fedkd.client.node import NodeConfig
 from fedkd.settings import ClientSettings
 from fedkd.data import fingerprint, load_client, load_public, load_test
-from fedkd.data.cache import load_own_test
+from fedkd.data.own_test import own_test_chunks
+from fedkd.data.ship import ensure_cache
 
 
 class PublicSetMismatch(ValueError):
@@ -58,7 +64,7 @@ def _private(cache_dir: str, partition_id: int) -> tuple[torch.Tensor, torch.Ten
 
 @lru_cache(maxsize=64)
 def _own_test(cache_dir: str, partition_id: int) -> torch.Tensor | None:
-    idx = load_own_test(cache_dir, partition_id)
+    idx = own_test_chunks(cache_dir).get(partition_id)
     return None if idx is None else torch.from_numpy(idx.astype(np.int64))
 
 
@@ -73,7 +79,7 @@ def client_data(context: Context, settings: ClientSettings) -> ClientData:
     if node.deployed:
         data = _node_data(node, settings)
     else:
-        cache_dir = str(settings.data["cache_dir"])
+        cache_dir = ensure_cache(settings.data)  # on a Ray cluster: fetched once per node
         public_x, digest = _public(cache_dir)
         x, y = _private(cache_dir, node.partition_id)
         test_x, test_y = _test(cache_dir)

@@ -101,6 +101,10 @@ def _ensure(announced: str, partition_hash: str, public_fingerprint: str) -> str
         with _locked(local):
             if not _holds(local, expected):  # another worker of this node may have fetched it
                 _fetch(announced, local, expected)
+    except ConfigError:
+        if (local / META).is_file():  # data of another run here and nothing shipped: the
+            return str(local)         # client's own check names the mismatch (PublicSetMismatch)
+        raise
     except OSError as err:
         raise ConfigError(f"cannot keep prepared data in '{local}' on this node ({err}); set "
                           f"{NODE_CACHE_ENV} to a writable folder where `ray start` runs on "
