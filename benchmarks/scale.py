@@ -214,9 +214,8 @@ def run_child(clients: int, args: argparse.Namespace, overrides: list[str],
 
 
 COLUMNS = {
-    "clients": "clients", "dispatch": "dispatch", "prepare_s": "prepare s", "run_setup_s": "run set-up s",
-    "first_round_s": "round 1 s",
-    "whoami_s": "whoami s", "later_round_mean_s": "later round s",
+    "clients": "clients", "dispatch": "dispatch", "prepare_s": "prepare s",
+    "run_setup_s": "run set-up s", "first_round_s": "round 1 s", "later_round_mean_s": "later round s",
     "driver_cpu_s": "driver CPU s", "peak_rss_gib": "peak RSS GiB", "peak_pss_gib": "peak PSS GiB",
     "bytes_down_per_round": "down B/round", "bytes_up_per_round": "up B/round",
     "restore_mean_ms": "restore ms", "restore_share": "restore share",

@@ -49,7 +49,16 @@ def test_parse_args_splits_options_and_overrides() -> None:
     assert svp.parse_args(["num_rounds=3", "--json", "x.json", "seed=1"]) == (
         {"json": "x.json"}, ["num_rounds=3", "seed=1"])
     assert svp.parse_args(["--json=y.json"]) == ({"json": "y.json"}, [])
-    assert svp.parse_args(["--fast-dispatch", "seed=1"]) == ({"fast-dispatch": "1"}, ["seed=1"])
+    assert svp.parse_args(["--fast-dispatch", "seed=1", "--repeat", "3"]) == (
+        {"fast-dispatch": "1", "repeat": "3"}, ["seed=1"])
+
+
+def test_repeated_takes_the_median_and_the_best_walls() -> None:
+    runs = [{"ratio": r, "plain_wall_s": p, "sim_wall_s": s, "loadavg_1min": [1, 1]}
+            for r, p, s in [(2.0, 10.0, 20.0), (1.2, 12.0, 14.4), (1.5, 11.0, 16.5)]]
+    out = svp.repeated(runs)
+    assert out["median_ratio"] == 1.5
+    assert out["best_ratio"] == pytest.approx(14.4 / 10.0, abs=1e-3)
     with pytest.raises(SystemExit):
         svp.parse_args(["--nope"])
 
