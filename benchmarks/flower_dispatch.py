@@ -18,8 +18,8 @@ sweep of either on a LinkState holding N nodes and M messages (no Ray).
 
 The replacement lives in `fedkd.flower_compat` (gated on the Flower version like every patch of
 Flower internals there) and `fedkd.simulations.launch.simulate` applies it to every simulation;
-``benchmarks.scale --fast-dispatch`` names it explicitly (the numbers without it were measured
-before it was adopted: docs/results/scale).
+`flower_own_dispatch` undoes that for a comparison (``benchmarks.scale --flower-dispatch``,
+``benchmarks.sim_vs_plain --flower-dispatch``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Iterable
 from typing import Any
+from unittest import mock
 
 from flwr.app import Message
 
@@ -41,6 +42,15 @@ VCE_API = "flwr.server.superlink.fleet.vce.vce_api"
 def one_pass_dispatch() -> Any:
     """fedkd's own dispatcher (`fedkd.flower_compat.one_pass_dispatch`; simulations use it)."""
     return flower_compat.one_pass_dispatch()
+
+
+def flower_own_dispatch() -> Any:
+    """Within the block simulations run with Flower's own dispatcher (for comparisons)."""
+    from contextlib import nullcontext
+
+    import fedkd.simulations.launch as launch
+
+    return mock.patch.object(launch, "dispatch", nullcontext)
 
 
 def loaded_state(nodes: int, messages: int, per_node: int = 1) -> tuple[Any, dict[int, int]]:

@@ -110,12 +110,12 @@ def write_stage(folder: Path, stage: str, **extra: Any) -> None:
 
 
 def measure(clients: int, active: int, rounds: int, overrides: list[str], folder: Path,
-            fast_dispatch: bool = False) -> dict[str, Any]:
+            flower_dispatch: bool = False) -> dict[str, Any]:
     """Prepare and simulate one client count in this process; return its measurements
-    (`fast_dispatch`: Flower's message dispatcher replaced, `benchmarks.flower_dispatch`)."""
+    (`flower_dispatch`: with Flower's own message dispatcher, not fedkd's one-pass one)."""
     import fedkd.simulations.run as sim_run
     import fedkd.strategies.partitions as partitions
-    from benchmarks.flower_dispatch import one_pass_dispatch
+    from benchmarks.flower_dispatch import flower_own_dispatch
     from benchmarks.sim_vs_plain import TreeMemory, timed_hooks
     from fedkd.server import compose_config, prepare_run
     from fedkd.simulations.results import Recorder
@@ -154,7 +154,7 @@ def measure(clients: int, active: int, rounds: int, overrides: list[str], folder
     with timed_hooks(marks), TreeMemory(since=start) as sim_mem, \
             mock.patch.object(partitions, "identify", timed_identify), \
             mock.patch.object(Recorder, "on_replies", spy), \
-            one_pass_dispatch() if fast_dispatch else nullcontext():
+            flower_own_dispatch() if flower_dispatch else nullcontext():
         t, cpu = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
         summary = sim_run.run(cfg, out)
         sim_wall = time.monotonic() - t
@@ -163,7 +163,7 @@ def measure(clients: int, active: int, rounds: int, overrides: list[str], folder
     frame = pd.read_parquet(out / "metrics.parquet")
     return {
         "clients": clients, "active": active, "rounds": rounds, "overrides": overrides,
-        "dispatch": "one-pass" if fast_dispatch else "flower",
+        "dispatch": "flower" if flower_dispatch else "one-pass",
         "prepare_s": round(prepare_s, 2), "prepare_fresh": fresh,
         "run_setup_s": round(marks["recorder"] - t, 2),  # prepare again, results set-up
         "prepare_peak_rss_gib": prep_mem.result()["peak_main_rss_gib"],
@@ -180,12 +180,12 @@ def measure(clients: int, active: int, rounds: int, overrides: list[str], folder
 def run_child(clients: int, args: argparse.Namespace, overrides: list[str],
               root: Path) -> dict[str, Any]:
     """`measure` one client count in a fresh process; on failure or timeout, what it reached."""
-    folder = root / f"clients_{clients}{'_one_pass' if args.fast_dispatch else ''}"
+    folder = root / f"clients_{clients}{'_flower' if args.flower_dispatch else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     result_file = folder / "result.json"
     cmd = [sys.executable, "-m", "benchmarks.scale", "--one", str(clients), "--active",
            str(args.active), "--rounds", str(args.rounds), "--folder", str(folder),
-           *(["--fast-dispatch"] if args.fast_dispatch else []), *overrides]
+           *(["--flower-dispatch"] if args.flower_dispatch else []), *overrides]
     t = time.monotonic()
     with open(folder / "log.txt", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -247,8 +247,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--out", help="folder for scale_<dispatch>.csv")
     parser.add_argument("--runs", help="folder for the runs (logs, metrics; default: a temp one)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="s per client count")
-    parser.add_argument("--fast-dispatch", action="store_true",
-                        help="replace Flower's O(nodes x messages) dispatcher (flower_dispatch)")
+    parser.add_argument("--flower-dispatch", action="store_true",
+                        help="Flower's own O(nodes x messages) dispatcher, not fedkd's one-pass one")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
         folder = Path(args.folder)
         result = measure(args.one, args.active, args.rounds, overrides, folder,
-                         args.fast_dispatch)
+                         args.flower_dispatch)
         (folder / "result.json").write_text(json.dumps(result, indent=2))
         return
     if not (TRAIN.is_file() and TEST.is_file()):
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table(results).to_string(index=False))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        name = f"scale_{'one_pass' if args.fast_dispatch else 'flower'}.csv"
+        name = f"scale_{'flower' if args.flower_dispatch else 'one_pass'}.csv"
         table(results).to_csv(Path(args.out) / name, index=False)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -30,7 +30,7 @@ import ray  # pinned by flwr[simulation]; importing it puts its vendored psutil 
 import psutil  # noqa: E402  (not a direct dependency of fedkd)
 
 import fedkd.simulations.run as sim_run
-from benchmarks.flower_dispatch import one_pass_dispatch
+from benchmarks.flower_dispatch import flower_own_dispatch
 from benchmarks.plain_loop import run_plain
 from fedkd.protocol import PHASES, phase_key
 from fedkd.server import compose_config, prepare_run
@@ -225,25 +225,25 @@ def phase_table(r: dict[str, Any]) -> list[str]:
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     """Split argv into options (`--json PATH` or `--json=PATH`, `--repeat K`; the flag
-    `--fast-dispatch`) and Hydra overrides."""
+    `--flower-dispatch`) and Hydra overrides."""
     opts, overrides, it = {}, [], iter(argv)
     for arg in it:
         key, eq, value = arg[2:].partition("=")
         if not arg.startswith("--"):
             overrides.append(arg)
-        elif key == "fast-dispatch" and not eq:
+        elif key == "flower-dispatch" and not eq:
             opts[key] = "1"
         elif key not in ("json", "repeat"):
             raise SystemExit(f"unknown option --{key}; usage: [--json PATH] [--repeat K] "
-                             "[--fast-dispatch] [overrides...]")
+                             "[--flower-dispatch] [overrides...]")
         else:
             opts[key] = value if eq else next(it, "")
     return opts, overrides
 
 
-def benchmark(overrides: list[str], fast_dispatch: bool = False) -> dict[str, Any]:
-    """Run both arms (plain first) and return all measurements (`fast_dispatch`: the simulation
-    with Flower's message dispatcher replaced, `benchmarks.flower_dispatch`)."""
+def benchmark(overrides: list[str], flower_dispatch: bool = False) -> dict[str, Any]:
+    """Run both arms (plain first) and return all measurements (`flower_dispatch`: the
+    simulation with Flower's own message dispatcher instead of fedkd's one-pass one)."""
     start, load_start = time.time(), os.getloadavg()[0]
     cfg = compose_config([*overrides, "distill.profile=true"])  # clients report their phases
     t = time.monotonic()
@@ -259,7 +259,7 @@ def benchmark(overrides: list[str], fast_dispatch: bool = False) -> dict[str, An
     sim_marks: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, timed_hooks(sim_marks), \
             TreeMemory(since=start) as sim_mem, \
-            one_pass_dispatch() if fast_dispatch else nullcontext():
+            flower_own_dispatch() if flower_dispatch else nullcontext():
         t = time.monotonic()
         summary = sim_run.run(cfg, tmp)
         sim_wall = time.monotonic() - t
@@ -272,7 +272,7 @@ def benchmark(overrides: list[str], fast_dispatch: bool = False) -> dict[str, An
     history = {r: accs for r, accs in history.items() if accs}  # rounds without evaluation
     return {
         "overrides": overrides, "num_clients": int(cfg.num_clients),
-        "dispatch": "one-pass" if fast_dispatch else "flower",
+        "dispatch": "flower" if flower_dispatch else "one-pass",
         "num_rounds": int(cfg.num_rounds), "prepare_s": round(prepare_s, 3),
         "plain_wall_s": round(plain_wall, 3), "sim_wall_s": round(sim_wall, 3),
         "ratio": round(sim_wall / plain_wall, 3), **parts,
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     results = []
     for _ in range(int(opts.get("repeat") or 1)):
-        results.append(benchmark(overrides, fast_dispatch=bool(opts.get("fast-dispatch"))))
+        results.append(benchmark(overrides, flower_dispatch=bool(opts.get("flower-dispatch"))))
         print(table(results[-1]), flush=True)
     out: dict[str, Any] = results[0]
     if len(results) > 1:

@@ -49,8 +49,8 @@ def test_parse_args_splits_options_and_overrides() -> None:
     assert svp.parse_args(["num_rounds=3", "--json", "x.json", "seed=1"]) == (
         {"json": "x.json"}, ["num_rounds=3", "seed=1"])
     assert svp.parse_args(["--json=y.json"]) == ({"json": "y.json"}, [])
-    assert svp.parse_args(["--fast-dispatch", "seed=1", "--repeat", "3"]) == (
-        {"fast-dispatch": "1", "repeat": "3"}, ["seed=1"])
+    assert svp.parse_args(["--flower-dispatch", "seed=1", "--repeat", "3"]) == (
+        {"flower-dispatch": "1", "repeat": "3"}, ["seed=1"])
 
 
 def test_repeated_takes_the_median_and_the_best_walls() -> None:

@@ -75,3 +75,14 @@ def test_one_pass_dispatch_patches_flowers_engine_within_the_block() -> None:
     with flower_compat.one_pass_dispatch():
         assert vce_api.add_messages_to_queue is flower_compat._add_messages_to_queue
     assert vce_api.add_messages_to_queue is original
+
+
+def test_flower_own_dispatch_turns_fedkds_dispatcher_off_within_the_block() -> None:
+    from contextlib import nullcontext
+
+    import fedkd.simulations.launch as launch
+    from benchmarks import flower_dispatch as fd
+
+    with fd.flower_own_dispatch():
+        assert isinstance(launch.dispatch(), nullcontext)
+    assert not isinstance(launch.dispatch(), nullcontext)
