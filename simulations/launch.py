@@ -209,12 +209,20 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     stop, outcome, watch = active_stop() or StopSignals(), _Outcome(), None
-    checkpoints = Checkpointing(run, recorder)  # simulation.checkpoint_every, resume=
-    inner = make_server_app(run, [recorder.on_replies], recorder.on_server_metrics,
-                            recorder.out_dir, checkpoints.plan,
-                            final_models_saver(recorder.out_dir, run, checkpoints.client_states),
-                            checkpoints.engine_partitions())
     config = backend_config(sim)
+    starting = RayStart(config["init_args"])  # Ray's processes start while the app is built
+    try:
+        checkpoints = Checkpointing(run, recorder)  # simulation.checkpoint_every, resume=
+        inner = make_server_app(run, [recorder.on_replies], recorder.on_server_metrics,
+                                recorder.out_dir, checkpoints.plan,
+                                final_models_saver(recorder.out_dir, run,
+                                                   checkpoints.client_states),
+                                checkpoints.engine_partitions())
+    except BaseException:
+        starting.join(raise_error=False)
+        ray.shutdown()
+        starting.release()
+        raise
     flower_log = logging.getLogger("flwr")  # quiet_flower restores its level
     stop.on_signal.append(lambda: flower_log.setLevel(logging.CRITICAL))  # lost client tasks
     try:
@@ -226,7 +234,7 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
 
             client_app = with_faults(client_app, fault_plan(run.cfg))  # conf/faults (none: as is)
 
-            init_ray(config["init_args"])
+            starting.join()
             outcome.shipped = attach(run, config)  # a cluster: resources checked, data shipped
             try:
                 replace_crashed_actors()
@@ -256,12 +264,52 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
             if outcome.error is not None:  # swallowed by Flower
                 raise outcome.error
     finally:
+        starting.join(raise_error=False)  # before ray.shutdown, whatever failed first
         if watch is not None:
             watch.close()
         leftovers = outcome.processes + child_processes(outcome.started)
         ray.shutdown()
+        starting.release()
         reap(leftovers)
     stop.check()
+
+
+class RayStart:
+    """`init_ray` in a background thread, started at once; `join` waits and re-raises its error.
+
+    Ray's processes (GCS, raylet, the prestarted workers) take seconds to start; the ServerApp
+    is built meanwhile. ``ray.init`` off the main thread installs no signal handlers, which fedkd
+    replaces anyway (`StopSignals`). The thread lives until `release`: Ray's processes get the
+    parent-death signal of the *thread* that started them, so its end would kill them.
+    """
+
+    def __init__(self, init_args: dict[str, Any]) -> None:
+        self.error: BaseException | None = None
+        self._ready, self._released = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._start, args=(init_args,),
+                                        name="fedkd-ray-init", daemon=True)
+        self._thread.start()
+
+    def _start(self, init_args: dict[str, Any]) -> None:
+        try:
+            init_ray(init_args)  # looked up here: tests replace `launch.init_ray`
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread by join
+            self.error = err
+        finally:
+            self._ready.set()
+        self._released.wait()  # Ray's processes die with this thread
+
+    def join(self, raise_error: bool = True) -> None:
+        """Wait for ``ray.init`` to return; raise what it raised (once) when `raise_error`."""
+        self._ready.wait()
+        error, self.error = self.error, None
+        if error is not None and raise_error:
+            raise error
+
+    def release(self) -> None:
+        """Let the thread end (after ``ray.shutdown()``)."""
+        self._released.set()
+        self._thread.join()
 
 
 def dispatch() -> Any:
