@@ -54,7 +54,9 @@ def check_run(cfg: DictConfig) -> TrainSettings:
     select_device()  # FEDKD_DEVICE: a bad value (or cuda without one) stops the run here
     check_wire(cfg.simulation)
     train = train_settings(cfg)
-    check_strategy(cfg)
+    strategy = check_strategy(cfg)
+    if callable(getattr(strategy, "check_train", None)):  # what it needs of its clients
+        strategy.check_train(train)
     check_faults(cfg)
     check_privacy(cfg, train)
     codec_spec(cfg)
@@ -80,6 +82,10 @@ def check_privacy(cfg: DictConfig, train: TrainSettings) -> DPSettings | None:
     if dp is not None:
         archs = OmegaConf.to_container(cfg.model.get("archs") or {}, resolve=True)
         check_dpsgd(dp, str(cfg.strategy.name), train.share_class_counts, archs)
+        for key, off in (("losses", None), ("relation_rows", 0), ("prototype_dim", 0)):
+            if getattr(train, key) != off:  # DP-SGD's steps know KD and CE, and share logits
+                raise ConfigError(f"distill.{key}", getattr(train, key),
+                                  f"must be {'null' if off is None else off} with privacy=dpsgd")
     return dp
 
 

@@ -21,6 +21,8 @@ Reply (client -> server)
                  ``test-accuracy`` and ``test-loss`` when the student was evaluated this round;
                  with ``privacy=dpsgd`` ``dp-epsilon``, ``dp-delta``, ``dp-noise-multiplier``,
                  ``dp-sample-rate``, ``dp-steps`` instead of the losses on private rows.
+    ``knowledge`` ArrayRecord ``relation``, ``prototypes``, ``prototype-counts`` (`KNOWLEDGE`):
+                 only when the run shares them (strategies ``relational``, ``fedproto``).
     ``node``     ConfigRecord ``arch``, ``role``: deployed nodes only (`fedkd.client.report`),
                  which also add ``compute-s`` to ``metrics``.
 Nothing else leaves a client. The server checks every field of every reply before anything
@@ -66,6 +68,16 @@ TARGETS, NEXT = "targets", "next"
 """Prefixes of the transfer record's keys (``targets.probs``, ``next.indices``, ...)."""
 CLASS_LOGITS, CLASS_COUNTS = "class_logits", "class_counts"
 """FD's keys: in the ``logits`` record of a reply, and as ``targets.<key>`` in the request."""
+KNOWLEDGE = "knowledge"
+"""A reply's relational and prototype knowledge (ArrayRecord), each key only when the run asks:
+``relation`` [R, R - 1], the cosine similarities of the student's tap between the first R
+``next`` rows (R = ``distill.relation_rows`` or all rows when fewer), the diagonal left out; ``prototypes`` [C, P] and
+``prototype-counts`` [C], per-class means of the projected tap over the private rows (0 for a
+class without rows; ``distill.prototype_dim``)."""
+RELATION, PROTOTYPES, PROTOTYPE_COUNTS = "relation", "prototypes", "prototype-counts"
+"""Keys of ``knowledge``; in a request's ``transfer`` record the aggregates travel as
+``targets.relation`` [N, N - 1] (row distributions over the other target rows), ``prototypes``
+[C, P] and ``prototype-counts`` [C] (0: no prototype for the class)."""
 NODE = "node"
 """A deployed node's ConfigRecord in its replies: ``arch`` and ``role`` (`fedkd.client.report`)."""
 NODE_ARCH, NODE_ROLE = "arch", "role"

@@ -16,7 +16,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedkd.protocol import (
-    CLASS_COUNTS, CONFIG, LOGITS, NEXT, QUERY, QUERY_DIRECTIONS, ROW_KINDS, TARGETS, TRANSFER,
+    CLASS_COUNTS, CONFIG, KNOWLEDGE, LOGITS, NEXT, PROTOTYPE_COUNTS, PROTOTYPES, QUERY,
+    QUERY_DIRECTIONS, RELATION, ROW_KINDS, TARGETS, TRANSFER,
     array_digest, decode_rows, encode_rows, row_count, rows_to_inputs,
 )
 from fedkd import reply_checks
@@ -125,6 +126,63 @@ def soft_targets(record: ArrayRecord, rows: int, num_classes: int) -> np.ndarray
     if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
         raise ValueError("soft targets' rows must sum to 1")
     return probs
+
+
+def reply_relation(reply: Message, rows: int) -> np.ndarray:
+    """A reply's validated ``knowledge.relation``: float32 [rows, rows - 1] cosine similarities."""
+    record = reply.content[KNOWLEDGE] if KNOWLEDGE in reply.content else None
+    if record is None or RELATION not in record:
+        raise ReplyError(f"{KNOWLEDGE}.{RELATION} is missing")
+    return reply_checks.relation(record[RELATION].numpy(), rows, f"{KNOWLEDGE}.{RELATION}")
+
+
+def reply_prototypes(reply: Message, num_classes: int, dim: int,
+                     cap: int = MAX_EXAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """A reply's validated ``knowledge.prototypes`` (float32 [C, P], finite, bounded) and
+    ``knowledge.prototype-counts`` (int64 [C], summing to at most `cap`)."""
+    record = reply.content[KNOWLEDGE] if KNOWLEDGE in reply.content else None
+    for key in (PROTOTYPES, PROTOTYPE_COUNTS):
+        if record is None or key not in record:
+            raise ReplyError(f"{KNOWLEDGE}.{key} is missing")
+    protos = reply_checks.logits(record[PROTOTYPES].numpy(), (num_classes, dim),
+                                 f"{KNOWLEDGE}.{PROTOTYPES}")
+    counts = reply_checks.class_counts(record[PROTOTYPE_COUNTS].numpy(), num_classes, cap,
+                                       f"{KNOWLEDGE}.{PROTOTYPE_COUNTS}")
+    return protos, counts
+
+
+def relation_targets(record: ArrayRecord, rows: int) -> np.ndarray | None:
+    """The request's ``targets.relation``: float32 [R, R - 1] row distributions over the first
+    R <= `rows` target rows, or None when it carries none. Raises ValueError for another shape,
+    negative or non-finite entries, or rows that do not sum to 1 (1e-3) or 0."""
+    key = f"{TARGETS}.{RELATION}"
+    if key not in record:
+        return None
+    rel = record[key].numpy().astype(np.float32)
+    r = len(rel) if rel.ndim == 2 else -1
+    if not 0 <= r <= rows or rel.shape != (r, max(r - 1, 0)):
+        raise ValueError(f"{key} has shape {rel.shape}, expected [R, R - 1] with R <= {rows}")
+    sums = rel.sum(axis=1)
+    if not np.isfinite(rel).all() or (rel < 0).any() or not np.all(
+            np.isclose(sums, 1.0, atol=1e-3) | (sums == 0)):
+        raise ValueError(f"{key} rows must be distributions (finite, >= 0, summing to 1 or 0)")
+    return rel
+
+
+def prototype_targets(record: ArrayRecord, num_classes: int, dim: int) -> np.ndarray | None:
+    """The request's prototypes: float32 [C, P], NaN rows for classes with a count of 0; None
+    when it carries none. Raises ValueError for other shapes or non-finite values."""
+    if PROTOTYPES not in record:
+        return None
+    protos = record[PROTOTYPES].numpy().astype(np.float32)
+    counts = record[PROTOTYPE_COUNTS].numpy() if PROTOTYPE_COUNTS in record else None
+    if protos.shape != (num_classes, dim) or counts is None or counts.shape != (num_classes,):
+        raise ValueError(f"{PROTOTYPES} {protos.shape} and {PROTOTYPE_COUNTS} must be "
+                         f"[{num_classes}, {dim}] and [{num_classes}]")
+    if not np.isfinite(protos).all() or not np.isfinite(counts).all():
+        raise ValueError(f"{PROTOTYPES} and {PROTOTYPE_COUNTS} must be finite")
+    protos[counts <= 0] = np.nan
+    return protos
 
 
 def finite_state(record: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -140,6 +140,19 @@ def logits(array: object, shape: Sequence[int], field: str) -> np.ndarray:
     return array.astype(np.float32)
 
 
+def relation(array: object, rows: int, field: str) -> np.ndarray:
+    """Cosine similarities [rows, rows - 1]: floating point, finite, within [-1, 1] (1e-3); as
+    float32."""
+    array = _array(array, field, (rows, max(rows - 1, 0)))
+    if array.dtype.kind != "f":
+        raise ReplyError(f"{field} has dtype {array.dtype}, expected floating point")
+    if not np.isfinite(array).all():
+        raise ReplyError(f"{field} holds NaN or inf")
+    if array.size and (peak := float(np.abs(array).max())) > 1.0 + 1e-3:
+        raise ReplyError(f"{field} holds |value| {peak:.3g} > 1: not cosine similarities")
+    return array.astype(np.float32)
+
+
 def class_counts(array: object, num_classes: int, cap: int, field: str) -> np.ndarray:
     """Rows per class: [num_classes] whole numbers >= 0 that sum to at most `cap`; as int64."""
     array = _array(array, field, (num_classes,))

@@ -34,7 +34,8 @@ from fedkd import reply_checks as check
 from fedkd.models import build_model
 from fedkd.models.assign import ROLES
 from fedkd.protocol import (
-    ARRAYS, CLASS_COUNTS, CLASS_LOGITS, EVALUATE, FD_MESSAGE_TYPE, LOGITS, MESSAGE_TYPE,
+    ARRAYS, CLASS_COUNTS, CLASS_LOGITS, EVALUATE, FD_MESSAGE_TYPE, KNOWLEDGE, LOGITS, MESSAGE_TYPE,
+    PROTOTYPE_COUNTS, PROTOTYPES, RELATION,
     METRICS, NODE, NODE_ARCH, NODE_ROLE, NUM_EXAMPLES, PARTITION_ID, QUERY, TRAIN, WHOAMI,
 )
 from fedkd.records import asked_rows
@@ -43,7 +44,7 @@ from fedkd.settings import ClientSettings
 from fedkd.strategies.checkpointed import Nodes
 
 RECORDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    MESSAGE_TYPE: (frozenset({METRICS}), frozenset({LOGITS, NODE})),
+    MESSAGE_TYPE: (frozenset({METRICS}), frozenset({LOGITS, KNOWLEDGE, NODE})),
     FD_MESSAGE_TYPE: (frozenset({METRICS, LOGITS}), frozenset({NODE})),
     QUERY: (frozenset({METRICS, LOGITS}), frozenset({NODE})),
     WHOAMI: (frozenset({METRICS}), frozenset()),
@@ -51,7 +52,8 @@ RECORDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     EVALUATE: (frozenset({METRICS}), frozenset({NODE})),
 }
 """Message type -> (records every reply carries, records it may carry)."""
-RECORD_TYPES = {METRICS: MetricRecord, LOGITS: ArrayRecord, ARRAYS: ArrayRecord, NODE: ConfigRecord}
+RECORD_TYPES = {METRICS: MetricRecord, LOGITS: ArrayRecord, ARRAYS: ArrayRecord, NODE: ConfigRecord,
+                KNOWLEDGE: ArrayRecord}
 
 
 class ReplyGuard:
@@ -91,6 +93,8 @@ class ReplyGuard:
         counted = kind == TRAIN and self.settings.train.share_class_counts
         if LOGITS in records or counted or kind == MESSAGE_TYPE and asked_rows(request) is not None:
             self._logits(records.get(LOGITS), request, pid, kind)
+        if kind == MESSAGE_TYPE and (KNOWLEDGE in records or self._knowledge_asked(request)):
+            self._knowledge(records.get(KNOWLEDGE), request, pid)
         if ARRAYS in records:
             arch, _ = self.settings.arch_of(pid)
             check.weights({k: records[ARRAYS][k].numpy() for k in records[ARRAYS]},
@@ -182,6 +186,35 @@ class ReplyGuard:
                     self.settings.data, pid), field)
             else:
                 check.logits(record[key].numpy(), shape, field)
+
+    def _knowledge_asked(self, request: Message) -> dict[str, tuple[int, ...]]:
+        """The ``knowledge`` arrays `request` asks for, and their shapes."""
+        train, c = self.settings.train, self.num_classes
+        shapes: dict[str, tuple[int, ...]] = {}
+        rows = asked_rows(request)
+        if train.relation_rows and rows is not None:
+            r = min(rows, train.relation_rows)
+            shapes[RELATION] = (r, max(r - 1, 0))
+        if train.prototype_dim:
+            shapes[PROTOTYPES], shapes[PROTOTYPE_COUNTS] = (c, train.prototype_dim), (c,)
+        return shapes
+
+    def _knowledge(self, record: ArrayRecord | None, request: Message, pid: int) -> None:
+        shapes = self._knowledge_asked(request)
+        record = record if record is not None else ArrayRecord()
+        if missing := sorted(set(shapes) - set(record.keys())):
+            raise ReplyError(f"{KNOWLEDGE}.{missing[0]} is missing")
+        if extra := sorted(set(record.keys()) - set(shapes)):
+            raise ReplyError(f"{KNOWLEDGE}.{extra[0]} was not asked for")
+        for key, shape in shapes.items():
+            field, array = f"{KNOWLEDGE}.{key}", record[key].numpy()
+            if key == RELATION:
+                check.relation(array, shape[0], field)
+            elif key == PROTOTYPE_COUNTS:
+                check.class_counts(array, self.num_classes,
+                                   check.example_cap(self.settings.data, pid), field)
+            else:
+                check.logits(array, shape, field)
 
     def _node(self, record: ConfigRecord) -> None:
         if extra := sorted(set(record.keys()) - {NODE_ARCH, NODE_ROLE}):

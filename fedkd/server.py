@@ -26,7 +26,7 @@ from fedkd.checks import check_privacy, check_run, codec_spec
 from fedkd.dpsgd import dp_archs
 from fedkd.settings import ClientSettings
 from fedkd.data import DataInfo, prepare_data
-from fedkd.models import assign_models, assign_roles, build_model, count_parameters, resolve_model
+from fedkd.models import assign_models, assign_roles, build_model, model_cost, resolve_model
 from fedkd.reply_guard import ReplyGuard
 from fedkd.strategies.checkpointed import CheckpointPlan, Checkpointed
 from fedkd.wire import ReplyObserver, WireGrid
@@ -81,9 +81,10 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     counts = {}
     for name, spec in archs.items():
         model = build_model(spec, tuple(data.input_shape), data.num_classes)
-        counts[name] = count_parameters(model)
+        counts[name], flops = model_cost(model, data.input_shape)
         users = [i for i, (n, _) in enumerate(assignment) if n == name]
-        log.info("architecture %s: %s parameters, clients %s", name, f"{counts[name]:,}", users)
+        log.info("architecture %s: %s parameters, %s FLOPs/example, clients %s", name,
+                 f"{counts[name]:,}", f"{flops:,}", users)
     roles = assign_roles(model_cfg, int(cfg.num_clients))
     if "teacher" in roles:
         log.info("teachers (never taught): clients %s", [i for i, r in enumerate(roles) if r == "teacher"])

@@ -17,6 +17,7 @@ from fedkd.errors import (
     ConfigError, is_int, is_number, require_bool, require_int, require_keys, require_number,
 )
 from fedkd.dpsgd import DPSettings
+from fedkd.losses.rounds import check_client_losses
 from fedkd.models.assign import ROLES
 from fedkd.models.build import check_spec
 from fedkd.optim import check_optimizer
@@ -65,6 +66,19 @@ class TrainSettings:
     as `fedkd.aggregation.class_weighted` need them; it reveals each client's label histogram)."""
     profile: bool = False
     """Report each round's per-phase wall times (``time-<phase>-s`` metrics, `fedkd.timing`)."""
+    losses: dict[str, dict[str, Any]] | None = None
+    """The digest's loss terms by name with their options (`fedkd.losses.specs`: an allowlist,
+    plain values); null is ``alpha * kd + (1 - alpha) * ce``. Private-row terms other than
+    ``ce`` (``self_kd``, ``exits``, ``prototype``) also join the revisit's CE
+    (`fedkd.losses.specs.revisit_losses`). Terms reading a teacher's features or attention are
+    server-side only (FedDF's ``server_losses``)."""
+    relation_rows: int = 0
+    """> 0: clients send the cosine similarities of their tap between the first this many
+    transfer rows of a round (all of them when fewer), with their logits
+    (`fedkd.strategies.relational`; bytes grow with its square); 0: none."""
+    prototype_dim: int = 0
+    """> 0: clients send per-class means of their tap, projected to this width by a fixed seeded
+    projection (`fedkd.strategies.fedproto`); 0: none."""
 
     def revisits(self, first_round: bool, digested: bool) -> bool:
         """Whether a KD client trains on its private data after this round's digest."""
@@ -88,6 +102,9 @@ class TrainSettings:
             require_bool(f"distill.{name}", getattr(self, name))
         require_number("distill.lr_decay", self.lr_decay, 0.0, 1.0, low_open=True)
         check_optimizer(self.optimizer)
+        require_int("distill.relation_rows", self.relation_rows, 0, 4096)
+        require_int("distill.prototype_dim", self.prototype_dim, 0, 4096)
+        object.__setattr__(self, "losses", check_client_losses(self.losses, self.temperature))
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,12 @@ class ClientSettings:
         if self.dpsgd is not None and not isinstance(self.dpsgd, DPSettings):
             raise ConfigError("settings.dpsgd", type(self.dpsgd).__name__,
                               "must be DPSettings or None")
+        if self.dpsgd is not None:  # DP-SGD's steps know CE and KD only, and share nothing else
+            for key, off in (("losses", None), ("relation_rows", 0), ("prototype_dim", 0)):
+                if getattr(self.train, key) != off:
+                    raise ConfigError(f"distill.{key}", getattr(self.train, key),
+                                      f"must be {'null' if off is None else off} with "
+                                      "privacy=dpsgd")
 
     def role_of(self, partition_id: int) -> str:
         """A partition's role: teachers never digest soft targets."""

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from fedkd.devices import place
-from fedkd.losses import CELoss, KDLoss, WeightedSum
+from fedkd.knowledge import Knowledge, forward, taps_for, term_inputs
+from fedkd.losses import CELoss, WeightedSum
 
 
 def round_generator(seed: int, partition_id: int, server_round: int) -> torch.Generator:
@@ -51,25 +52,53 @@ def revisit(
     gen: torch.Generator,
     steps: int | None = None,
     device: torch.device | None = None,
+    loss: WeightedSum | None = None,
+    knowledge: Knowledge | None = None,
 ) -> float:
     """Train on private data with cross-entropy; return the mean batch loss.
 
     Runs `epochs` passes over the data, or exactly `steps` mini-batches when `steps` is given
     (reshuffling at every pass), as in papers that count local steps instead of epochs. Computes
-    on `device` (None: where the model is).
+    on `device` (None: where the model is). `loss` (private-row terms, e.g. CE plus
+    self-distillation or prototypes, `fedkd.losses.specs.revisit_losses`) replaces plain CE, with
+    the round's `knowledge`; a term whose inputs this round lacks (no snapshot yet) is left out.
     """
     device = place(model, device)
     x, y = x.to(device), y.to(device)
+    knowledge = knowledge.to(device) if knowledge is not None else None
     ce = CELoss()
     model.train()
     losses = []
     for idx in private_batches(len(x), batch_size, gen, epochs, steps):
-        loss = ce(model(x[idx]), labels=y[idx])
+        if loss is None:
+            loss_value = ce(model(x[idx]), labels=y[idx])
+        else:
+            logits, taps = forward(model, x[idx], taps_for(loss.needs, knowledge))
+            loss_value = _weighted([(w, term, term_inputs(
+                term.needs, logits, taps, x=x[idx], labels=y[idx], knowledge=knowledge))
+                for w, term in loss.active_terms()], logits)
+            if loss_value is None:
+                continue
         optimizer.zero_grad()
-        loss.backward()
+        loss_value.backward()
         optimizer.step()
-        losses.append(loss.detach())
+        losses.append(loss_value.detach())
     return mean_loss(losses)
+
+
+def _weighted(terms: list[tuple[float, nn.Module, dict]], logits: torch.Tensor
+              ) -> torch.Tensor | None:
+    """``sum w * term(logits[rows], **inputs)`` over the terms whose inputs are all there (each
+    entry: weight, term, its inputs with ``"_logits"`` its rows' logits when they are a slice);
+    None when no term can run."""
+    total = None
+    for weight, term, inputs in terms:
+        if not all(name in inputs for name in term.needs):
+            continue
+        rows_logits = inputs.pop("_logits", logits)
+        value = term(rows_logits, **inputs) * weight
+        total = value if total is None else total + value
+    return total
 
 
 def private_batches(
@@ -101,6 +130,7 @@ def digest(
     batch_size: int,
     gen: torch.Generator,
     device: torch.device | None = None,
+    knowledge: Knowledge | None = None,
 ) -> float:
     """Distil on soft targets, mixed with CE on private batches; return the mean batch loss.
 
@@ -110,31 +140,49 @@ def digest(
     the FedGen MNIST students at alpha 0.05 peaked at 0.89 and drifted, see
     docs/results/fedgen_mnist). A term of weight 0 is not even evaluated, so `alpha=0` is plain CE
     training and `alpha=1` pure distillation. Computes on `device` (None: where the model is).
+
+    Every term runs on the rows it names (``term.rows``: the transfer batch, or one private batch
+    of the same size shared by every private-row term) with the inputs it ``needs``
+    (`fedkd.knowledge.term_inputs`: taps of the same forward pass, the round's `knowledge`); a
+    term whose inputs this round lacks is left out of the step.
     """
     device = place(model, device)
     transfer_x, soft_targets = transfer_x.to(device), soft_targets.to(device)
     x, y = x.to(device), y.to(device)
+    knowledge = knowledge.to(device) if knowledge is not None else None
     model.train()
     losses = []
     active = loss.active_terms()
+    on_transfer = any(term.rows == "transfer" for _w, term in active)
+    on_private = any(term.rows == "private" for _w, term in active)
+    taps = taps_for(loss.needs, knowledge)
     for _ in range(epochs):
         for idx in _batches(len(transfer_x), batch_size, gen):
-            inputs, targets = [], []  # one (inputs, target) per active term, in order
-            for _weight, term in active:
-                if isinstance(term, KDLoss):
-                    inputs.append(transfer_x[idx])
-                    targets.append({"soft_targets": soft_targets[idx]})
-                else:
-                    pidx = torch.randint(len(x), (len(idx),), generator=gen)
-                    inputs.append(x[pidx])
-                    targets.append({"labels": y[pidx]})
+            parts = {}  # rows -> (inputs, extra) in the order of the joint batch
+            if on_transfer:
+                parts["transfer"] = (transfer_x[idx], {"idx": idx, "soft_targets": soft_targets[idx]})
+            if on_private:
+                pidx = torch.randint(len(x), (len(idx),), generator=gen)
+                parts["private"] = (x[pidx], {"labels": y[pidx]})
+            if not parts:
+                continue
             # One forward pass over the joint batch: BatchNorm normalises the transfer and the
             # (label-skewed) private rows together, as it will see them mixed at test time.
-            outs = model(torch.cat(inputs)).split([len(i) for i in inputs]) if inputs else []
-            values = [term(out, **target) for (_w, term), out, target in zip(active, outs, targets)]
-            if not values:
+            sizes = [len(rows) for rows, _ in parts.values()]
+            logits, kept = forward(model, torch.cat([rows for rows, _ in parts.values()]), taps)
+            split = dict(zip(parts, logits.split(sizes)))
+            pieces = {name: tensor.split(sizes) for name, tensor in kept.items()}
+            split_taps = {rows: {name: pieces[name][i] for name in pieces}
+                          for i, rows in enumerate(parts)}
+            terms = []
+            for weight, term in active:
+                rows, extra = parts[term.rows]
+                inputs = term_inputs(term.needs, split[term.rows], split_taps[term.rows], x=rows,
+                                     knowledge=knowledge, **extra)
+                terms.append((weight, term, {**inputs, "_logits": split[term.rows]}))
+            total = _weighted(terms, logits)
+            if total is None:
                 continue
-            total = loss.combine(values)
             optimizer.zero_grad()
             total.backward()
             optimizer.step()

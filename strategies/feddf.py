@@ -23,7 +23,7 @@ their models join the ensemble but not the averages, and they are evaluated on t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,11 @@ from fedkd.data import load_public
 from fedkd.errors import ConfigError, require_int, require_number
 from fedkd.generators import LogitGuided, ModelGuided
 from fedkd.generators.base import models_query
+from fedkd.ensemble_distill import feature_distill
+from fedkd.losses import check_losses
 from fedkd.models import build_model
+from fedkd.models._common import plain_mapping
+from fedkd.models.build import spec_tap
 from fedkd.protocol import ARRAYS, CONFIG, SERVER_ROUND, rows_to_inputs
 from fedkd.records import array_record_from_state, array_record_state, reply_class_counts
 from fedkd.server_distill import (
@@ -96,6 +100,7 @@ class FedDF(KDStrategy):
         server_epochs: int = 5,
         server_lr: float = 1e-3,
         server_batch_size: int | None = None,
+        server_losses: Mapping[str, Any] | None = None,
         **kwargs,
     ) -> None:
         if aggregator is None:
@@ -108,6 +113,8 @@ class FedDF(KDStrategy):
         self.server_epochs = server_epochs
         self.server_lr = server_lr
         self.server_batch_size = server_batch_size
+        self.server_losses = None if server_losses is None else server_loss_spec(
+            server_losses, self.temperature)
         self._models: dict[str, StateDict] = {}  # architecture -> distilled global model
         self._own: dict[int, ArrayRecord] = {}  # teacher node id -> its last upload (evaluation)
         self._public: torch.Tensor | None = None
@@ -257,9 +264,7 @@ class FedDF(KDStrategy):
         for arch, student in averages.items():
             if len(x):  # no row answered: the average alone
                 before.append(kd_divergence(student, x, soft, self.temperature))
-                distill(student, x, soft, temperature=self.temperature, epochs=self.server_epochs,
-                        lr=self.server_lr, batch_size=self.server_batch_size or settings.train.batch_size,
-                        seed=(self.seed, server_round, list(settings.archs).index(arch)))
+                self._distill(arch, student, x, soft, teachers, server_round)
                 after.append(kd_divergence(student, x, soft, self.temperature))
                 log.info("round %d: %s <- average of %d, ensemble of %d: KD %.3f -> %.3f", server_round,
                          arch, sizes[arch], len(teachers), before[-1], after[-1])
@@ -268,6 +273,24 @@ class FedDF(KDStrategy):
             metrics.update({"server-kd-before": float(np.mean(before)),
                             "server-kd-after": float(np.mean(after))})
         return metrics
+
+    def _distill(self, arch: str, student: nn.Module, x: torch.Tensor, soft: torch.Tensor,
+                 teachers: list[Teacher], server_round: int) -> None:
+        """Distil the ensemble into `student`: soft targets alone, or with the feature and
+        relation terms of ``server_losses`` against every teacher's tap
+        (`fedkd.ensemble_distill`)."""
+        settings = self.run_settings()
+        common = dict(temperature=self.temperature, epochs=self.server_epochs, lr=self.server_lr,
+                      batch_size=self.server_batch_size or settings.train.batch_size,
+                      seed=(self.seed, server_round, list(settings.archs).index(arch)))
+        if self.server_losses is None:
+            distill(student, x, soft, **common)
+            return
+        feature_distill(student, x, soft, spec=self.server_losses,
+                        student_tap=spec_tap(settings.archs[arch]),
+                        teachers=[t.model for t in teachers],
+                        teacher_tap_names=[spec_tap(settings.archs[t.arch]) for t in teachers],
+                        **common)
 
     def _fit_transfer(self, server_round: int, settings: ClientSettings, teachers: list[Teacher],
                       students: list[nn.Module]) -> dict[str, float]:
@@ -279,3 +302,15 @@ class FedDF(KDStrategy):
         if isinstance(self.transfer, LogitGuided):
             return self.transfer.fit_logits(server_round, settings, models_query(models))
         return {}
+
+
+def server_loss_spec(spec: Any, temperature: float) -> dict[str, dict[str, Any]]:
+    """``server_losses`` checked as ``distill.losses`` is (`fedkd.losses.check_losses`), its
+    errors named under ``strategy.flower.server_losses``."""
+    try:
+        return check_losses(plain_mapping(spec, "server_losses"), temperature)
+    except ConfigError as err:  # named under strategy.flower by whoever builds the strategy
+        if err.key.startswith("distill.losses"):
+            raise ConfigError("server_losses" + err.key.removeprefix("distill.losses"),
+                              *((err.value, err.allowed) if err.has_value else ())) from None
+        raise

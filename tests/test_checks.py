@@ -78,6 +78,20 @@ FOUND_LATE = {  # issue 11, "Bad values found late"
 }
 
 MORE = {
+    "relational without relations": _case("strategy=relational strategy.client.relation_rows=0",
+                                           "distill.relation_rows=0", "must be > 0"),
+    "relational temperatures": _case(
+        "strategy=relational strategy.client.losses.relation_kd.temperature=0.5",
+        "distill.losses.relation_kd.temperature=0.5", "must equal"),
+    "fedproto without prototypes": _case("strategy=fedproto strategy.client.prototype_dim=0",
+                                         "distill.prototype_dim=0", "must be > 0"),
+    "client term with a teacher": _case("+distill.losses.similarity.weight=1",
+                                        "distill.losses.similarity={'weight': 1.0}", "a client never has"),
+    "unknown loss term": _case("+distill.losses.bogus.weight=1", "distill.losses.bogus={'weight': 1}",
+                               "is not a loss term"),
+    "dpsgd with loss terms": _case("privacy=dpsgd +distill.losses.kd.weight=1",
+                                   "distill.losses={'kd': {'weight': 1.0, 'temperature': 3.0}}",
+                                   "must be null with privacy=dpsgd"),
     "client_dp clip": _case("privacy=client_dp privacy.server.clip=0", "privacy.server.clip=0", "> 0"),
     "client_dp noise": _case("privacy=client_dp privacy.server.noise_multiplier=0",
                              "privacy.server.noise_multiplier=0", "> 0"),
@@ -127,7 +141,8 @@ BAD_TRANSFER = {
 BAD_STRATEGY = {
     "fraction_train": 0, "min_train_nodes": -1, "min_available_nodes": -1, "min_replies": 0,
     "temperature": 0, "seed": -1, "server_epochs": -1, "server_lr": 0, "server_batch_size": 0,
-    "fraction_evaluate": 1.5, "min_evaluate_nodes": -1,
+    "fraction_evaluate": 1.5, "min_evaluate_nodes": -1, "server_losses": 5,
+    "relation_temperature": 0,
 }
 """A value each strategy option (conf/strategy/*.yaml, under `flower`) refuses."""
 

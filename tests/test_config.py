@@ -40,6 +40,7 @@ MODEL_DATASETS = {
     "mlp": ["digits", "mnist1d"],
     "hetero1d": ["mnist1d"],
     "teachers": ["digits"],
+    "zoo": ["digits"],  # also MNIST 28x28 (tests/models/test_zoo.py)
 }
 """Model option -> the data sets its architectures are meant for."""
 

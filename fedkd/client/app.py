@@ -22,9 +22,11 @@ from fedkd.client.fd import fd_round
 from fedkd.client.report import report_mod
 from fedkd.client.wire_mod import wire_mod
 from fedkd.client.round import open_round, round_of, test_metrics
-from fedkd.losses import distill_loss
+from fedkd.client.knowledge import knowledge_reply, round_knowledge
+from fedkd.losses import build_losses
+from fedkd.losses.rounds import revisit_losses
 from fedkd.protocol import (
-    ARRAYS, CLASS_COUNTS, CONFIG, DIGEST_LOSS, LOGITS, METRICS, NEXT, NUM_EXAMPLES, PARTITION_ID, QUERY,
+    ARRAYS, CLASS_COUNTS, CONFIG, DIGEST_LOSS, KNOWLEDGE, LOGITS, METRICS, NEXT, NUM_EXAMPLES, PARTITION_ID, QUERY,
     QUERY_DIRECTIONS, QUERY_MU, QUERY_SEED, TARGETS, TRAIN_LOSS,
     TRANSFER, WHOAMI_ACTION, expand_query,
 )
@@ -58,24 +60,31 @@ def distill(msg: Message, context: Context) -> Message:
     private = open_private(settings, student, len(data.x), pid, server_round, lambda: distill_plan(
         train, len(data.x), first, digests=target_x is not None and taught,
         transfer_rows=len(rows) if rows is not None and taught else 0))
-    if target_x is not None and taught:
+    digesting = target_x is not None and taught
+    loss = build_losses(train.losses, alpha=train.alpha, temperature=train.temperature)
+    extras = revisit_losses(train.losses, train.temperature)  # None: plain CE
+    knowledge = round_knowledge(settings, pid, student.model, transfer,
+                                len(target_x) if target_x is not None else 0, data.x,
+                                not first, [loss if digesting else None, extras])
+    if digesting:
         with timer("digest"):
             soft = torch.from_numpy(
                 soft_targets(transfer, len(target_x), int(settings.data["num_classes"])))
-            loss = distill_loss(train.alpha, train.temperature)
             metrics[DIGEST_LOSS] = (
                 private.digest(target_x, soft, data.x, data.y, loss=loss,
                                epochs=train.digest_epochs, batch_size=train.batch_size, gen=gen)
                 if private else digest(student.model, student.optimizer, target_x, soft, data.x,
                                        data.y, loss=loss, epochs=train.digest_epochs,
-                                       batch_size=train.batch_size, gen=gen))
+                                       batch_size=train.batch_size, gen=gen,
+                                       knowledge=knowledge))
     if train.revisits(first_round=first, digested=DIGEST_LOSS in metrics):
         with timer("revisit"):
             budget = train.local_budget(first_round=first)
             metrics[TRAIN_LOSS] = (
                 private.revisit(data.x, data.y, batch_size=train.batch_size, gen=gen, **budget)
                 if private else revisit(student.model, student.optimizer, data.x, data.y,
-                                        batch_size=train.batch_size, gen=gen, **budget))
+                                        batch_size=train.batch_size, gen=gen, loss=extras,
+                                        knowledge=knowledge, **budget))
     if private is not None:
         private.close(student, metrics)
     student.rounds_done += 1
@@ -88,6 +97,9 @@ def distill(msg: Message, context: Context) -> Message:
                 num_classes = int(settings.data["num_classes"])
                 record[CLASS_COUNTS] = Array(label_counts(data.y, num_classes))
             content[LOGITS] = ArrayRecord(record)
+    shared = knowledge_reply(settings, pid, student.model, next_x, data.x, data.y)
+    if shared is not None:  # relations on the next rows, prototypes of the private rows
+        content[KNOWLEDGE] = shared
     with timer("evaluate"):
         metrics.update(test_metrics(student.model, data, settings, server_round))
     with timer("save"):
@@ -142,11 +154,16 @@ def train(msg: Message, context: Context) -> Message:
     gen = round_generator(settings.seed, pid, round_of(msg))
     private = open_private(settings, student, len(data.x), pid, round_of(msg),
                            lambda: train_plan(settings.train, len(data.x), first))
+    # self-distillation: the snapshot is the round's starting model (the global one, if sent)
+    extras = revisit_losses(settings.train.losses, settings.train.temperature)
+    knowledge = round_knowledge(settings, pid, student.model, ArrayRecord(), 0, data.x,
+                                student.rounds_done > 0, [extras])
     with timer("revisit"):
         loss = (private.revisit(data.x, data.y, batch_size=settings.train.batch_size, gen=gen,
                                 **budget)
                 if private else revisit(student.model, student.optimizer, data.x, data.y,
-                                        batch_size=settings.train.batch_size, gen=gen, **budget))
+                                        batch_size=settings.train.batch_size, gen=gen,
+                                        loss=extras, knowledge=knowledge, **budget))
     metrics = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.x), TRAIN_LOSS: loss}
     if private is not None:
         private.close(student, metrics)

@@ -47,6 +47,13 @@ def positive_ints(values: Sequence[int], family: str, name: str, allow_empty: bo
     return tuple(int(v) for v in values)
 
 
+def positive_int(value: object, family: str, name: str) -> int:
+    """Return ``value`` as an int >= 1 or raise ConfigError naming ``family: name``."""
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"{family}: {name}={value!r} must be a positive int")
+    return int(value)
+
+
 def check_num_classes(num_classes: int, family: str) -> int:
     """Return ``num_classes`` as an int >= 1 or raise ConfigError."""
     if not _is_int(num_classes) or num_classes < 1:
@@ -57,6 +64,22 @@ def check_num_classes(num_classes: int, family: str) -> int:
 def pool_here(size: int, head_pool: int) -> bool:
     """Whether a stride-2 max pool fits: the pooled size stays >= ``head_pool``."""
     return size // 2 >= head_pool
+
+
+MIN_SIDE = 2
+"""A ResNet stage or MobileNet block halves the side (stride 2) only while the result stays >= this."""
+
+
+def halved(size: int) -> int:
+    """Side after a 3x3 convolution with stride 2 and padding 1."""
+    return (size - 1) // 2 + 1
+
+
+def check_flag(value: object, family: str, name: str) -> bool:
+    """`value` as a bool, or a ConfigError naming ``family: name``."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{family}: {name}={value!r} must be true or false")
+    return value
 
 
 def plain_mapping(value: Any, what: str) -> dict:

@@ -3,7 +3,9 @@
 A spec may arrive over the network (`fedkd.settings.ClientSettings.archs`), so nothing in it is
 imported or Hydra-instantiated: ``_target_`` must be one of the names in `MODEL_CLASSES`, and every
 other key an argument of that class's constructor (checked against its signature) with a plain
-value, a finite number, a boolean or a flat list of them (`check_spec`).
+value, a finite number, a boolean or a flat list of them (`check_spec`). Two keys describe the arch
+instead: ``name`` and ``tap`` (`spec_tap`: the tap it offers to feature, relation and prototype
+losses, default ``embedding``; `build_model` checks the model has it).
 """
 
 from __future__ import annotations
@@ -21,20 +23,27 @@ from fedkd.models._common import plain_mapping
 from fedkd.models.cnn import CNN1d, CNN2d
 from fedkd.models.fedgen import FedGenCNN
 from fedkd.models.mlp import MLP
+from fedkd.models.mobilenet import MobileNet
+from fedkd.models.resnet import ResNet
+from fedkd.models.taps import EMBEDDING, check_tap
+from fedkd.models.vit import ViT
 
 log = logging.getLogger(__name__)
 
 ALLOWED_PREFIX = "fedkd.models."
 """Targets name a class under this package: specs may arrive over the network."""
 
-FAMILIES: tuple[type[nn.Module], ...] = (MLP, CNN2d, CNN1d, FedGenCNN)
+FAMILIES: tuple[type[nn.Module], ...] = (MLP, CNN2d, CNN1d, FedGenCNN, ResNet, MobileNet, ViT)
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     **{f"{ALLOWED_PREFIX}{cls.__name__}": cls for cls in FAMILIES},
     **{f"{cls.__module__}.{cls.__name__}": cls for cls in FAMILIES},  # fedkd.models.mlp.MLP
 }
 """Every ``_target_`` a spec may name, and the class it stands for (the allowlist)."""
 
-NON_CONSTRUCTOR_KEYS = ("name",)
+TAP = "tap"
+"""Spec key (a string, not a constructor argument): the tap the arch offers to feature, relation and
+prototype losses (`spec_tap`); one of the built model's ``tap_kinds``."""
+NON_CONSTRUCTOR_KEYS = ("name", TAP)
 """Spec keys that describe the model but are not constructor arguments (a string); dropped."""
 DP_COMPATIBLE = "dp_compatible"
 """Spec key (a boolean, not a constructor argument): true builds the model and then applies Opacus's
@@ -91,7 +100,8 @@ def check_spec(spec: Any, what: str = "model spec") -> tuple[type[nn.Module], di
     Parameters
     ----------
     spec : mapping
-        ``{"_target_": "fedkd.models.<Family>", **hyperparams}``, optionally with a ``name`` string.
+        ``{"_target_": "fedkd.models.<Family>", **hyperparams}``, optionally with ``name`` and
+        ``tap`` strings.
     what : str
         How error messages name the spec (e.g. ``"archs.mlp"``).
 
@@ -136,7 +146,8 @@ def build_model(spec: Mapping, input_shape: Sequence[int], num_classes: int) -> 
     Parameters
     ----------
     spec : mapping
-        ``{"_target_": "fedkd.models.<Family>", **hyperparams}``, optionally with a ``name`` key (dropped).
+        ``{"_target_": "fedkd.models.<Family>", **hyperparams}``, optionally with ``name`` (dropped)
+        and ``tap`` (checked against the built model's taps).
     input_shape : sequence of int
         Shape of one example, without the batch dimension.
     num_classes : int
@@ -145,7 +156,8 @@ def build_model(spec: Mapping, input_shape: Sequence[int], num_classes: int) -> 
     Raises
     ------
     ConfigError
-        The spec fails `check_spec`, or the family refuses the values or the input shape.
+        The spec fails `check_spec`, the family refuses the values or the input shape, or the
+        model has no tap ``tap``.
     """
     cls, kwargs = check_spec(spec)
     try:
@@ -158,8 +170,22 @@ def build_model(spec: Mapping, input_shape: Sequence[int], num_classes: int) -> 
 
         model = ModuleValidator.fix(model)
         ModuleValidator.validate(model, strict=True)
+    try:
+        check_tap(model, spec_tap(spec))
+    except ConfigError as exc:
+        raise ConfigError(f"model spec {plain_mapping(spec, 'model spec')!r}: {exc}") from exc
     log.debug("built %s for input %s: %d parameters", cls.__name__, input_shape, count_parameters(model))
     return model
+
+
+def spec_tap(spec: Mapping) -> str:
+    """The tap a spec offers to feature, relation and prototype losses: its ``tap``, default
+    ``embedding`` (every family has that one)."""
+    plain = plain_mapping(spec, "model spec")
+    tap = plain.get(TAP, EMBEDDING)
+    if not isinstance(tap, str):
+        raise ConfigError(f"model spec {plain!r}: {TAP}={tap!r} must be a string")
+    return tap
 
 
 def count_parameters(model: nn.Module) -> int:

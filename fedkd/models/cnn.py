@@ -2,6 +2,8 @@
 
 Both stack blocks ``conv -> [BatchNorm] -> ReLU -> [MaxPool(2)]``, pooling only while the pooled size stays
 >= ``head_pool``, then average-pool adaptively to ``head_pool`` (per spatial axis), flatten and apply one Linear.
+Taps (`fedkd.models.taps`): ``block<i>`` (map: block i's output, after its pool) and ``embedding``
+(the flattened features the head reads).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from fedkd.errors import ConfigError
 from fedkd.models._common import as_shape, check_num_classes, pool_here, positive_ints
+from fedkd.models.taps import EMBEDDING, Tapped, Taps, conv_block_ends, run_stack, stack_taps
 
 _LAYERS = {
     1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d),
@@ -76,7 +79,25 @@ def _check_common(
     return classes, widths, pool_side
 
 
-class CNN2d(nn.Module):
+class _ConvStack(Tapped):
+    """What both CNN families share: a feature stack (`conv_features`) read by one Linear head."""
+
+    features: nn.Sequential
+    head: nn.Linear
+    add_channel: bool
+
+    def _declare_stack_taps(self) -> None:
+        self._block_ends = conv_block_ends(self.features)
+        self.declare_taps(stack_taps(self._block_ends))
+
+    def _run(self, x: torch.Tensor, taps: Taps) -> torch.Tensor:
+        if self.add_channel:
+            x = x.unsqueeze(1)
+        features = run_stack(self.features, self._block_ends, x, taps)
+        return self.head(taps.put(EMBEDDING, features))
+
+
+class CNN2d(_ConvStack):
     """2-D CNN: 3x3 conv blocks with max pooling, adaptive average pool, one Linear head.
 
     Parameters
@@ -109,15 +130,10 @@ class CNN2d(nn.Module):
         in_channels, spatial = (1, shape) if self.add_channel else (shape[0], shape[1:])
         self.features = conv_features(2, in_channels, spatial, widths, 3, batchnorm, pool_side)
         self.head = nn.Linear(widths[-1] * pool_side**2, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, num_classes]`` for a batch ``[N, *input_shape]``."""
-        if self.add_channel:
-            x = x.unsqueeze(1)
-        return self.head(self.features(x))
+        self._declare_stack_taps()
 
 
-class CNN1d(nn.Module):
+class CNN1d(_ConvStack):
     """1-D CNN: conv blocks with max pooling, adaptive average pool, one Linear head.
 
     Parameters
@@ -153,9 +169,4 @@ class CNN1d(nn.Module):
         in_channels, spatial = (1, shape) if self.add_channel else (shape[0], shape[1:])
         self.features = conv_features(1, in_channels, spatial, widths, kernel, batchnorm, pool_side)
         self.head = nn.Linear(widths[-1] * pool_side, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, num_classes]`` for a batch ``[N, *input_shape]``."""
-        if self.add_channel:
-            x = x.unsqueeze(1)
-        return self.head(self.features(x))
+        self._declare_stack_taps()

@@ -2,6 +2,8 @@
 
 Two stride-2 convolutions with BatchNorm and ReLU, then two Linear layers: 26,434 parameters on
 28x28 MNIST. It is the model of the FedGen Table 1 setting (``+experiment=fedgen_mnist``).
+Taps (`fedkd.models.taps`): ``block<i>`` (map: conv block i's output) and ``embedding`` (the hidden
+Linear's output, which the last Linear reads).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from fedkd.models._common import as_shape, check_num_classes, positive_ints
+from fedkd.models.taps import EMBEDDING, Tapped, Taps, conv_block_ends, run_stack, stack_taps
 
 
 def _strided(size: int) -> int:
@@ -20,7 +23,7 @@ def _strided(size: int) -> int:
     return (size - 1) // 2 + 1
 
 
-class FedGenCNN(nn.Module):
+class FedGenCNN(Tapped):
     """Conv(3x3, stride 2) + BN + ReLU per channel width, flatten, Linear -> Linear.
 
     As in FedGen's ``Net``, the two Linear layers have no activation between them (a linear
@@ -63,9 +66,12 @@ class FedGenCNN(nn.Module):
         flat = in_channels * math.prod(spatial)
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.head = nn.Sequential(nn.Linear(flat, width), nn.Linear(width, classes))
+        self._block_ends = conv_block_ends(self.features)
+        self.declare_taps(stack_taps(self._block_ends))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, num_classes]`` for a batch ``[N, *input_shape]``."""
+    def _run(self, x: torch.Tensor, taps: Taps) -> torch.Tensor:
         if self.add_channel:
             x = x.unsqueeze(1)
-        return self.head(self.features(x))
+        hidden, last = self.head
+        features = run_stack(self.features, self._block_ends, x, taps)
+        return last(taps.put(EMBEDDING, hidden(features)))

@@ -1,4 +1,8 @@
-"""Multi-layer perceptron over flattened inputs."""
+"""Multi-layer perceptron over flattened inputs.
+
+Taps (`fedkd.models.taps`): ``embedding``, what the last Linear reads (the last hidden layer's
+output, or the flattened input when there is none).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ from torch import nn
 
 from fedkd.errors import ConfigError
 from fedkd.models._common import as_shape, check_num_classes, positive_ints
+from fedkd.models.taps import EMBEDDING, Tapped, Taps
 
 
-class MLP(nn.Module):
+class MLP(Tapped):
     """Flatten -> [Linear -> ReLU -> Dropout] per hidden layer -> Linear.
 
     Parameters
@@ -49,7 +54,10 @@ class MLP(nn.Module):
             width_in = width
         layers.append(nn.Linear(width_in, classes))
         self.net = nn.Sequential(*layers)
+        self.declare_taps({EMBEDDING: EMBEDDING})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, num_classes]`` for a batch ``[N, *input_shape]``."""
-        return self.net(x)
+    def _run(self, x: torch.Tensor, taps: Taps) -> torch.Tensor:
+        *body, head = self.net
+        for layer in body:
+            x = layer(x)
+        return head(taps.put(EMBEDDING, x))

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fedkd.errors import ConfigError
-from fedkd.models import CNN1d, CNN2d, MLP, build_model, count_parameters
+from fedkd.models import CNN1d, CNN2d, MLP, MobileNet, ResNet, ViT, build_model, count_parameters
 from fedkd.models.build import MODEL_CLASSES, check_spec
 from fedkd.models.fedgen import FedGenCNN
 
@@ -113,4 +113,4 @@ def test_check_spec_allows_only_plain_arguments(spec, match) -> None:
 def test_check_spec_returns_class_and_arguments_without_building() -> None:
     cls, kwargs = check_spec({"_target_": "fedkd.models.CNN1d", "channels": (4,), "name": "c"})
     assert cls is CNN1d and kwargs == {"channels": [4]}
-    assert set(MODEL_CLASSES.values()) == {MLP, CNN2d, CNN1d, FedGenCNN}
+    assert set(MODEL_CLASSES.values()) == {MLP, CNN2d, CNN1d, FedGenCNN, ResNet, MobileNet, ViT}

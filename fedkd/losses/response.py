@@ -1,16 +1,18 @@
-"""Distillation losses: small modules with one call signature, and their weighted composition.
+"""Response-based losses (on logits), the one input vocabulary, and the weighted composition.
 
-Every loss is called as ``loss(student_logits, *, soft_targets=None, labels=None)`` and returns a scalar.
-In a fedkd client the KD term runs on the transfer batch and the CE term on private data, so a
-:class:`WeightedSum` is usually not called on one batch: the caller evaluates each of ``active_terms()`` on its
-own batch and passes the values to ``combine``. Terms with weight 0 are not active, so their forward pass (and
-its side effects on BatchNorm statistics and the random stream) never happens.
+Every loss is an ``nn.Module`` called as ``term(student_logits, **inputs)`` that returns a scalar; it
+declares the keyword inputs it reads (``needs``, names from `INPUTS`) and the rows the caller
+evaluates it on (``rows``, one of `ROWS`). In a fedkd client the KD term runs on the transfer batch
+and the CE term on private data, so a :class:`WeightedSum` is usually not called on one batch: the
+caller evaluates each of ``active_terms()`` on its own rows, with the inputs it ``needs``, and
+passes the values to ``combine``. Terms with weight 0 are not active, so their forward pass (and its
+side effects on BatchNorm statistics and the random stream) never happens.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Real
 
 import torch
@@ -20,6 +22,23 @@ from torch import nn
 from fedkd.aggregation import check_temperature
 from fedkd.errors import ConfigError
 
+INPUTS: tuple[str, ...] = (
+    "soft_targets",       # [N, C] teacher probabilities at the term's temperature
+    "labels",             # [N] int64 class indices
+    "features",           # the student's tap on these rows: [N, D], [N, C, H, W] / [N, C, L] or [N, T, D]
+    "teacher_features",   # the teacher's tap on the same rows
+    "attention",          # the student's transformer attention weights [N, heads, T, T]
+    "teacher_attention",  # the teacher's attention weights [N, heads, T, T]
+    "relation",           # a target similarity matrix [N, N] (e.g. aggregated from other clients)
+    "prototypes",         # [C, P] class prototypes; NaN rows: classes nobody reported
+    "snapshot_logits",    # [N, C] logits of the same student's earlier snapshot on these rows
+    "exit_logits",        # tuple of [N, C] logits of the auxiliary exits, shallow first
+)
+"""Every keyword input a loss may read (its ``needs``); callers compute only those the active terms need."""
+
+ROWS: tuple[str, ...] = ("transfer", "private")
+"""Where a term runs: ``transfer`` (the transfer batch) or ``private`` (a private batch with labels)."""
+
 
 def _fmt(x: float) -> str:
     """Short float for formulas: 0.5, 1.0, 0.3 (not 0.30000000000000004)."""
@@ -27,14 +46,24 @@ def _fmt(x: float) -> str:
     return text if any(c in text for c in ".eni") else text + ".0"
 
 
+def term_inputs(term: nn.Module, inputs: Mapping[str, object]) -> dict[str, object]:
+    """The entries of `inputs` that `term` ``needs`` (those missing are left out: the term says so)."""
+    return {name: inputs[name] for name in term.needs if name in inputs}
+
+
 class KDLoss(nn.Module):
     """Hinton KD: ``T**2 * KL(soft_targets || softmax(student_logits / T))``, averaged over the batch.
+
+    Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015.
 
     Parameters
     ----------
     temperature : float
         Softmax temperature T > 0; ``soft_targets`` must be teacher probabilities at this same T.
     """
+
+    needs: tuple[str, ...] = ("soft_targets",)
+    rows: str = "transfer"
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
@@ -69,6 +98,9 @@ class KDLoss(nn.Module):
 class CELoss(nn.Module):
     """Cross-entropy of the student logits against integer ``labels``, averaged over the batch."""
 
+    needs: tuple[str, ...] = ("labels",)
+    rows: str = "private"
+
     def forward(
         self,
         student_logits: torch.Tensor,
@@ -85,13 +117,20 @@ class CELoss(nn.Module):
         return "CE"
 
 
+def _declares(term: nn.Module) -> bool:
+    needs, rows = getattr(term, "needs", None), getattr(term, "rows", None)
+    return (isinstance(needs, tuple) and all(name in INPUTS for name in needs)
+            and isinstance(rows, str) and rows in ROWS)
+
+
 class WeightedSum(nn.Module):
     """``sum_i w_i * term_i``, where terms with ``w_i == 0`` are skipped entirely.
 
     Parameters
     ----------
     terms : sequence of (float, nn.Module)
-        Weights (finite) and losses with the shared call signature.
+        Weights (finite) and losses with the shared call signature (each declaring ``needs`` and
+        ``rows``).
     """
 
     def __init__(self, terms: Sequence[tuple[float, nn.Module]]) -> None:
@@ -103,6 +142,9 @@ class WeightedSum(nn.Module):
                 raise ConfigError(f"WeightedSum: weight {weight!r} of {term} must be a finite number")
             if not isinstance(term, nn.Module):
                 raise ConfigError(f"WeightedSum: term {term!r} must be an nn.Module loss")
+            if not _declares(term):
+                raise ConfigError(f"WeightedSum: term {term} must declare needs (names from "
+                                  f"{list(INPUTS)}) and rows (one of {list(ROWS)})")
         self._weights = tuple(float(w) for w, _ in terms)
         if not any(self._weights):
             raise ConfigError(f"WeightedSum: weights {self._weights} are all 0; at least one must be non-zero")
@@ -112,6 +154,17 @@ class WeightedSum(nn.Module):
     def weights(self) -> tuple[float, ...]:
         """Weight of every term, active or not, in order."""
         return self._weights
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The inputs the active terms read (their union, in the order of `INPUTS`)."""
+        used = {name for _, term in self.active_terms() for name in term.needs}
+        return tuple(name for name in INPUTS if name in used)
+
+    def needs_on(self, rows: str) -> tuple[str, ...]:
+        """The inputs the active terms evaluated on `rows` (``transfer`` or ``private``) read."""
+        used = {name for _, term in self.active_terms() if term.rows == rows for name in term.needs}
+        return tuple(name for name in INPUTS if name in used)
 
     def active_terms(self) -> list[tuple[float, nn.Module]]:
         """``(weight, loss)`` for the terms with non-zero weight, in order; ``combine`` takes one value each."""
@@ -127,15 +180,10 @@ class WeightedSum(nn.Module):
             total = total + value * weight
         return total
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        *,
-        soft_targets: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """All active terms on the same batch (for the case where they do share one)."""
-        values = [term(student_logits, soft_targets=soft_targets, labels=labels) for _, term in self.active_terms()]
+    def forward(self, student_logits: torch.Tensor, **inputs: object) -> torch.Tensor:
+        """All active terms on the same batch (for the case where they do share one), each given
+        the entries of `inputs` it ``needs``."""
+        values = [term(student_logits, **term_inputs(term, inputs)) for _, term in self.active_terms()]
         return self.combine(values)
 
     def __str__(self) -> str:

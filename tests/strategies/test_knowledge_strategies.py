@@ -1,0 +1,161 @@
+"""The relational and prototype strategies end to end in one process: the real ClientApp behind
+the real wire mod, Flower's round loop on a WireGrid (its ReplyGuard checks every reply)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedkd.client import app as client_app
+from fedkd.client.wire_mod import wire_mod
+from fedkd.aggregation import mean_probs
+from fedkd.errors import ConfigError
+from fedkd.strategies.fedproto import FedProto, mean_prototypes
+from fedkd.strategies.relational import Relational, relation_rows
+from fedkd.wire import WireGrid
+from tests.conftest import reply
+from tests.helpers import FakeGrid, bound
+
+NODES = (11, 12, 13, 14)
+
+
+def _settings(small_run, **train):
+    return dataclasses.replace(small_run.settings,
+                               train=dataclasses.replace(small_run.settings.train, **train))
+
+
+def _run(strategy, settings, num_rounds=3):
+    """Flower's round loop over nodes 11..14 (partitions 0..3) running the real ClientApp."""
+    contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n - NODES[0]},
+                           state=RecordDict(), run_config={}) for n in NODES}
+    seen: list[tuple[int, Message, Message]] = []
+
+    def answer(msg: Message) -> Message:
+        msg = copy.deepcopy(msg)
+        TaskIdentity.node_id = msg.metadata.dst_node_id
+        try:
+            out = wire_mod(msg, contexts[msg.metadata.dst_node_id], client_app.distill)
+        except Exception as err:  # noqa: BLE001 - as Flower's runtime: an error reply
+            return reply(msg, error=f"{type(err).__name__}: {err}")
+        finally:
+            TaskIdentity.node_id = 1
+        seen.append((int(msg.metadata.group_id), msg, out))
+        return out
+
+    fake = FakeGrid(list(NODES), answer=answer)
+    config = ConfigRecord(settings.to_config())
+    result = bound(strategy, settings).start(
+        grid=WireGrid(fake, poll_interval=0.0), initial_arrays=ArrayRecord(),
+        num_rounds=num_rounds, timeout=60, train_config=config, evaluate_config=config)
+    return result, seen
+
+
+RELATIONAL = dict(relation_rows=4096, losses={"kd": {"weight": 0.5}, "ce": {"weight": 0.5},
+                                               "relation_kd": {"weight": 1.0, "temperature": 0.1}})
+
+
+@pytest.mark.parametrize("relation_rows", [4096, 50])
+def test_relational_round_trip_carries_relations_both_ways(flower_ids, small_run, relation_rows):
+    settings = _settings(small_run, **{**RELATIONAL, "relation_rows": relation_rows})
+    strategy = Relational(aggregator=mean_probs, relation_temperature=0.1, min_available_nodes=1,
+                          wait_for_nodes_s=0)
+    result, seen = _run(strategy, settings)
+
+    rows = min(small_run.data.num_public, relation_rows)
+    for rnd, request, out in seen:
+        relation = out.content["knowledge"]["relation"].numpy()
+        assert relation.shape == (rows, rows - 1) and np.abs(relation).max() <= 1 + 1e-5
+        sent = request.content["transfer"]
+        if rnd == 1:
+            assert "targets.relation" not in sent
+        else:  # the aggregate of last round: row distributions over the other rows
+            target = sent["targets.relation"].numpy()
+            assert target.shape == (rows, rows - 1)
+            np.testing.assert_allclose(target.sum(1), 1.0, atol=1e-4)
+            assert "digest-loss" in out.content["metrics"]
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
+
+
+def test_relational_aggregate_is_the_aggregator_over_similarity_rows(flower_ids, small_run):
+    settings = _settings(small_run, relation_rows=4096, losses={
+        "kd": {"weight": 0.5}, "ce": {"weight": 0.5},
+        "relation_kd": {"weight": 1.0, "temperature": 0.25}})
+    calls = []
+
+    def spy(stacked, meta, temperature):
+        calls.append((stacked.shape, temperature))
+        return mean_probs(stacked, meta, temperature=temperature)
+
+    _run(Relational(aggregator=spy, relation_temperature=0.25, temperature=3.0,
+                    min_available_nodes=1, wait_for_nodes_s=0), settings, num_rounds=1)
+    c, rows = small_run.data.num_classes, small_run.data.num_public
+    assert calls == [((4, rows, c), 3.0), ((4, rows, rows - 1), 0.25)]
+
+
+def test_relational_refuses_a_client_term_at_another_temperature(small_run):
+    settings = _settings(small_run, **RELATIONAL)  # relation_kd at 0.1
+    with pytest.raises(ConfigError, match="relation_kd.temperature=0.1"):
+        Relational(aggregator=mean_probs, relation_temperature=0.5).bind(settings)
+
+
+def test_relation_rows_renormalises_and_keeps_empty_rows_empty():
+    out = relation_rows(np.array([[1.0, 3.0], [0.0, 0.0], [-1.0, 2.0]]))
+    np.testing.assert_allclose(out, [[0.25, 0.75], [0.0, 0.0], [0.0, 1.0]])
+
+
+def test_relational_needs_clients_that_share_relations(small_run):
+    with pytest.raises(ConfigError, match="relation_rows"):
+        Relational(aggregator=mean_probs).bind(small_run.settings)
+
+
+def test_relational_refuses_a_stateful_relation_aggregator():
+    class Stateful:
+        def __call__(self, logits, meta=None, *, temperature=1.0):
+            return mean_probs(logits, meta, temperature=temperature)
+
+        def state_dict(self):
+            return {}
+
+    with pytest.raises(ConfigError, match="state"):
+        Relational(aggregator=Stateful())
+
+
+def test_mean_prototypes_weighs_by_counts_and_skips_absent_classes():
+    protos = np.array([[[1.0, 0.0], [0.0, 0.0]], [[3.0, 2.0], [5.0, 5.0]]])  # [K=2, C=2, P=2]
+    counts = np.array([[1, 0], [3, 2]])
+    means, total = mean_prototypes(protos, counts)
+    np.testing.assert_allclose(means, [[2.5, 1.5], [5.0, 5.0]])
+    assert total.tolist() == [4, 2]
+    means, total = mean_prototypes(protos, np.zeros((2, 2)))
+    assert not means.any() and not total.any()
+
+
+@pytest.mark.parametrize("aggregator", [None, mean_probs], ids=["prototypes-only", "with-logits"])
+def test_fedproto_round_trip(flower_ids, small_run, aggregator):
+    settings = _settings(small_run, prototype_dim=8, losses={
+        "kd": {"weight": 0.5}, "ce": {"weight": 0.5}, "prototype": {"weight": 1.0}})
+    result, seen = _run(FedProto(aggregator=aggregator, min_available_nodes=1,
+                                 wait_for_nodes_s=0), settings)
+
+    c = small_run.data.num_classes
+    for rnd, request, out in seen:
+        knowledge = out.content["knowledge"]
+        assert knowledge["prototypes"].numpy().shape == (c, 8)
+        counts = knowledge["prototype-counts"].numpy()
+        assert counts.sum() == out.content["metrics"]["num-examples"]
+        assert ("logits" in out.content) == (aggregator is not None)
+        sent = request.content["transfer"]
+        assert ("prototypes" in sent) == (rnd > 1)
+        if rnd > 1:
+            assert sent["prototypes"].numpy().shape == (c, 8)
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
+
+
+def test_fedproto_needs_a_prototype_width(small_run):
+    with pytest.raises(ConfigError, match="prototype_dim"):
+        FedProto().bind(small_run.settings)
