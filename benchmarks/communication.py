@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,27 @@ def run_row(run: Path) -> dict[str, Any]:
     }
 
 
-def collect(folders: Sequence[Path]) -> pd.DataFrame:
-    """Every run (a folder with ``summary.json``) under `folders`, one row each."""
+def collect(folders: Sequence[Path], row: Callable[[Path], dict[str, Any]] | None = None
+            ) -> pd.DataFrame:
+    """Every run (a folder with ``summary.json``) under `folders`, one `row` each (default:
+    `run_row`); SystemExit when there is none."""
     runs = sorted({p.parent for folder in folders for p in Path(folder).rglob("summary.json")})
-    return pd.DataFrame([run_row(r) for r in runs])
+    if not runs:
+        raise SystemExit(f"no summary.json under {[str(f) for f in folders]}")
+    return pd.DataFrame([(row or run_row)(r) for r in runs])
+
+
+def finish_plot(fig: Any, ax: Any, path: Path, xlabel: str) -> None:
+    """Log-scale bytes on x, accuracy on y, a grid; saved to `path` and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final mean test accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def summarise(runs: pd.DataFrame, by: Sequence[str], reference: tuple[str, str] = ("fedavg", "none")
@@ -94,16 +111,10 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         for _, row in group.iterrows():
             ax.annotate(row["codec"], (row["bytes_total"] / 1e6, row["accuracy"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.set_xlabel("total bytes, both directions, whole run (MB, log scale)")
-    ax.set_ylabel("final mean test accuracy")
-    ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_plot(fig, ax, path, "total bytes, both directions, whole run (MB, log scale)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -115,8 +126,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = collect(args.folders)
-    if runs.empty:
-        raise SystemExit(f"no summary.json under {[str(f) for f in args.folders]}")
     table = summarise(runs, args.by.split(",")) if args.by else runs
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False))

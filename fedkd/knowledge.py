@@ -18,6 +18,7 @@ which loss a term is: `taps_for` says which model taps one forward pass must kee
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -122,11 +123,9 @@ def term_inputs(needs: Sequence[str], logits: torch.Tensor, taps: dict[str, torc
     return inputs
 
 
-def frozen_copy(model: nn.Module, like: nn.Module | None = None) -> nn.Module:
+def frozen_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` that takes no gradient (the round-start snapshot)."""
-    import copy
-
-    snapshot = copy.deepcopy(model if like is None else like)
+    snapshot = copy.deepcopy(model)
     snapshot.eval()
     for p in snapshot.parameters():
         p.requires_grad_(False)

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from fedkd.checks import check_privacy, check_run, codec_spec
+from fedkd.compact import brief
 from fedkd.dpsgd import dp_archs
 from fedkd.settings import ClientSettings
 from fedkd.data import DataInfo, prepare_data
@@ -84,10 +85,11 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         counts[name], flops = model_cost(model, data.input_shape)
         users = [i for i, (n, _) in enumerate(assignment) if n == name]
         log.info("architecture %s: %s parameters, %s FLOPs/example, clients %s", name,
-                 f"{counts[name]:,}", f"{flops:,}", users)
+                 f"{counts[name]:,}", f"{flops:,}", brief(users))
     roles = assign_roles(model_cfg, int(cfg.num_clients))
     if "teacher" in roles:
-        log.info("teachers (never taught): clients %s", [i for i, r in enumerate(roles) if r == "teacher"])
+        log.info("teachers (never taught): clients %s",
+                 brief([i for i, r in enumerate(roles) if r == "teacher"]))
     settings = ClientSettings(
         data={**data.to_dict(), **node_data}, archs=archs,
         assignment=[name for name, _ in assignment], train=train, seed=int(cfg.seed),

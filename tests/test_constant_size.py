@@ -208,3 +208,10 @@ def test_a_round_message_has_the_same_size_at_100_and_10000_clients(flower_ids, 
         sizes[n] = content_bytes(content)
     assert abs(sizes[10_000] - sizes[100]) <= 0.01 * sizes[100]
 
+
+
+def test_long_lists_are_logged_briefly():
+    from fedkd.compact import brief
+
+    assert brief(list(range(5))) == "[0, 1, 2, 3, 4]"
+    assert brief(list(range(1000)), limit=6) == "[0, 1, 2, 3, ..., 998, 999] (1000 items)"

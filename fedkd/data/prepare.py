@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fedkd.compact import brief
 from fedkd.data._config import instantiate, require_target, to_plain
 from fedkd.data.cache import (
     META,
@@ -45,6 +46,8 @@ from fedkd.data.split import normalize, split_data
 from fedkd.errors import ConfigError
 
 log = logging.getLogger(__name__)
+PER_CLIENT_LINES = 20
+"""Clients up to which each one's class histogram is logged at INFO (above: DEBUG)."""
 
 CACHE_VERSION = 3
 """Bump when the cache layout or the preparation logic changes."""
@@ -203,7 +206,9 @@ def _log_summary(info: DataInfo) -> None:
         "Data: %d classes, input %s, %d public (fingerprint %s), %d test, partition hash %s, "
         "client sizes %s",
         info.num_classes, info.input_shape, info.num_public, info.public_fingerprint,
-        info.num_test, info.partition_hash, list(info.client_sizes),
+        info.num_test, info.partition_hash, brief(list(info.client_sizes)),
     )
+    many = len(info.client_sizes) > PER_CLIENT_LINES  # thousands of clients: at debug level
     for i, hist in enumerate(info.class_histograms):
-        log.info("client %d: %d rows, class histogram %s", i, info.client_sizes[i], list(hist))
+        log.log(logging.DEBUG if many else logging.INFO, "client %d: %d rows, class histogram %s",
+                i, info.client_sizes[i], list(hist))

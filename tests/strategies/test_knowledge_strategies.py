@@ -159,3 +159,33 @@ def test_fedproto_round_trip(flower_ids, small_run, aggregator):
 def test_fedproto_needs_a_prototype_width(small_run):
     with pytest.raises(ConfigError, match="prototype_dim"):
         FedProto().bind(small_run.settings)
+
+
+@pytest.fixture(scope="module")
+def zoo_run(tmp_path_factory):
+    from fedkd.server import compose_config, prepare_run
+
+    cache = tmp_path_factory.mktemp("zoo-cache")
+    return prepare_run(compose_config([
+        "num_clients=4", "num_rounds=2", "model=zoo", "distill.warmup_epochs=1",
+        "distill.digest_epochs=1", "dataset.public_size=64", f"simulation.cache_dir={cache}"]))
+
+
+@pytest.mark.parametrize("name", ["relational", "fedproto"])
+def test_the_zoo_mixes_through_the_knowledge_strategies(flower_ids, zoo_run, name):
+    """ResNet-8 (block2), ResNet-20 (embedding), MobileNet (block3) and ViT (attention2): four
+    architectures, four taps, one relation or prototype space."""
+    assert [zoo_run.settings.arch_of(p)[0] for p in range(4)] == [
+        "resnet8", "resnet20", "mobilenet", "vit"]
+    if name == "relational":
+        settings = _settings(zoo_run, **RELATIONAL)
+        strategy = Relational(aggregator=mean_probs, relation_temperature=0.1,
+                              min_available_nodes=1, wait_for_nodes_s=0)
+    else:
+        settings = _settings(zoo_run, prototype_dim=8, losses={
+            "kd": {"weight": 0.5}, "ce": {"weight": 0.5}, "prototype": {"weight": 1.0}})
+        strategy = FedProto(aggregator=mean_probs, min_available_nodes=1, wait_for_nodes_s=0)
+    result, seen = _run(strategy, settings, num_rounds=2)
+    assert sorted({rnd for rnd, _, _ in seen}) == [1, 2] and len(seen) == 8
+    assert all("knowledge" in out.content and "digest-loss" in out.content["metrics"]
+               for rnd, _, out in seen if rnd == 2)
