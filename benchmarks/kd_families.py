@@ -7,7 +7,7 @@ by its knowledge family: the strategy, and what it adds (``relational`` and its 
 (``--baseline``, default ``fedmd``) on the same dataset and partition::
 
     python -m benchmarks.kd_families sweeps/issue14 --csv runs.csv
-    python -m benchmarks.kd_families sweeps/issue14 --by dataset,alpha,family --csv table.csv
+    python -m benchmarks.kd_families sweeps/issue14 --by dataset,model,alpha,sweep,family --csv table.csv
     python -m benchmarks.kd_families sweeps/issue14/kd_digits --plot accuracy_vs_bytes.png
 """
 
@@ -51,8 +51,8 @@ def run_row(run: Path) -> dict[str, Any]:
     rounds = int(summary.get("num_rounds") or 1)
     up, down = int(summary.get("bytes_up") or 0), int(summary.get("bytes_down") or 0)
     return {
-        "run": str(run), "dataset": summary.get("dataset"),
-        "model": (cfg.get("model") or {}).get("cycle") and ",".join(cfg["model"]["cycle"]),
+        "run": str(run), "sweep": run.parent.name, "dataset": summary.get("dataset"),
+        "model": ",".join((cfg.get("model") or {}).get("cycle") or []) or "auto",
         "alpha": partitioner.get("alpha"), "strategy": summary.get("strategy"),
         "family": family(cfg, str(summary.get("strategy"))), "seed": summary.get("seed"),
         "num_rounds": rounds, "status": summary.get("status"),
@@ -65,16 +65,17 @@ def run_row(run: Path) -> dict[str, Any]:
 
 def summarise(runs: pd.DataFrame, by: Sequence[str], baseline: str = "fedmd") -> pd.DataFrame:
     """Means over seeds per `by` group (accuracy with its sd, bytes and wall per round), and
-    ``margin``: the group's mean accuracy minus the `baseline` family's in the same dataset and
-    partition (points), when the baseline ran there."""
+    ``margin_pts``: the group's mean accuracy minus the `baseline` family's in the same setting
+    (every `by` column but ``family`` and ``sweep``), in points, when the baseline ran there."""
     by = list(by)
     table = runs.groupby(by, dropna=False).agg(
         seeds=("seed", "nunique"), accuracy=("final_mean_accuracy", "mean"),
         accuracy_std=("final_mean_accuracy", "std"), min_accuracy=("final_min_accuracy", "mean"),
         bytes_per_round=("bytes_per_round", "mean"),
         wall_s_per_round=("wall_s_per_round", "mean")).reset_index()
-    keys = [k for k in by if k != "family"]
-    base = table[table["family"] == baseline].set_index(keys)["accuracy"] if keys else None
+    keys = [k for k in by if k not in ("family", "sweep")]  # the setting: same data and split
+    base = (table[table["family"] == baseline].groupby(keys, dropna=False)["accuracy"].mean()
+            if keys else None)
     if base is not None and len(base):
         table["margin_pts"] = [
             100 * (row.accuracy - base.get(tuple(row[k] for k in keys) if len(keys) > 1

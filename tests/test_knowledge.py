@@ -142,3 +142,22 @@ def test_relation_kd_pulls_the_features_and_skips_rows_without_a_target():
     assert f.grad is not None and f.grad.abs().sum() > 0
     expected = -F.log_softmax((F.normalize(f, dim=1)[0] @ F.normalize(f, dim=1)[1:].T) / 0.1, 0)[0]
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
+
+
+def test_exits_distil_from_the_final_logits_in_the_revisit():
+    from fedkd.client.knowledge import exits_of
+    from fedkd.models import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet((1, 8, 8), 3, depth=8, exits=True)
+    exits = exits_of(model)
+    assert exits == ("exit1", "exit2")
+    heads = {n: p.detach().clone() for n, p in model.named_parameters() if "exit" in n}
+    assert heads
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    revisit(model, opt, x, y, epochs=1, batch_size=8, gen=gen,
+            loss=revisit_losses({"exits": {"weight": 1.0}}, 3.0), knowledge=Knowledge(exits=exits))
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(after[n].detach(), before) for n, before in heads.items())
