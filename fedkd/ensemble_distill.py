@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from fedkd.devices import deterministic_from_env, on_device, rng_devices, select_device
-from fedkd.losses import WeightedSum, build_losses
+from fedkd.errors import ConfigError
+from fedkd.losses import WeightedSum, build_losses, check_losses
 from fedkd.losses.rounds import TEACHER_INPUTS
+from fedkd.models._common import plain_mapping
 from fedkd.models.taps import check_tap
 from fedkd.training import mean_loss
 
@@ -145,3 +147,15 @@ def feature_distill(student: nn.Module, x: torch.Tensor, soft_targets: torch.Ten
             history.append(mean_loss(losses))
         student.eval()
     return history
+
+
+def server_loss_spec(spec: Any, temperature: float) -> dict[str, dict[str, Any]]:
+    """``server_losses`` checked as ``distill.losses`` is (`fedkd.losses.check_losses`), its
+    errors named under ``strategy.flower.server_losses``."""
+    try:
+        return check_losses(plain_mapping(spec, "server_losses"), temperature)
+    except ConfigError as err:  # named under strategy.flower by whoever builds the strategy
+        if err.key.startswith("distill.losses"):
+            raise ConfigError("server_losses" + err.key.removeprefix("distill.losses"),
+                              *((err.value, err.allowed) if err.has_value else ())) from None
+        raise

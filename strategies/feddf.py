@@ -39,10 +39,8 @@ from fedkd.data import load_public
 from fedkd.errors import ConfigError, require_int, require_number
 from fedkd.generators import LogitGuided, ModelGuided
 from fedkd.generators.base import models_query
-from fedkd.ensemble_distill import feature_distill
-from fedkd.losses import check_losses
+from fedkd.ensemble_distill import feature_distill, server_loss_spec
 from fedkd.models import build_model
-from fedkd.models._common import plain_mapping
 from fedkd.models.build import spec_tap
 from fedkd.protocol import ARRAYS, CONFIG, SERVER_ROUND, rows_to_inputs
 from fedkd.records import array_record_from_state, array_record_state, reply_class_counts
@@ -303,14 +301,3 @@ class FedDF(KDStrategy):
             return self.transfer.fit_logits(server_round, settings, models_query(models))
         return {}
 
-
-def server_loss_spec(spec: Any, temperature: float) -> dict[str, dict[str, Any]]:
-    """``server_losses`` checked as ``distill.losses`` is (`fedkd.losses.check_losses`), its
-    errors named under ``strategy.flower.server_losses``."""
-    try:
-        return check_losses(plain_mapping(spec, "server_losses"), temperature)
-    except ConfigError as err:  # named under strategy.flower by whoever builds the strategy
-        if err.key.startswith("distill.losses"):
-            raise ConfigError("server_losses" + err.key.removeprefix("distill.losses"),
-                              *((err.value, err.allowed) if err.has_value else ())) from None
-        raise

@@ -71,6 +71,10 @@ class Relational(KDStrategy):
         if not train.relation_rows:
             raise ConfigError("distill.relation_rows", 0, "must be > 0 with strategy=relational "
                               "(the transfer rows the clients send relations between)")
+        if "relation" in (train.losses or {}):
+            raise ConfigError("distill.losses.relation", train.losses["relation"],
+                              "matches cosine similarities, but this strategy sends row "
+                              "distributions: use relation_kd")
         term = (train.losses or {}).get("relation_kd")
         if term is not None and term["temperature"] != self.relation_temperature:
             raise ConfigError("distill.losses.relation_kd.temperature", term["temperature"],

@@ -103,6 +103,12 @@ def test_relational_refuses_a_client_term_at_another_temperature(small_run):
         Relational(aggregator=mean_probs, relation_temperature=0.5).bind(settings)
 
 
+def test_relational_refuses_the_cosine_matching_term(small_run):
+    settings = _settings(small_run, relation_rows=10, losses={"kd": {}, "relation": {}})
+    with pytest.raises(ConfigError, match="use relation_kd"):
+        Relational(aggregator=mean_probs).bind(settings)
+
+
 def test_relation_rows_renormalises_and_keeps_empty_rows_empty():
     out = relation_rows(np.array([[1.0, 3.0], [0.0, 0.0], [-1.0, 2.0]]))
     np.testing.assert_allclose(out, [[0.25, 0.75], [0.0, 0.0], [0.0, 1.0]])
