@@ -15,17 +15,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from fedkd.devices import deterministic_from_env, on_device, rng_devices, select_device
+from fedkd.devices import on_device
 from fedkd.errors import ConfigError
 from fedkd.losses import WeightedSum, build_losses, check_losses
 from fedkd.losses.rounds import TEACHER_INPUTS
 from fedkd.models._common import plain_mapping
 from fedkd.models.taps import check_tap
-from fedkd.training import mean_loss
+from fedkd.server_distill import distill
 
 ATTENTION = "attention"
 
@@ -115,38 +114,26 @@ def feature_distill(student: nn.Module, x: torch.Tensor, soft_targets: torch.Ten
     """`fedkd.server_distill.distill` with the terms of `spec` (module docstring); return the
     mean loss per epoch. Adam trains the student and any hint projectors; shuffling is seeded
     from `seed` and the global RNG left as it was."""
-    device = select_device() if device is None else device
-    deterministic_from_env(device)
-    state = int(np.random.SeedSequence(list(seed)).generate_state(1)[0])
-    gen = torch.Generator().manual_seed(state)
-    history = []
-    with on_device([student], device), torch.random.fork_rng(devices=rng_devices(device)):
-        torch.manual_seed(state)
+
+    def step(device: torch.device) -> tuple[list[nn.Parameter], Any]:
         widths = [tap_width(t, tap, x) for t, tap in zip(teachers, teacher_tap_names)]
         loss_fn = EnsembleLoss(spec, temperature, tap_width(student, student_tap, x),
                                widths).to(device)
         feats = (teacher_taps(teachers, teacher_tap_names, x, device) if loss_fn.needs_taps
                  else [])
-        optimizer = torch.optim.Adam([*student.parameters(), *loss_fn.parameters()], lr=lr)
-        x, soft_targets = x.to(device), soft_targets.to(device)
-        student.train()
-        for _ in range(epochs):
-            losses = []
-            for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-                if loss_fn.needs_taps:
-                    logits, taps = student.forward_taps(x[idx], [student_tap])
-                    features = taps[student_tap]
-                else:
-                    logits, features = student(x[idx]), None
-                loss = loss_fn(logits, soft_targets[idx], features,
-                               [f[idx.to(f.device)] for f in feats])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())
-            history.append(mean_loss(losses))
-        student.eval()
-    return history
+
+        def batch_loss(xb: torch.Tensor, soft: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            if loss_fn.needs_taps:
+                logits, taps = student.forward_taps(xb, [student_tap])
+                features = taps[student_tap]
+            else:
+                logits, features = student(xb), None
+            return loss_fn(logits, soft, features, [f[idx.to(f.device)] for f in feats])
+
+        return list(loss_fn.parameters()), batch_loss
+
+    return distill(student, x, soft_targets, temperature=temperature, epochs=epochs, lr=lr,
+                   batch_size=batch_size, seed=seed, device=device, step=step)
 
 
 def server_loss_spec(spec: Any, temperature: float) -> dict[str, dict[str, Any]]:

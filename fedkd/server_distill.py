@@ -11,7 +11,7 @@ they found it; shuffling stays on the CPU, and what they return is CPU numbers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,10 @@ from fedkd.losses import KDLoss
 from fedkd.training import mean_loss
 
 StateDict = dict[str, torch.Tensor]
+BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""One batch's loss from its inputs, soft targets and row indices."""
+StepFactory = Callable[[torch.device], tuple[list[nn.Parameter], BatchLoss]]
+"""What `distill` trains besides the student, and how it forms a batch's loss."""
 
 SEPARATOR = "/"
 """Between the architecture name and the state-dict key in a multi-architecture ArrayRecord."""
@@ -124,6 +128,7 @@ def distill(
     batch_size: int,
     seed: Sequence[int],
     device: torch.device | None = None,
+    step: StepFactory | None = None,
 ) -> list[float]:
     """Distil soft targets into `student` on unlabelled inputs; return the mean KD loss per epoch.
 
@@ -145,22 +150,32 @@ def distill(
         Entropy for the seed (e.g. ``(strategy seed, round, architecture index)``).
     device : torch.device, optional
         Where to train (None: `fedkd.devices.select_device`); the student comes back where it was.
+    step : callable, optional
+        ``step(device) -> (extra parameters, batch_loss)``, called once after the seeding; Adam
+        also trains the extra parameters and ``batch_loss(x_batch, soft_batch, idx)`` gives each
+        batch's loss (`fedkd.ensemble_distill`). None: ``KDLoss(temperature)`` on the student.
     """
     device = select_device() if device is None else device
     deterministic_from_env(device)
-    loss_fn = KDLoss(temperature)
+    if step is None:
+        loss_fn = KDLoss(temperature)
+
+        def step(_device: torch.device) -> tuple[list[nn.Parameter], BatchLoss]:
+            return [], lambda xb, soft, _idx: loss_fn(student(xb), soft_targets=soft)
+
     state = int(np.random.SeedSequence(list(seed)).generate_state(1)[0])
     gen = torch.Generator().manual_seed(state)  # the shuffles: on the CPU, whatever the device
     history = []
     with on_device([student], device), torch.random.fork_rng(devices=rng_devices(device)):
-        optimizer = torch.optim.Adam(student.parameters(), lr=lr)
-        x, soft_targets = x.to(device), soft_targets.to(device)
         torch.manual_seed(state)
+        extra, batch_loss = step(device)  # after the seed: a term's own weights draw from it
+        optimizer = torch.optim.Adam([*student.parameters(), *extra], lr=lr)
+        x, soft_targets = x.to(device), soft_targets.to(device)
         student.train()
         for _ in range(epochs):
             losses = []
             for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-                loss = loss_fn(student(x[idx]), soft_targets=soft_targets[idx])
+                loss = batch_loss(x[idx], soft_targets[idx], idx)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
