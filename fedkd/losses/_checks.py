@@ -19,6 +19,17 @@ def same_rows(owner: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
                          "must have the same rows N")
 
 
+def student_and_teacher(owner: str, features: torch.Tensor | None,
+                        teacher_features: torch.Tensor | None, what: str = "tap"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both inputs of a term that compares a student's `what` with a teacher's: present, on the
+    same rows N, the teacher's detached (no gradient reaches a teacher)."""
+    features = need("features", features, owner, f"the student's {what}")
+    teacher = need("teacher_features", teacher_features, owner, f"the teacher's {what}").detach()
+    same_rows(owner, features, teacher)
+    return features, teacher
+
+
 def zero(x: torch.Tensor) -> torch.Tensor:
     """A 0-d zero on `x`'s graph (the sum of none of its elements: no NaN leaks in, backward works)."""
     return x.reshape(-1)[:0].sum()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedkd.errors import require_choice, require_int, require_number
-from fedkd.losses._checks import need, same_rows
+from fedkd.losses._checks import need, student_and_teacher
 from fedkd.losses.response import _fmt
 
 _POOL = {3: F.adaptive_avg_pool1d, 4: F.adaptive_avg_pool2d, 5: F.adaptive_avg_pool3d}
@@ -77,9 +77,7 @@ class HintLoss(nn.Module):
         teacher_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """MSE between the projected student features and the teacher's (same rows)."""
-        features = need("features", features, "HintLoss", "the student's tap on these rows")
-        teacher = need("teacher_features", teacher_features, "HintLoss", "the teacher's tap").detach()
-        same_rows("HintLoss", features, teacher)
+        features, teacher = student_and_teacher("HintLoss", features, teacher_features)
         projected = self.project(features)
         if self.kind == "map" and projected.dim() == teacher.dim():
             projected = _pool_to(projected, tuple(teacher.shape[2:]))
@@ -134,9 +132,8 @@ class AttentionTransfer(nn.Module):
         teacher_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """AT loss for maps ``[N, C_s, *spatial_s]`` and ``[N, C_t, *spatial_t]`` of the same rank."""
-        features = need("features", features, "AttentionTransfer", "the student's map")
-        teacher = need("teacher_features", teacher_features, "AttentionTransfer", "the teacher's map").detach()
-        same_rows("AttentionTransfer", features, teacher)
+        features, teacher = student_and_teacher("AttentionTransfer", features, teacher_features,
+                                                "map")
         if features.dim() != teacher.dim():
             raise ValueError(f"AttentionTransfer: maps {tuple(features.shape)} and {tuple(teacher.shape)} "
                              "must have the same rank")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedkd.errors import require_int
-from fedkd.losses._checks import need, same_rows, zero
+from fedkd.losses._checks import need, student_and_teacher, zero
 
 _EPS = 1e-12
 """Floor of squared distances and of their mean (as in the RKD authors' code)."""
@@ -90,9 +90,7 @@ class RKDDistance(nn.Module):
         teacher_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RKD-D for features ``[N, ...]`` of any widths (same N)."""
-        features = need("features", features, "RKDDistance", "the student's tap")
-        teacher = need("teacher_features", teacher_features, "RKDDistance", "the teacher's tap").detach()
-        same_rows("RKDDistance", features, teacher)
+        features, teacher = student_and_teacher("RKDDistance", features, teacher_features)
         if len(features) < 2:
             return zero(features)
         student_d = _normalised_distances(features)
@@ -124,9 +122,7 @@ class RKDAngle(nn.Module):
         teacher_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RKD-A for features ``[N, ...]`` of any widths (same N)."""
-        features = need("features", features, "RKDAngle", "the student's tap")
-        teacher = need("teacher_features", teacher_features, "RKDAngle", "the teacher's tap").detach()
-        same_rows("RKDAngle", features, teacher)
+        features, teacher = student_and_teacher("RKDAngle", features, teacher_features)
         if len(features) < 3:
             return zero(features)
         return F.smooth_l1_loss(_angles(features), _angles(teacher.to(features.dtype)))
@@ -153,10 +149,8 @@ class SimilarityPreserving(nn.Module):
         teacher_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """SP loss for features ``[N, ...]`` of any widths (same N)."""
-        features = need("features", features, "SimilarityPreserving", "the student's tap")
-        teacher = need("teacher_features", teacher_features, "SimilarityPreserving", "the teacher's tap")
-        same_rows("SimilarityPreserving", features, teacher)
-        g_s, g_t = sp_matrix(features), sp_matrix(teacher.detach().to(features.dtype))
+        features, teacher = student_and_teacher("SimilarityPreserving", features, teacher_features)
+        g_s, g_t = sp_matrix(features), sp_matrix(teacher.to(features.dtype))
         return (g_s - g_t).pow(2).sum() / len(features) ** 2
 
     def __str__(self) -> str:
