@@ -75,6 +75,24 @@ def halved(size: int) -> int:
     return (size - 1) // 2 + 1
 
 
+def stride_plan(side: int, count: int) -> list[int]:
+    """Strides of `count` stages or blocks on a `side`: the first keeps it, each later one halves
+    it (stride 2) while the result stays >= `MIN_SIDE`."""
+    strides = []
+    for index in range(count):
+        stride = 2 if index and pool_here(side, MIN_SIDE) else 1
+        side = halved(side) if stride == 2 else side
+        strides.append(stride)
+    return strides
+
+
+def channels_first(shape: tuple[int, ...], spatial_rank: int) -> tuple[bool, int, tuple[int, ...]]:
+    """``(add_channel, in_channels, spatial)`` of an input shape checked by `as_shape`: a shape of
+    `spatial_rank` axes has no channel axis, and gets one of size 1 in ``forward``."""
+    add = len(shape) == spatial_rank
+    return add, 1 if add else shape[0], shape if add else shape[1:]
+
+
 def check_flag(value: object, family: str, name: str) -> bool:
     """`value` as a bool, or a ConfigError naming ``family: name``."""
     if not isinstance(value, bool):

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from fedkd.errors import ConfigError
-from fedkd.models._common import as_shape, check_num_classes, pool_here, positive_ints
+from fedkd.models._common import (
+    as_shape, channels_first, check_num_classes, pool_here, positive_ints,
+)
 from fedkd.models.taps import EMBEDDING, Tapped, Taps, conv_block_ends, run_stack, stack_taps
 
 _LAYERS = {
@@ -126,8 +128,7 @@ class CNN2d(_ConvStack):
         super().__init__()
         shape = as_shape(input_shape, "CNN2d", (2, 3), "(C, H, W) or (H, W)")
         classes, widths, pool_side = _check_common("CNN2d", num_classes, channels, batchnorm, head_pool)
-        self.add_channel = len(shape) == 2
-        in_channels, spatial = (1, shape) if self.add_channel else (shape[0], shape[1:])
+        self.add_channel, in_channels, spatial = channels_first(shape, 2)
         self.features = conv_features(2, in_channels, spatial, widths, 3, batchnorm, pool_side)
         self.head = nn.Linear(widths[-1] * pool_side**2, classes)
         self._declare_stack_taps()
@@ -165,8 +166,7 @@ class CNN1d(_ConvStack):
         shape = as_shape(input_shape, "CNN1d", (1, 2), "(C, L) or (L,)")
         classes, widths, pool_side = _check_common("CNN1d", num_classes, channels, batchnorm, head_pool)
         (kernel,) = positive_ints([kernel_size], "CNN1d", "kernel_size")
-        self.add_channel = len(shape) == 1
-        in_channels, spatial = (1, shape) if self.add_channel else (shape[0], shape[1:])
+        self.add_channel, in_channels, spatial = channels_first(shape, 1)
         self.features = conv_features(1, in_channels, spatial, widths, kernel, batchnorm, pool_side)
         self.head = nn.Linear(widths[-1] * pool_side, classes)
         self._declare_stack_taps()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedkd.models._common import as_shape, check_num_classes, positive_ints
+from fedkd.models._common import as_shape, channels_first, check_num_classes, positive_ints
 from fedkd.models.taps import EMBEDDING, Tapped, Taps, conv_block_ends, run_stack, stack_taps
 
 
@@ -56,8 +56,7 @@ class FedGenCNN(Tapped):
         classes = check_num_classes(num_classes, "FedGenCNN")
         widths = positive_ints(channels, "FedGenCNN", "channels")
         (width,) = positive_ints([hidden], "FedGenCNN", "hidden")
-        self.add_channel = len(shape) == 2
-        in_channels, spatial = (1, shape) if self.add_channel else (shape[0], shape[1:])
+        self.add_channel, in_channels, spatial = channels_first(shape, 2)
         layers: list[nn.Module] = []
         for out in widths:
             layers += [nn.Conv2d(in_channels, out, 3, stride=2, padding=1), nn.BatchNorm2d(out),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedkd.models._common import (
-    MIN_SIDE, as_shape, check_num_classes, halved, pool_here, positive_int, positive_ints,
+    as_shape, channels_first, check_num_classes, positive_int, positive_ints, stride_plan,
 )
 from fedkd.models.taps import EMBEDDING, Tapped, Taps
 
@@ -63,15 +63,11 @@ class MobileNet(Tapped):
         classes = check_num_classes(num_classes, "MobileNet")
         blocks = positive_ints(widths, "MobileNet", "widths")
         channels = positive_int(stem, "MobileNet", "stem")
-        self.add_channel = len(shape) == 2
-        in_channels, spatial = (1, shape) if self.add_channel else (shape[0], shape[1:])
+        self.add_channel, in_channels, spatial = channels_first(shape, 2)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(channels), nn.ReLU())
         self.blocks = nn.ModuleList()
-        size = min(spatial)
-        for index, width in enumerate(blocks):
-            stride = 2 if index and pool_here(size, MIN_SIDE) else 1
-            size = halved(size) if stride == 2 else size
+        for width, stride in zip(blocks, stride_plan(min(spatial), len(blocks))):
             self.blocks.append(separable(channels, width, stride))
             channels = width
         self.head = nn.Linear(channels, classes)

@@ -26,7 +26,7 @@ from torch import nn
 
 from fedkd.errors import ConfigError
 from fedkd.models._common import (
-    MIN_SIDE, as_shape, check_flag, check_num_classes, halved, pool_here, positive_ints,
+    as_shape, channels_first, check_flag, check_num_classes, positive_ints, stride_plan,
 )
 from fedkd.models.taps import EMBEDDING, Tapped, Taps
 
@@ -131,15 +131,12 @@ class ResNet(Tapped):
         if not option_b and any(b < a for a, b in zip(stages, stages[1:])):
             raise ConfigError(f"ResNet: widths={list(stages)} must not decrease with option-A shortcuts "
                               "(zero-padded channels); set projection: true")
-        self.add_channel = len(shape) == 2
-        in_channels, spatial = (1, shape) if self.add_channel else (shape[0], shape[1:])
+        self.add_channel, in_channels, spatial = channels_first(shape, 2)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, stages[0], 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(stages[0]), nn.ReLU())
         self.stages = nn.ModuleList()
-        size, channels = min(spatial), stages[0]
-        for index, width in enumerate(stages):
-            stride = 2 if index and pool_here(size, MIN_SIDE) else 1
-            size = halved(size) if stride == 2 else size
+        channels = stages[0]
+        for width, stride in zip(stages, stride_plan(min(spatial), len(stages))):
             blocks = [BasicBlock(channels if b == 0 else width, width, stride if b == 0 else 1, option_b)
                       for b in range(n)]
             self.stages.append(nn.Sequential(*blocks))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fedkd.errors import ConfigError
-from fedkd.models._common import as_shape, check_num_classes, positive_int
+from fedkd.models._common import as_shape, channels_first, check_num_classes, positive_int
 from fedkd.models.taps import EMBEDDING, Tapped, Taps
 
 
@@ -135,8 +135,7 @@ class ViT(Tapped):
             positive_int(value, "ViT", name)
             for name, value in (("patch", patch), ("dim", dim), ("depth", depth), ("heads", heads)))
         hidden = _check(shape, side, width, num_heads, mlp_ratio)
-        self.add_channel = len(shape) == 2
-        in_channels = 1 if self.add_channel else shape[0]
+        self.add_channel, in_channels, _ = channels_first(shape, 2)
         num_patches = (shape[-2] // side) * (shape[-1] // side)
         self.patches = nn.Conv2d(in_channels, width, side, stride=side)
         self.tokens = TokenEmbedding(num_patches + 1, width)
