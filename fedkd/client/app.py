@@ -97,7 +97,8 @@ def distill(msg: Message, context: Context) -> Message:
                 num_classes = int(settings.data["num_classes"])
                 record[CLASS_COUNTS] = Array(label_counts(data.y, num_classes))
             content[LOGITS] = ArrayRecord(record)
-    shared = knowledge_reply(settings, pid, student.model, next_x, data.x, data.y)
+    shared = knowledge_reply(settings, pid, student.model, next_x, data.x, data.y,
+                             knowledge.projection)
     if shared is not None:  # relations on the next rows, prototypes of the private rows
         content[KNOWLEDGE] = shared
     with timer("evaluate"):

@@ -87,9 +87,10 @@ def round_knowledge(settings: ClientSettings, pid: int, model: nn.Module, transf
 
 
 def knowledge_reply(settings: ClientSettings, pid: int, model: nn.Module,
-                    next_x: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor
-                    ) -> ArrayRecord | None:
-    """The reply's ``knowledge`` record, None when the run shares none."""
+                    next_x: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
+                    projection: torch.Tensor | None) -> ArrayRecord | None:
+    """The reply's ``knowledge`` record, None when the run shares none; `projection` is the
+    round's (`round_knowledge`)."""
     train = settings.train
     if not train.relation_rows and not train.prototype_dim:
         return None
@@ -101,7 +102,6 @@ def knowledge_reply(settings: ClientSettings, pid: int, model: nn.Module,
         record[RELATION] = Array(similarity_rows(tap_of(model, tap, head)).numpy())
     if train.prototype_dim:
         classes = int(settings.data["num_classes"])
-        projection = projection_for(settings, model, tap, x)
         means, counts = class_prototypes(tap_of(model, tap, x) @ projection, y, classes)
         record[PROTOTYPES] = Array(np.nan_to_num(means.numpy(), nan=0.0).astype(np.float32))
         record[PROTOTYPE_COUNTS] = Array(counts.numpy().astype(np.int64))
