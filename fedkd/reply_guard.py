@@ -174,18 +174,7 @@ class ReplyGuard:
             shapes = {LOGITS: (rows, c)}
             if kind == MESSAGE_TYPE and self.settings.train.share_class_counts:
                 shapes[CLASS_COUNTS] = (c,)
-        record = record if record is not None else ArrayRecord()
-        if missing := sorted(set(shapes) - set(record.keys())):
-            raise ReplyError(f"{LOGITS}.{missing[0]} is missing")
-        if extra := sorted(set(record.keys()) - set(shapes)):
-            raise ReplyError(f"{LOGITS}.{extra[0]} is not an array a {kind} reply carries")
-        for key, shape in shapes.items():
-            field = f"{LOGITS}.{key}"
-            if key == CLASS_COUNTS:
-                check.class_counts(record[key].numpy(), c, check.example_cap(
-                    self.settings.data, pid), field)
-            else:
-                check.logits(record[key].numpy(), shape, field)
+        self._arrays(record, LOGITS, shapes, pid, f"is not an array a {kind} reply carries")
 
     def _knowledge_asked(self, request: Message) -> dict[str, tuple[int, ...]]:
         """The ``knowledge`` arrays `request` asks for, and their shapes."""
@@ -200,19 +189,24 @@ class ReplyGuard:
         return shapes
 
     def _knowledge(self, record: ArrayRecord | None, request: Message, pid: int) -> None:
-        shapes = self._knowledge_asked(request)
+        self._arrays(record, KNOWLEDGE, self._knowledge_asked(request), pid, "was not asked for")
+
+    def _arrays(self, record: ArrayRecord | None, name: str, shapes: dict[str, tuple[int, ...]],
+                pid: int, unasked: str) -> None:
+        """`record` (`name`) holds exactly the arrays `shapes` lists, each valid: counts per class
+        within the partition `pid`, cosine similarities, or finite bounded values."""
         record = record if record is not None else ArrayRecord()
         if missing := sorted(set(shapes) - set(record.keys())):
-            raise ReplyError(f"{KNOWLEDGE}.{missing[0]} is missing")
+            raise ReplyError(f"{name}.{missing[0]} is missing")
         if extra := sorted(set(record.keys()) - set(shapes)):
-            raise ReplyError(f"{KNOWLEDGE}.{extra[0]} was not asked for")
+            raise ReplyError(f"{name}.{extra[0]} {unasked}")
         for key, shape in shapes.items():
-            field, array = f"{KNOWLEDGE}.{key}", record[key].numpy()
-            if key == RELATION:
-                check.relation(array, shape[0], field)
-            elif key == PROTOTYPE_COUNTS:
+            field, array = f"{name}.{key}", record[key].numpy()
+            if key in (CLASS_COUNTS, PROTOTYPE_COUNTS):
                 check.class_counts(array, self.num_classes,
                                    check.example_cap(self.settings.data, pid), field)
+            elif key == RELATION:
+                check.relation(array, shape[0], field)
             else:
                 check.logits(array, shape, field)
 
