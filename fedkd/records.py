@@ -86,16 +86,24 @@ def asked_rows(request: Message) -> int | None:
     return row_count(key.rsplit(".", 1)[1], transfer[key].numpy())
 
 
+def reply_arrays(reply: Message, name: str, *keys: str) -> dict[str, np.ndarray]:
+    """The arrays `keys` of the reply's ArrayRecord `name`; a ReplyError names the first one
+    missing (``<name>.<key> is missing``)."""
+    record = reply.content.array_records.get(name)
+    for key in keys:
+        if record is None or key not in record:
+            raise ReplyError(f"{name}.{key} is missing")
+    return {key: record[key].numpy() for key in keys}
+
+
 def reply_logits(reply: Message, rows: int, num_classes: int) -> np.ndarray:
     """Validated logits of a reply: float32 [rows, num_classes], finite and bounded
     (`fedkd.reply_checks.logits`).
 
     Raises ValueError naming what is wrong for a malformed (or malicious) reply.
     """
-    if LOGITS not in reply.content or LOGITS not in reply.content[LOGITS]:
-        raise ReplyError(f"{LOGITS}.{LOGITS} is missing")
-    return reply_checks.logits(reply.content[LOGITS][LOGITS].numpy(), (rows, num_classes),
-                               f"{LOGITS}.{LOGITS}")
+    array = reply_arrays(reply, LOGITS, LOGITS)[LOGITS]
+    return reply_checks.logits(array, (rows, num_classes), f"{LOGITS}.{LOGITS}")
 
 
 def reply_class_counts(reply: Message, num_classes: int, cap: int = MAX_EXAMPLES) -> np.ndarray:
@@ -104,11 +112,8 @@ def reply_class_counts(reply: Message, num_classes: int, cap: int = MAX_EXAMPLES
 
     Raises ValueError naming what is wrong (missing, shape, not whole numbers, negative, too many).
     """
-    record = reply.content[LOGITS] if LOGITS in reply.content else None
-    if record is None or CLASS_COUNTS not in record:
-        raise ReplyError(f"{LOGITS}.{CLASS_COUNTS} is missing")
-    counts = reply_checks.class_counts(record[CLASS_COUNTS].numpy(), num_classes, cap,
-                                       f"{LOGITS}.{CLASS_COUNTS}")
+    array = reply_arrays(reply, LOGITS, CLASS_COUNTS)[CLASS_COUNTS]
+    counts = reply_checks.class_counts(array, num_classes, cap, f"{LOGITS}.{CLASS_COUNTS}")
     return counts.astype(np.float64)
 
 
@@ -130,23 +135,18 @@ def soft_targets(record: ArrayRecord, rows: int, num_classes: int) -> np.ndarray
 
 def reply_relation(reply: Message, rows: int) -> np.ndarray:
     """A reply's validated ``knowledge.relation``: float32 [rows, rows - 1] cosine similarities."""
-    record = reply.content[KNOWLEDGE] if KNOWLEDGE in reply.content else None
-    if record is None or RELATION not in record:
-        raise ReplyError(f"{KNOWLEDGE}.{RELATION} is missing")
-    return reply_checks.relation(record[RELATION].numpy(), rows, f"{KNOWLEDGE}.{RELATION}")
+    array = reply_arrays(reply, KNOWLEDGE, RELATION)[RELATION]
+    return reply_checks.relation(array, rows, f"{KNOWLEDGE}.{RELATION}")
 
 
 def reply_prototypes(reply: Message, num_classes: int, dim: int,
                      cap: int = MAX_EXAMPLES) -> tuple[np.ndarray, np.ndarray]:
     """A reply's validated ``knowledge.prototypes`` (float32 [C, P], finite, bounded) and
     ``knowledge.prototype-counts`` (int64 [C], summing to at most `cap`)."""
-    record = reply.content[KNOWLEDGE] if KNOWLEDGE in reply.content else None
-    for key in (PROTOTYPES, PROTOTYPE_COUNTS):
-        if record is None or key not in record:
-            raise ReplyError(f"{KNOWLEDGE}.{key} is missing")
-    protos = reply_checks.logits(record[PROTOTYPES].numpy(), (num_classes, dim),
+    arrays = reply_arrays(reply, KNOWLEDGE, PROTOTYPES, PROTOTYPE_COUNTS)
+    protos = reply_checks.logits(arrays[PROTOTYPES], (num_classes, dim),
                                  f"{KNOWLEDGE}.{PROTOTYPES}")
-    counts = reply_checks.class_counts(record[PROTOTYPE_COUNTS].numpy(), num_classes, cap,
+    counts = reply_checks.class_counts(arrays[PROTOTYPE_COUNTS], num_classes, cap,
                                        f"{KNOWLEDGE}.{PROTOTYPE_COUNTS}")
     return protos, counts
 

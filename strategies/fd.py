@@ -19,7 +19,8 @@ from flwr.app import Array, ArrayRecord, Message
 
 from fedkd import reply_checks
 from fedkd.protocol import CLASS_COUNTS, CLASS_LOGITS, FD_MESSAGE_TYPE, LOGITS, TARGETS
-from fedkd.reply_checks import MAX_EXAMPLES, ReplyError
+from fedkd.records import reply_arrays
+from fedkd.reply_checks import MAX_EXAMPLES
 from fedkd.settings import ClientSettings
 from fedkd.strategies.base import KDStrategy, parse_replies, teacher_facts
 
@@ -64,13 +65,10 @@ def reply_class_logits(reply: Message, num_classes: int,
     record, wrong shapes, non-finite or out-of-bound logits, or counts that are not whole
     numbers >= 0 summing to at most `cap`.
     """
-    record = reply.content.array_records.get(LOGITS)
-    for key in (CLASS_LOGITS, CLASS_COUNTS):
-        if record is None or key not in record:
-            raise ReplyError(f"{LOGITS}.{key} is missing")
-    logits = reply_checks.logits(record[CLASS_LOGITS].numpy(), (num_classes, num_classes),
+    arrays = reply_arrays(reply, LOGITS, CLASS_LOGITS, CLASS_COUNTS)
+    logits = reply_checks.logits(arrays[CLASS_LOGITS], (num_classes, num_classes),
                                  f"{LOGITS}.{CLASS_LOGITS}")
-    counts = reply_checks.class_counts(record[CLASS_COUNTS].numpy(), num_classes, cap,
+    counts = reply_checks.class_counts(arrays[CLASS_COUNTS], num_classes, cap,
                                        f"{LOGITS}.{CLASS_COUNTS}")
     return logits, counts
 
