@@ -74,9 +74,9 @@ def revisit(
             loss_value = ce(model(x[idx]), labels=y[idx])
         else:
             logits, taps = forward(model, x[idx], taps_for(loss.needs, knowledge))
-            loss_value = _weighted([(w, term, term_inputs(
+            loss_value = _weighted([(w, term, logits, term_inputs(
                 term.needs, logits, taps, x=x[idx], labels=y[idx], knowledge=knowledge))
-                for w, term in loss.active_terms()], logits)
+                for w, term in loss.active_terms()])
             if loss_value is None:
                 continue
         optimizer.zero_grad()
@@ -86,17 +86,14 @@ def revisit(
     return mean_loss(losses)
 
 
-def _weighted(terms: list[tuple[float, nn.Module, dict]], logits: torch.Tensor
-              ) -> torch.Tensor | None:
-    """``sum w * term(logits[rows], **inputs)`` over the terms whose inputs are all there (each
-    entry: weight, term, its inputs with ``"_logits"`` its rows' logits when they are a slice);
-    None when no term can run."""
+def _weighted(terms: list[tuple[float, nn.Module, torch.Tensor, dict]]) -> torch.Tensor | None:
+    """``sum w * term(logits, **inputs)`` over the entries (weight, term, the logits of its rows,
+    its inputs) whose inputs are all there; None when no term can run."""
     total = None
-    for weight, term, inputs in terms:
+    for weight, term, logits, inputs in terms:
         if not all(name in inputs for name in term.needs):
             continue
-        rows_logits = inputs.pop("_logits", logits)
-        value = term(rows_logits, **inputs) * weight
+        value = term(logits, **inputs) * weight
         total = value if total is None else total + value
     return total
 
@@ -179,8 +176,8 @@ def digest(
                 rows, extra = parts[term.rows]
                 inputs = term_inputs(term.needs, split[term.rows], split_taps[term.rows], x=rows,
                                      knowledge=knowledge, **extra)
-                terms.append((weight, term, {**inputs, "_logits": split[term.rows]}))
-            total = _weighted(terms, logits)
+                terms.append((weight, term, split[term.rows], inputs))
+            total = _weighted(terms)
             if total is None:
                 continue
             optimizer.zero_grad()
