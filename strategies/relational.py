@@ -8,7 +8,9 @@ rows with the run's aggregator, as if they were logits at the relation temperatu
 becomes a distribution over the other rows (robust aggregators stay robust). It broadcasts the
 result with the soft targets (``targets.relation``), and students match it with the
 ``relation_kd`` loss term (`fedkd.losses.relation_kd.RelationKD`), alongside the soft targets
-(``kd`` weight > 0) or instead of them (``kd`` weight 0: the targets still travel).
+(``kd`` weight > 0) or instead of them (``kd`` weight 0: the targets still travel). With
+``propagation`` > 0 the server also smooths the soft targets along the aggregated relations
+before it sends them (label propagation, `fedkd.aggregation.propagation.propagate`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 from fedkd.aggregation import TeacherMeta
+from fedkd.aggregation.propagation import full_rows, propagate
 from fedkd.errors import ConfigError, require_number
 from fedkd.protocol import RELATION, TARGETS
 from fedkd.records import reply_relation
@@ -41,10 +44,15 @@ class Relational(KDStrategy):
     relation_aggregator : callable or None
         How the relations are aggregated (an aggregator's signature); None: the run's aggregator,
         which must then keep no state across calls (it is called twice a round).
+    propagation : float
+        ``w`` in [0, 1]: each soft target of the rows the relations cover becomes
+        ``(1 - w) p + w A p``, ``A`` the aggregated relations (one step of label propagation);
+        0: the soft targets as the aggregator gave them.
     """
 
     def __init__(self, aggregator: Aggregator | None = None, relation_temperature: float = 0.1,
-                 relation_aggregator: Aggregator | None = None, **kwargs) -> None:
+                 relation_aggregator: Aggregator | None = None, propagation: float = 0.0,
+                 **kwargs) -> None:
         if aggregator is None:
             raise ConfigError("strategy.flower.aggregator", None, "must be an aggregator: the "
                               "relational strategy aggregates logits and relations")
@@ -60,6 +68,8 @@ class Relational(KDStrategy):
             raise ConfigError("privacy", "client_dp", "does not cover the relations: use "
                               "strategy=fedmd with client-level DP")
         self.relation_aggregator = relation_aggregator
+        self.propagation = require_number("strategy.flower.propagation", propagation, 0.0, 1.0,
+                                          low_open=False, high_open=False)
 
     def bind(self, settings: ClientSettings) -> None:
         """As `KDStrategy.bind`, after `check_train`."""
@@ -104,7 +114,11 @@ class Relational(KDStrategy):
             log.warning("round %d: the aggregator answered only some rows; no relation this "
                         "round", server_round)
             return record
-        record[RELATION_KEY] = Array(relation_rows(np.nan_to_num(dist, nan=0.0)))
+        relation = relation_rows(np.nan_to_num(dist, nan=0.0))
+        record[RELATION_KEY] = Array(relation)
+        if self.propagation:
+            probs = record[f"{TARGETS}.probs"].numpy()
+            record[f"{TARGETS}.probs"] = Array(propagate(probs, full_rows(relation), self.propagation))
         return record
 
     def build_transfer(self, server_round: int, arrays: ArrayRecord,

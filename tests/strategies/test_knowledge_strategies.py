@@ -195,3 +195,31 @@ def test_the_zoo_mixes_through_the_knowledge_strategies(flower_ids, zoo_run, nam
     assert sorted({rnd for rnd, _, _ in seen}) == [1, 2] and len(seen) == 8
     assert all("knowledge" in out.content and "digest-loss" in out.content["metrics"]
                for rnd, _, out in seen if rnd == 2)
+
+
+def test_relational_propagation_sends_the_targets_smoothed_along_the_relations(flower_ids, small_run):
+    from fedkd.aggregation.propagation import full_rows, propagate
+
+    settings = _settings(small_run, **RELATIONAL)
+    soft = []
+
+    def spy(stacked, meta, temperature):
+        out = mean_probs(stacked, meta, temperature=temperature)
+        if temperature == 3.0:  # the logits' call (the relations' is at 0.1)
+            soft.append(out)
+        return out
+
+    _, seen = _run(Relational(aggregator=spy, relation_temperature=0.1, temperature=3.0,
+                              propagation=0.5, min_available_nodes=1, wait_for_nodes_s=0),
+                   settings, num_rounds=2)
+    sent = next(req.content["transfer"] for rnd, req, _ in seen if rnd == 2)
+    relation = sent["targets.relation"].numpy()
+    expected = propagate(soft[0], full_rows(relation), 0.5)
+    np.testing.assert_allclose(sent["targets.probs"].numpy(), expected, atol=1e-6)
+    assert not np.allclose(expected, soft[0], atol=1e-4)  # the smoothing did something
+
+
+@pytest.mark.parametrize("weight", [-0.5, 2.0])
+def test_relational_refuses_a_propagation_outside_unit_interval(weight):
+    with pytest.raises(ConfigError, match="propagation"):
+        Relational(aggregator=mean_probs, propagation=weight)
