@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import log_ndtr
 
 SQRT2 = math.sqrt(2.0)
 
@@ -70,6 +69,8 @@ def log_q_gnmax(counts: np.ndarray, sigma: float) -> float:
     counts = np.asarray(counts, dtype=np.float64)
     top = int(np.argmax(counts))
     gaps = np.delete(counts[top] - counts, top)
+    from scipy.special import log_ndtr  # here: scipy.special costs every ClientApp 0.25 s
+
     log_terms = log_ndtr(-gaps / (SQRT2 * sigma))  # log survival function of N(0, 2 sigma^2) at each gap
     return float(min(np.logaddexp.reduce(log_terms), math.log(1.0 - 1.0 / counts.size)))
 
@@ -122,6 +123,8 @@ def rdp_gnmax(log_q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
 
 def log_pr_answered(threshold: float, sigma1: float, counts: np.ndarray) -> float:
     """``ln Pr[max_c n_c + N(0, sigma1^2) >= T]``: the chance that a row passes the confidence check."""
+    from scipy.special import log_ndtr
+
     return float(log_ndtr((round(float(np.max(counts))) - threshold) / sigma1))
 
 

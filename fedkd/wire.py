@@ -80,6 +80,10 @@ class WireStats:
     seconds: float = 0.0
 
 
+POLL_BACKOFF = 5.0
+"""The longest wait between pulls, in `WireGrid.poll_interval`s."""
+
+
 class WireGrid(Grid):
     """Grid wrapper with a fast polling loop, straggler tracking and byte counts.
 
@@ -88,7 +92,9 @@ class WireGrid(Grid):
     grid : Grid
         The grid handed to the ServerApp (in-memory in simulation, HTTP in deployment).
     poll_interval : float
-        Seconds between pulls while waiting for replies.
+        Seconds between pulls while replies come in; after a pull that brought none the wait
+        doubles, up to `POLL_BACKOFF` times this (each pull scans every pending message in
+        Flower's in-memory state: fewer pulls leave the CPU to the clients).
     check : ReplyCheck or None
         Run on every reply that is not an error before it is sorted, observed or returned; a
         reply it refuses is dropped. None: replies pass unchecked (tests of the wire alone).
@@ -179,15 +185,18 @@ class WireGrid(Grid):
         pending = {mid: m.metadata.dst_node_id for mid, m in requests.items()}
         stats.sent = len(ids)
         replies: list[Message] = []
-        end = start + timeout
+        end, wait = start + timeout, self.poll_interval
         while pending:
+            arrived = len(replies)
             for reply in self._grid.pull_messages(list(pending)):
                 pending.pop(reply.metadata.reply_to_message_id, None)
                 self.held.replied(reply)
                 replies.append(reply)
             if not pending or time.monotonic() >= end:
                 break
-            time.sleep(self.poll_interval)
+            wait = self.poll_interval if len(replies) > arrived else min(
+                2 * wait, POLL_BACKOFF * self.poll_interval)
+            time.sleep(min(wait, max(0.0, end - time.monotonic())))
         self._stragglers.update(pending)
         self.held.unanswered(list(pending))
         stats.timed_out = len(pending)

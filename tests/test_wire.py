@@ -100,3 +100,24 @@ def test_reply_order_puts_malformed_partition_ids_last_instead_of_failing(flower
     replies = sorted((reply(m, partition_id=claims[m.metadata.dst_node_id]) for m in wave),
                      key=reply_order)
     assert [r.metadata.src_node_id for r in replies] == [4, 2, 1, 3]
+
+
+def test_polling_backs_off_while_nothing_arrives_and_resets_when_replies_do(flower_ids, monkeypatch):
+    fake = FakeGrid([1, 2, 3])
+    fake.silent = {1, 2, 3}
+    waits, pulls = [], []
+    script = {3: {1}, 4: {2}, 9: {3}}  # after the k-th pull these nodes answer
+
+    def sleep(seconds):
+        waits.append(round(seconds, 6))
+        fake.silent -= script.get(len(waits), set())
+
+    real_pull = fake.pull_messages
+    monkeypatch.setattr(fake, "pull_messages", lambda ids: pulls.append(1) or real_pull(ids))
+    monkeypatch.setattr("fedkd.wire.time.sleep", sleep)
+    wire = WireGrid(fake, poll_interval=0.02)
+    replies = wire.send_and_receive(_wave([1, 2, 3]), timeout=60)
+    assert len(replies) == 3
+    # 0.02 doubling to the cap 0.1 (5 x) while nothing came; back to 0.02 after each arrival
+    assert waits == [0.04, 0.08, 0.1, 0.02, 0.02, 0.04, 0.08, 0.1, 0.1]
+    assert len(pulls) == len(waits) + 1
