@@ -90,6 +90,11 @@ class Relational(KDStrategy):
             raise ConfigError("distill.losses.relation_kd.temperature", term["temperature"],
                               f"must equal strategy.flower.relation_temperature="
                               f"{self.relation_temperature}: the targets are distributions at it")
+        if not uses_relation(train) and not self.propagation:
+            raise ConfigError("strategy.flower.propagation", self.propagation,
+                              "must be > 0 when no client term uses the relations "
+                              "(distill.losses.relation_kd.weight 0 or absent): they would "
+                              "travel for nothing")
 
     def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         """Soft targets as `KDStrategy`, plus ``targets.relation`` over the same answered rows."""
@@ -123,11 +128,18 @@ class Relational(KDStrategy):
 
     def build_transfer(self, server_round: int, arrays: ArrayRecord,
                        settings: ClientSettings) -> ArrayRecord:
-        """As `KDStrategy.build_transfer`, with last round's relation next to its targets."""
+        """As `KDStrategy.build_transfer`, with last round's relation next to its targets when a
+        client term uses it (with ``relation_kd`` at weight 0 only the propagated targets go)."""
         record = super().build_transfer(server_round, arrays, settings)
-        if RELATION_KEY in arrays and f"{TARGETS}.probs" in record:
+        if RELATION_KEY in arrays and f"{TARGETS}.probs" in record and uses_relation(settings.train):
             record[RELATION_KEY] = arrays[RELATION_KEY]
         return record
+
+
+def uses_relation(train: TrainSettings) -> bool:
+    """Whether the clients' loss terms use the aggregated relations (``relation_kd`` weight > 0)."""
+    term = (train.losses or {}).get("relation_kd")
+    return term is not None and float(term.get("weight", 0.0)) > 0.0
 
 
 def relation_rows(dist: np.ndarray) -> np.ndarray:

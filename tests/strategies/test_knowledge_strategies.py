@@ -223,3 +223,24 @@ def test_relational_propagation_sends_the_targets_smoothed_along_the_relations(f
 def test_relational_refuses_a_propagation_outside_unit_interval(weight):
     with pytest.raises(ConfigError, match="propagation"):
         Relational(aggregator=mean_probs, propagation=weight)
+
+
+def test_relational_without_a_relation_term_sends_only_the_propagated_targets(flower_ids, small_run):
+    losses = {**RELATIONAL["losses"], "relation_kd": {"weight": 0.0, "temperature": 0.1}}
+    settings = _settings(small_run, **{**RELATIONAL, "losses": losses})
+    _, seen = _run(Relational(aggregator=mean_probs, relation_temperature=0.1, propagation=0.5,
+                              min_available_nodes=1, wait_for_nodes_s=0), settings, num_rounds=2)
+    for rnd, request, out in seen:
+        assert "relation" in out.content["knowledge"]  # the clients still send theirs
+        sent = request.content["transfer"]
+        assert "targets.relation" not in sent  # no client term would read it
+        assert ("targets.probs" in sent) == (rnd == 2)
+
+
+def test_relational_refuses_relations_that_nothing_uses(small_run):
+    losses = {**RELATIONAL["losses"], "relation_kd": {"weight": 0.0, "temperature": 0.1}}
+    settings = _settings(small_run, **{**RELATIONAL, "losses": losses})
+    with pytest.raises(ConfigError, match="strategy.flower.propagation"):
+        Relational(aggregator=mean_probs, relation_temperature=0.1).check_train(settings.train)
+    Relational(aggregator=mean_probs, relation_temperature=0.1,
+               propagation=0.5).check_train(settings.train)  # propagation uses them
