@@ -35,7 +35,14 @@ def family(cfg: dict[str, Any], strategy: str) -> str:
     losses = {**((cfg.get("distill") or {}).get("losses") or {}), **(client.get("losses") or {})}
     label = strategy
     if strategy == "relational":
-        label += f" (R={client.get('relation_rows')})"
+        parts = [f"R={client.get('relation_rows')}"]
+        if flower.get("relation_temperature", 0.1) != 0.1:
+            parts.append(f"tau={flower['relation_temperature']:g}")
+        if flower.get("propagation"):
+            parts.append(f"propagation {flower['propagation']:g}")
+        if not float((losses.get("relation_kd") or {}).get("weight", 0.0)):
+            parts.append("no relation_kd")
+        label += f" ({', '.join(parts)})"
     if strategy == "fedproto":
         label += " alone" if flower.get("aggregator") is None else " + logits"
     extras = [name for name in losses if name in ("self_kd", "exits")]

@@ -11,7 +11,11 @@ from benchmarks.kd_families import family, summarise
 @pytest.mark.parametrize("cfg, strategy, label", [
     ({}, "fedmd", "fedmd"),
     ({"distill": {"losses": {"kd": {}, "ce": {}, "self_kd": {}}}}, "fedmd", "fedmd + self_kd"),
-    ({"strategy": {"client": {"relation_rows": 100}}}, "relational", "relational (R=100)"),
+    ({"strategy": {"client": {"relation_rows": 100, "losses": {"relation_kd": {"weight": 1.0}}}}},
+     "relational", "relational (R=100)"),
+    ({"strategy": {"flower": {"relation_temperature": 0.01, "propagation": 0.5},
+                   "client": {"relation_rows": 400, "losses": {"relation_kd": {"weight": 0.0}}}}},
+     "relational", "relational (R=400, tau=0.01, propagation 0.5, no relation_kd)"),
     ({"strategy": {"flower": {"aggregator": None}}}, "fedproto", "fedproto alone"),
     ({"strategy": {"flower": {"aggregator": {"_target_": "x"}}}}, "fedproto", "fedproto + logits"),
     ({"strategy": {"flower": {"server_losses": {"kd": {}, "rkd_distance": {}}}}}, "feddf",
