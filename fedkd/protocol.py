@@ -71,10 +71,13 @@ CLASS_LOGITS, CLASS_COUNTS = "class_logits", "class_counts"
 KNOWLEDGE = "knowledge"
 """A reply's relational and prototype knowledge (ArrayRecord), each key only when the run asks:
 ``relation`` [R, R - 1], the cosine similarities of the student's tap between the first R
-``next`` rows (R = ``distill.relation_rows`` or all rows when fewer), the diagonal left out; ``prototypes`` [C, P] and
+``next`` rows (R = ``distill.relation_rows`` or all rows when fewer), the diagonal left out, or
+with ``distill.relation_topk`` = k each row's k largest of them [R, k] and their columns in that
+layout, ``relation-index`` [R, k] (int16); ``prototypes`` [C, P] and
 ``prototype-counts`` [C], per-class means of the projected tap over the private rows (0 for a
 class without rows; ``distill.prototype_dim``)."""
 RELATION, PROTOTYPES, PROTOTYPE_COUNTS = "relation", "prototypes", "prototype-counts"
+RELATION_INDEX = "relation-index"
 """Keys of ``knowledge``; in a request's ``transfer`` record the aggregates travel as
 ``targets.relation`` [N, N - 1] (row distributions over the other target rows), ``prototypes``
 [C, P] and ``prototype-counts`` [C] (0: no prototype for the class)."""

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedkd.protocol import (
     CLASS_COUNTS, CONFIG, KNOWLEDGE, LOGITS, NEXT, PROTOTYPE_COUNTS, PROTOTYPES, QUERY,
-    QUERY_DIRECTIONS, RELATION, ROW_KINDS, TARGETS, TRANSFER,
+    QUERY_DIRECTIONS, RELATION, RELATION_INDEX, ROW_KINDS, TARGETS, TRANSFER,
     array_digest, decode_rows, encode_rows, row_count, rows_to_inputs,
 )
 from fedkd import reply_checks
@@ -133,10 +133,23 @@ def soft_targets(record: ArrayRecord, rows: int, num_classes: int) -> np.ndarray
     return probs
 
 
-def reply_relation(reply: Message, rows: int) -> np.ndarray:
-    """A reply's validated ``knowledge.relation``: float32 [rows, rows - 1] cosine similarities."""
-    array = reply_arrays(reply, KNOWLEDGE, RELATION)[RELATION]
-    return reply_checks.relation(array, rows, f"{KNOWLEDGE}.{RELATION}")
+def reply_relation(reply: Message, rows: int, topk: int = 0) -> np.ndarray:
+    """A reply's validated ``knowledge.relation``: float32 [rows, rows - 1] cosine similarities.
+    With `topk` the reply holds each row's k largest and their columns (``relation-index``); the
+    others are filled with -1, the lowest cosine, which a sharp softmax over the row gives no
+    mass."""
+    field = f"{KNOWLEDGE}.{RELATION}"
+    width = max(rows - 1, 0)
+    if not topk or topk >= width:
+        array = reply_arrays(reply, KNOWLEDGE, RELATION)[RELATION]
+        return reply_checks.relation(array, rows, field)
+    arrays = reply_arrays(reply, KNOWLEDGE, RELATION, RELATION_INDEX)
+    values = reply_checks.relation(arrays[RELATION], rows, field, width=topk)
+    index = reply_checks.relation_index(arrays[RELATION_INDEX], (rows, topk),
+                                        f"{KNOWLEDGE}.{RELATION_INDEX}")
+    dense = np.full((rows, width), -1.0, dtype=np.float32)
+    np.put_along_axis(dense, index, values, axis=1)
+    return dense
 
 
 def reply_prototypes(reply: Message, num_classes: int, dim: int,

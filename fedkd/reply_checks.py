@@ -140,10 +140,10 @@ def logits(array: object, shape: Sequence[int], field: str) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def relation(array: object, rows: int, field: str) -> np.ndarray:
-    """Cosine similarities [rows, rows - 1]: floating point, finite, within [-1, 1] (1e-3); as
-    float32."""
-    array = _array(array, field, (rows, max(rows - 1, 0)))
+def relation(array: object, rows: int, field: str, width: int | None = None) -> np.ndarray:
+    """Cosine similarities [rows, width] (default rows - 1): floating point, finite, within
+    [-1, 1] (1e-3); as float32."""
+    array = _array(array, field, (rows, max(rows - 1, 0) if width is None else width))
     if array.dtype.kind != "f":
         raise ReplyError(f"{field} has dtype {array.dtype}, expected floating point")
     if not np.isfinite(array).all():
@@ -151,6 +151,21 @@ def relation(array: object, rows: int, field: str) -> np.ndarray:
     if array.size and (peak := float(np.abs(array).max())) > 1.0 + 1e-3:
         raise ReplyError(f"{field} holds |value| {peak:.3g} > 1: not cosine similarities")
     return array.astype(np.float32)
+
+
+def relation_index(array: object, shape: Sequence[int], field: str) -> np.ndarray:
+    """Columns of a top-k relation ``[R, k]`` in the ``[R, R - 1]`` layout: integers in
+    ``[0, R - 1)``, no column twice in a row; as int64."""
+    array = _array(array, field, shape)
+    if array.dtype.kind not in "iu":
+        raise ReplyError(f"{field} has dtype {array.dtype}, expected integers")
+    width = max(int(shape[0]) - 1, 0)
+    if array.size and (int(array.min()) < 0 or int(array.max()) >= width):
+        raise ReplyError(f"{field} holds a column outside [0, {width})")
+    ordered = np.sort(array.astype(np.int64), axis=1)
+    if array.size and (ordered[:, 1:] == ordered[:, :-1]).any():
+        raise ReplyError(f"{field} names a column twice in a row")
+    return array.astype(np.int64)
 
 
 def class_counts(array: object, num_classes: int, cap: int, field: str) -> np.ndarray:

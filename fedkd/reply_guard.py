@@ -35,7 +35,7 @@ from fedkd.models import build_model
 from fedkd.models.assign import ROLES
 from fedkd.protocol import (
     ARRAYS, CLASS_COUNTS, CLASS_LOGITS, EVALUATE, FD_MESSAGE_TYPE, KNOWLEDGE, LOGITS, MESSAGE_TYPE,
-    PROTOTYPE_COUNTS, PROTOTYPES, RELATION,
+    PROTOTYPE_COUNTS, PROTOTYPES, RELATION, RELATION_INDEX,
     METRICS, NODE, NODE_ARCH, NODE_ROLE, NUM_EXAMPLES, PARTITION_ID, QUERY, TRAIN, WHOAMI,
 )
 from fedkd.records import asked_rows
@@ -184,6 +184,8 @@ class ReplyGuard:
         if train.relation_rows and rows is not None:
             r = min(rows, train.relation_rows)
             shapes[RELATION] = (r, max(r - 1, 0))
+            if 0 < train.relation_topk < r - 1:  # each row's k largest, and their columns
+                shapes[RELATION] = shapes[RELATION_INDEX] = (r, train.relation_topk)
         if train.prototype_dim:
             shapes[PROTOTYPES], shapes[PROTOTYPE_COUNTS] = (c, train.prototype_dim), (c,)
         return shapes
@@ -206,7 +208,9 @@ class ReplyGuard:
                 check.class_counts(array, self.num_classes,
                                    check.example_cap(self.settings.data, pid), field)
             elif key == RELATION:
-                check.relation(array, shape[0], field)
+                check.relation(array, shape[0], field, width=shape[1])
+            elif key == RELATION_INDEX:
+                check.relation_index(array, shape, field)
             else:
                 check.logits(array, shape, field)
 

@@ -76,6 +76,9 @@ class TrainSettings:
     """> 0: clients send the cosine similarities of their tap between the first this many
     transfer rows of a round (all of them when fewer), with their logits
     (`fedkd.strategies.relational`; bytes grow with its square); 0: none."""
+    relation_topk: int = 0
+    """> 0: of each row's similarities only the k largest travel, with their columns (bytes
+    grow with rows x k); 0: all of them."""
     prototype_dim: int = 0
     """> 0: clients send per-class means of their tap, projected to this width by a fixed seeded
     projection (`fedkd.strategies.fedproto`); 0: none."""
@@ -103,6 +106,7 @@ class TrainSettings:
         require_number("distill.lr_decay", self.lr_decay, 0.0, 1.0, low_open=True)
         check_optimizer(self.optimizer)
         require_int("distill.relation_rows", self.relation_rows, 0, 4096)
+        require_int("distill.relation_topk", self.relation_topk, 0, 4096)
         require_int("distill.prototype_dim", self.prototype_dim, 0, 4096)
         object.__setattr__(self, "losses", check_client_losses(self.losses, self.temperature))
 

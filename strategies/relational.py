@@ -106,7 +106,9 @@ class Relational(KDStrategy):
         settings = self.run_settings()
         head = min(rows, settings.train.relation_rows)  # the relations cover the first rows
         parsed = [facts for _, facts in parse_replies(
-            server_round, replies, lambda r: (reply_relation(r, head), *teacher_facts(r, settings)))]
+            server_round, replies,
+            lambda r: (reply_relation(r, head, settings.train.relation_topk),
+                       *teacher_facts(r, settings)))]
         if not parsed:
             return record
         relations, sizes, pids = zip(*parsed)

@@ -83,6 +83,11 @@ MORE = {
     "relational temperatures": _case(
         "strategy=relational strategy.client.losses.relation_kd.temperature=0.5",
         "distill.losses.relation_kd.temperature=0.5", "must equal"),
+    "relations nothing uses": _case(
+        "strategy=relational strategy.client.losses.relation_kd.weight=0",
+        "strategy.flower.propagation=0.0", "must be > 0 when no client term uses the relations"),
+    "negative top-k": _case("strategy=relational strategy.client.relation_topk=-1",
+                            "strategy.client.relation_topk=-1", "must be an int in [0, 4096]"),
     "fedproto without prototypes": _case("strategy=fedproto strategy.client.prototype_dim=0",
                                          "distill.prototype_dim=0", "must be > 0"),
     "client term with a teacher": _case("+distill.losses.similarity.weight=1",
@@ -142,7 +147,7 @@ BAD_STRATEGY = {
     "fraction_train": 0, "min_train_nodes": -1, "min_available_nodes": -1, "min_replies": 0,
     "temperature": 0, "seed": -1, "server_epochs": -1, "server_lr": 0, "server_batch_size": 0,
     "fraction_evaluate": 1.5, "min_evaluate_nodes": -1, "server_losses": 5,
-    "relation_temperature": 0,
+    "relation_temperature": 0, "propagation": 1.5,
 }
 """A value each strategy option (conf/strategy/*.yaml, under `flower`) refuses."""
 

@@ -29,7 +29,10 @@ class KnowledgeWave(Wave):
         size = self.settings.data["client_sizes"][self.pid_of[node]]
         record = ArrayRecord()
         if self.settings.train.relation_rows:
-            record["relation"] = Array(np.full((ROWS, ROWS - 1), 0.5, np.float32))
+            k = self.settings.train.relation_topk or ROWS - 1
+            record["relation"] = Array(np.full((ROWS, k), 0.5, np.float32))
+            if self.settings.train.relation_topk:
+                record["relation-index"] = Array(np.tile(np.arange(k, dtype=np.int16), (ROWS, 1)))
         if self.settings.train.prototype_dim:
             counts = np.zeros(C, np.int64)
             counts[0] = size
@@ -95,3 +98,36 @@ def test_infinite_prototypes_are_dropped(proto_wave, caplog):
     proto_wave.tamper[102] = lambda r: r.content["knowledge"].__setitem__(
         "prototypes", Array(np.full((C, P), np.inf, np.float32)))
     assert_dropped(proto_wave, proto_wave.send(rows=ROWS), caplog, 102, "knowledge.prototypes")
+
+
+@pytest.fixture
+def topk_wave(flower_ids, small_run, tmp_path):
+    return KnowledgeWave(_settings(small_run, relation_rows=100, relation_topk=2), tmp_path)
+
+
+BAD_INDEX = {
+    "outside": (np.full((ROWS, 2), ROWS - 1, np.int16), "outside"),
+    "negative": (np.full((ROWS, 2), -1, np.int16), "outside"),
+    "twice": (np.zeros((ROWS, 2), np.int16), "twice"),
+    "floats": (np.zeros((ROWS, 2), np.float32), "integers"),
+    "shape": (np.zeros((ROWS, 3), np.int16), "shape"),
+}
+
+
+def test_honest_top_k_relations_pass(topk_wave):
+    assert len(topk_wave.send(rows=ROWS)) == 4
+
+
+@pytest.mark.parametrize("case", list(BAD_INDEX))
+def test_a_bad_top_k_column_list_is_dropped(topk_wave, caplog, case):
+    array, words = BAD_INDEX[case]
+    topk_wave.tamper[102] = lambda r: r.content["knowledge"].__setitem__(
+        "relation-index", Array(array))
+    assert_dropped(topk_wave, topk_wave.send(rows=ROWS), caplog, 102, "knowledge.relation-index")
+    assert words in caplog.text
+
+
+def test_a_full_relation_where_top_k_was_asked_is_dropped(topk_wave, caplog):
+    topk_wave.tamper[101] = lambda r: r.content["knowledge"].__setitem__(
+        "relation", Array(np.full((ROWS, ROWS - 1), 0.5, np.float32)))
+    assert_dropped(topk_wave, topk_wave.send(rows=ROWS), caplog, 101, "knowledge.relation")

@@ -19,9 +19,9 @@ from torch import nn
 
 from fedkd.knowledge import Knowledge, frozen_copy
 from fedkd.losses import WeightedSum, class_prototypes, fixed_projection
-from fedkd.losses.relation_kd import full_relation, similarity_rows
+from fedkd.losses.relation_kd import full_relation, similarity_rows, top_similarities
 from fedkd.models.build import spec_tap
-from fedkd.protocol import PROTOTYPE_COUNTS, PROTOTYPES, RELATION
+from fedkd.protocol import PROTOTYPE_COUNTS, PROTOTYPES, RELATION, RELATION_INDEX
 from fedkd.records import prototype_targets, relation_targets
 from fedkd.settings import ClientSettings
 
@@ -99,7 +99,11 @@ def knowledge_reply(settings: ClientSettings, pid: int, model: nn.Module,
     record = ArrayRecord()
     if train.relation_rows and next_x is not None:
         head = next_x[:train.relation_rows]
-        record[RELATION] = Array(similarity_rows(tap_of(model, tap, head)).numpy())
+        rows = similarity_rows(tap_of(model, tap, head))
+        if 0 < train.relation_topk < rows.shape[1]:  # each row's k nearest, with their columns
+            rows, index = top_similarities(rows, train.relation_topk)
+            record[RELATION_INDEX] = Array(index.numpy())
+        record[RELATION] = Array(rows.numpy())
     if train.prototype_dim:
         classes = int(settings.data["num_classes"])
         means, counts = class_prototypes(tap_of(model, tap, x) @ projection, y, classes)

@@ -30,6 +30,13 @@ def similarity_rows(features: torch.Tensor) -> torch.Tensor:
     return sim[keep].reshape(n, n - 1)
 
 
+def top_similarities(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` largest entries of `similarity_rows`' ``[N, N - 1]`` (all when fewer),
+    largest first, and their columns in that layout: float32 and int16 ``[N, min(k, N - 1)]``."""
+    values, index = torch.topk(rows, min(int(k), rows.shape[1]), dim=1)
+    return values.float(), index.to(torch.int16)
+
+
 def full_relation(rows: torch.Tensor) -> torch.Tensor:
     """Inverse layout of `similarity_rows`: ``[N, N - 1]`` -> ``[N, N]`` with a zero diagonal."""
     n = len(rows)

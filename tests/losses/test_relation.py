@@ -250,3 +250,15 @@ def test_projection_refusals() -> None:
         fixed_projection(3, 0, seed=0)
     with pytest.raises(ConfigError, match=r"^seed=-1"):
         fixed_projection(3, 2, seed=-1)
+
+
+def test_top_similarities_keeps_each_rows_largest_with_their_columns():
+    from fedkd.losses.relation_kd import top_similarities
+
+    rows = torch.tensor([[0.1, 0.9, -0.2, 0.5], [0.3, -1.0, 0.8, 0.7], [0.0, 0.2, 0.1, 0.4]])
+    values, index = top_similarities(rows, 2)
+    assert index.dtype == torch.int16 and values.dtype == torch.float32
+    assert index.tolist() == [[1, 3], [2, 3], [3, 1]]
+    np.testing.assert_allclose(values.numpy(), [[0.9, 0.5], [0.8, 0.7], [0.4, 0.2]], atol=1e-7)
+    values, index = top_similarities(rows, 10)  # k beyond the row: all of it, largest first
+    assert values.shape == (3, 4) and index[0].tolist() == [1, 3, 0, 2]

@@ -244,3 +244,26 @@ def test_relational_refuses_relations_that_nothing_uses(small_run):
         Relational(aggregator=mean_probs, relation_temperature=0.1).check_train(settings.train)
     Relational(aggregator=mean_probs, relation_temperature=0.1,
                propagation=0.5).check_train(settings.train)  # propagation uses them
+
+
+def test_relational_top_k_relations_reach_the_aggregator_dense_and_filled_with_minus_one(
+        flower_ids, small_run):
+    settings = _settings(small_run, **{**RELATIONAL, "relation_topk": 3})
+    stacked = []
+
+    def spy(array, meta, temperature):
+        if temperature == 0.1:  # the relations' call
+            stacked.append(array)
+        return mean_probs(array, meta, temperature=temperature)
+
+    _, seen = _run(Relational(aggregator=spy, relation_temperature=0.1, min_available_nodes=1,
+                              wait_for_nodes_s=0), settings, num_rounds=1)
+    rows = small_run.data.num_public
+    replies = sorted((out for _, _, out in seen), key=lambda m: m.metadata.src_node_id)
+    for k, out in enumerate(replies):
+        values = out.content["knowledge"]["relation"].numpy()
+        index = out.content["knowledge"]["relation-index"].numpy()
+        assert values.shape == index.shape == (rows, 3) and index.dtype == np.int16
+        dense = np.full((rows, rows - 1), -1.0, np.float32)
+        np.put_along_axis(dense, index.astype(np.int64), values, axis=1)
+        np.testing.assert_array_equal(stacked[0][k], dense)
