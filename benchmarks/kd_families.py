@@ -36,6 +36,8 @@ def family(cfg: dict[str, Any], strategy: str) -> str:
     label = strategy
     if strategy == "relational":
         parts = [f"R={client.get('relation_rows')}"]
+        if client.get("relation_topk"):
+            parts.append(f"top-{client['relation_topk']}")
         if flower.get("relation_temperature", 0.1) != 0.1:
             parts.append(f"tau={flower['relation_temperature']:g}")
         if flower.get("propagation"):

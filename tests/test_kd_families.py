@@ -14,8 +14,9 @@ from benchmarks.kd_families import family, summarise
     ({"strategy": {"client": {"relation_rows": 100, "losses": {"relation_kd": {"weight": 1.0}}}}},
      "relational", "relational (R=100)"),
     ({"strategy": {"flower": {"relation_temperature": 0.01, "propagation": 0.5},
-                   "client": {"relation_rows": 400, "losses": {"relation_kd": {"weight": 0.0}}}}},
-     "relational", "relational (R=400, tau=0.01, propagation 0.5, no relation_kd)"),
+                   "client": {"relation_rows": 400, "relation_topk": 16,
+                              "losses": {"relation_kd": {"weight": 0.0}}}}},
+     "relational", "relational (R=400, top-16, tau=0.01, propagation 0.5, no relation_kd)"),
     ({"strategy": {"flower": {"aggregator": None}}}, "fedproto", "fedproto alone"),
     ({"strategy": {"flower": {"aggregator": {"_target_": "x"}}}}, "fedproto", "fedproto + logits"),
     ({"strategy": {"flower": {"server_losses": {"kd": {}, "rkd_distance": {}}}}}, "feddf",
@@ -35,3 +36,19 @@ def test_margins_are_against_the_baseline_of_the_same_setting():
     assert table.loc[("d", "x"), "margin_pts"] == pytest.approx(3.0)
     assert table.loc[("m", "x"), "margin_pts"] == pytest.approx(-10.0)
     assert table.loc[("d", "fedmd"), "seeds"] == 2
+
+
+def test_relation_purity_by_hand():
+    import numpy as np
+    import torch
+
+    from benchmarks.relation_purity import neighbour_distributions, purity
+
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    dist = neighbour_distributions(features, tau=0.01)
+    np.testing.assert_allclose(dist.sum(1), 1.0, atol=1e-6)
+    assert np.all(np.diag(dist) == 0)
+    mass, entropy = purity(dist, np.array([0, 0, 1, 1]))
+    assert mass > 0.99 and entropy < 0.05  # each row's nearest is its own class
+    mass, _ = purity(dist, np.array([0, 1, 0, 1]))
+    assert mass < 0.01
