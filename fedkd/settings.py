@@ -7,21 +7,22 @@ ConfigRecord, so a ClientApp needs nothing but its node config (in simulation, `
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from fedkd.compact import compact, expand
-from fedkd.errors import (
-    ConfigError, is_int, is_number, require_bool, require_int, require_keys, require_number,
-)
+from fedkd.errors import ConfigError, require_bool, require_int, require_number
 from fedkd.dpsgd import DPSettings
 from fedkd.losses.rounds import check_client_losses
 from fedkd.models.assign import ROLES
 from fedkd.models.build import check_spec
 from fedkd.optim import check_optimizer
 from fedkd.protocol import SETTINGS_KEY
+from fedkd.settings_checks import (
+    SERVER_ONLY_DATA_KEYS, check_data, check_keys, check_names, refuse_constant,
+)
 
 MAX_SEED = 2**63 - 1
 """Largest training seed (client ``i`` seeds torch with ``seed + i``)."""
@@ -131,15 +132,15 @@ class ClientSettings:
     """Example-level DP-SGD of every client (``privacy=dpsgd``, `fedkd.dpsgd`); None: off."""
 
     def __post_init__(self) -> None:
-        _check_data(self.data)
+        check_data(self.data)
         if not isinstance(self.archs, Mapping) or not self.archs:
             raise ConfigError("settings.archs", self.archs, "must be a non-empty mapping")
         for name, spec in self.archs.items():
             if not isinstance(name, str):
                 raise ConfigError("settings.archs", name, "keys must be strings")
             check_spec(spec, f"settings.archs.{name}")
-        _strings(self.assignment, "settings.assignment", sorted(self.archs), empty=False)
-        _strings(self.roles, "settings.roles", list(ROLES), empty=True)
+        check_names(self.assignment, "settings.assignment", sorted(self.archs), empty=False)
+        check_names(self.roles, "settings.roles", list(ROLES), empty=True)
         if self.roles and len(self.roles) != len(self.assignment):
             raise ConfigError(f"settings.roles has {len(self.roles)} entries, settings.assignment "
                               f"{len(self.assignment)}; give one role per partition or none")
@@ -189,18 +190,18 @@ class ClientSettings:
         infinities are refused anywhere, unknown or missing keys are named.
         """
         try:
-            raw = json.loads(text, parse_constant=_refuse_constant)
+            raw = json.loads(text, parse_constant=refuse_constant)
             if not isinstance(raw, dict):
                 raise ConfigError(f"the document must be a JSON object, got {type(raw).__name__}")
-            _keys(raw, cls, "settings")
+            check_keys(raw, cls, "settings")
             if not isinstance(raw["train"], dict):
                 raise ConfigError("settings.train", raw["train"], "must be an object")
-            _keys(raw["train"], TrainSettings, "distill")
+            check_keys(raw["train"], TrainSettings, "distill")
             dpsgd = raw.get("dpsgd")
             if dpsgd is not None:
                 if not isinstance(dpsgd, dict):
                     raise ConfigError("settings.dpsgd", dpsgd, "must be an object or null")
-                _keys(dpsgd, DPSettings, "privacy")
+                check_keys(dpsgd, DPSettings, "privacy")
                 dpsgd = DPSettings(**dpsgd)
             return cls(**{**raw, "train": TrainSettings(**raw["train"]), "dpsgd": dpsgd,
                           "assignment": expand(raw["assignment"], "settings.assignment"),
@@ -231,92 +232,3 @@ def parse_settings(text: str) -> ClientSettings:
     """`ClientSettings.from_json`, memoised: every round of every client in a process reads the
     same document (treat the result as read-only)."""
     return ClientSettings.from_json(text)
-
-
-# --- checks of values that arrive over the wire ---------------------------------------------------
-DATA_KEYS = {
-    "cache_dir": "a string (simulation: the prepared data's folder)",
-    "num_classes": "an int >= 1",
-    "input_shape": "a non-empty list of ints >= 1",
-    "public_fingerprint": "a string",
-    "partition_hash": "a string",
-    "num_public": "an int >= 0",
-    "num_test": "an int >= 0",
-    "client_sizes": "a list of ints >= 0",
-    "class_histograms": "a list of lists of ints >= 0",
-    "normalize": "a string (deployment: how the public set is normalised), optional",
-    "public_recipe": "null or an embedded public set's recipe (deployment), optional",
-}
-"""Keys of `ClientSettings.data` (`fedkd.data.DataInfo` plus the deployment's two)."""
-SERVER_ONLY_DATA_KEYS = ("client_sizes", "class_histograms")
-"""Per-partition facts the server checks replies against; they never travel (`to_json`)."""
-OPTIONAL_DATA_KEYS = ("normalize", "public_recipe", *SERVER_ONLY_DATA_KEYS)
-RECIPE_KEYS = ("name", "args", "test_fraction", "public_size", "seed")
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed (numbers must be finite)")
-
-
-def _list(value: object) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
-
-
-def _ints(value: object, low: int, empty: bool = True) -> bool:
-    return _list(value) and (empty or bool(value)) and all(is_int(v) and v >= low for v in value)
-
-
-def _strings(value: object, what: str, allowed: list[str], empty: bool) -> None:
-    ok = _list(value) and (empty or bool(value)) and all(isinstance(v, str) for v in value)
-    if not ok or any(v not in allowed for v in value):
-        raise ConfigError(what, value, f"must be a {'' if empty else 'non-empty '}list of names "
-                                       f"from {allowed}")
-
-
-def _keys(raw: Mapping[str, Any], kind: type, what: str) -> None:
-    """Refuse keys a dataclass does not have, and missing required ones."""
-    names = {f.name for f in fields(kind)}
-    required = {f.name for f in fields(kind)
-                if f.default is MISSING and f.default_factory is MISSING}
-    require_keys(what, raw, names)
-    if missing := sorted(required - set(raw)):
-        raise ConfigError(f"{what} key(s) {missing} missing")
-
-
-def _check_data(data: object) -> None:
-    """`ClientSettings.data`: exactly `DATA_KEYS`, each of its type."""
-    if not isinstance(data, Mapping):
-        raise ConfigError("settings.data", data, "must be a mapping")
-    require_keys("settings.data", data, DATA_KEYS)
-    if missing := sorted(set(DATA_KEYS) - set(OPTIONAL_DATA_KEYS) - set(data)):
-        raise ConfigError(f"settings.data key(s) {missing} missing")
-    checks = {
-        "cache_dir": lambda v: isinstance(v, str),
-        "num_classes": lambda v: is_int(v) and v >= 1,
-        "input_shape": lambda v: _ints(v, 1, empty=False),
-        "public_fingerprint": lambda v: isinstance(v, str),
-        "partition_hash": lambda v: isinstance(v, str),
-        "num_public": lambda v: is_int(v) and v >= 0,
-        "num_test": lambda v: is_int(v) and v >= 0,
-        "client_sizes": lambda v: _ints(v, 0),
-        "class_histograms": lambda v: _list(v) and all(_ints(row, 0) for row in v),
-        "normalize": lambda v: isinstance(v, str),
-        "public_recipe": lambda v: v is None or _recipe_ok(v),
-    }
-    for key, value in data.items():
-        if not checks[key](value):
-            raise ConfigError(f"settings.data.{key}", value, f"must be {DATA_KEYS[key]}")
-
-
-def _recipe_ok(recipe: object) -> bool:
-    """An embedded public set's recipe (`fedkd.data.public.embedded_recipe`): plain values only."""
-    if not isinstance(recipe, Mapping) or set(recipe) - set(RECIPE_KEYS) or "name" not in recipe:
-        return False
-    args = recipe.get("args") or {}
-    plain_args = isinstance(args, Mapping) and all(
-        isinstance(k, str) and not k.startswith("_")
-        and (isinstance(v, str | bool) or is_number(v)) for k, v in args.items())
-    optional_number = all(recipe.get(k) is None or is_number(recipe[k])
-                          for k in ("test_fraction", "public_size"))
-    return (isinstance(recipe["name"], str) and plain_args and optional_number
-            and is_int(recipe.get("seed", 0)) and recipe.get("seed", 0) >= 0)

@@ -17,7 +17,7 @@ SOURCES = {"fedkd": ROOT / "fedkd", "fedkd.strategies": ROOT / "strategies",
 
 LAYERS: dict[str, tuple[str, ...]] = {
     # Flower-free maths, settings, the wire protocol's keys, errors (fedkd.records: flwr.app only)
-    "core": ("fedkd.atomic", "fedkd.errors", "fedkd.settings", "fedkd.protocol", "fedkd.records", "fedkd.losses",
+    "core": ("fedkd.atomic", "fedkd.errors", "fedkd.settings", "fedkd.settings_checks", "fedkd.protocol", "fedkd.records", "fedkd.losses",
              "fedkd.training", "fedkd.timing", "fedkd.optim", "fedkd.sampling", "fedkd.privacy", "fedkd.pate", "fedkd.client_dp",
              "fedkd.aggregation", "fedkd.models", "fedkd.data", "fedkd.reply_checks",
              "fedkd.faults", "fedkd.audit", "fedkd.dpsgd", "fedkd.dp_training", "fedkd.devices",
