@@ -456,9 +456,15 @@ class SimulationNodes:
         self.wait()
         return {node: int(store.node_config["partition-id"]) for node, store in self._stores.items()}
 
-    def known(self) -> dict[int, int]:
-        """`partition_of` if the engine has registered its nodes already, else empty (no wait)."""
-        return self.partition_of() if self._ready.is_set() else {}
+    def known(self, timeout: float = 10.0) -> dict[int, int]:
+        """`partition_of` once the engine has registered its nodes' stores, else empty.
+
+        Flower's engine registers the nodes in its state first and their stores right after
+        (``_register_nodes``, then ``_register_node_info_stores``): a ServerApp that saw the
+        nodes may ask between the two, so this waits up to `timeout` s. Without the wait a
+        1,000-node run sometimes asked every node ``query.whoami`` first (1,000 messages) because
+        it asked a few milliseconds too early."""
+        return self.partition_of() if self._ready.wait(timeout) else {}
 
     def states(self) -> dict[int, Any]:
         """Partition id -> that node's ``Context.state`` (a RecordDict; do not change it)."""

@@ -330,3 +330,21 @@ def test_a_resumed_run_stays_in_its_arm_for_fedkd_compare():
     from fedkd.simulations.compare import _arm_overrides
 
     assert _arm_overrides(["seed=1", "resume=outputs/a", "strategy=feddf"]) == ("strategy=feddf",)
+
+
+def test_engine_partitions_wait_for_the_node_stores_registered_just_after_the_nodes():
+    """The ServerApp may see the nodes a moment before the engine registers their stores; the
+    partition map must wait for them instead of coming back empty (a whoami wave to every node)."""
+    import threading
+    from types import SimpleNamespace
+
+    from fedkd.flower_compat import SimulationNodes
+
+    nodes = SimulationNodes()
+    stores = {7: SimpleNamespace(node_config={"partition-id": 3}),
+              9: SimpleNamespace(node_config={"partition-id": 0})}
+    timer = threading.Timer(0.2, nodes._capture, args=(stores, 1))
+    timer.start()
+    assert nodes.known() == {7: 3, 9: 0}  # waited the 0.2 s
+    timer.join()
+    assert SimulationNodes().known(timeout=0.01) == {}  # never registered: empty, no error
