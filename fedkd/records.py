@@ -133,14 +133,20 @@ def soft_targets(record: ArrayRecord, rows: int, num_classes: int) -> np.ndarray
     return probs
 
 
+def relation_topk(rows: int, topk: int) -> int:
+    """The k of a relation over `rows` rows as it travels: `topk` when ``0 < topk < rows - 1``
+    (each row's k largest similarities and their columns), else 0 (all ``rows - 1`` of them)."""
+    return topk if 0 < topk < rows - 1 else 0
+
+
 def reply_relation(reply: Message, rows: int, topk: int = 0) -> np.ndarray:
     """A reply's validated ``knowledge.relation``: float32 [rows, rows - 1] cosine similarities.
     With `topk` the reply holds each row's k largest and their columns (``relation-index``); the
     others are filled with -1, the lowest cosine, which a sharp softmax over the row gives no
     mass."""
     field = f"{KNOWLEDGE}.{RELATION}"
-    width = max(rows - 1, 0)
-    if not topk or topk >= width:
+    width, topk = max(rows - 1, 0), relation_topk(rows, topk)
+    if not topk:
         array = reply_arrays(reply, KNOWLEDGE, RELATION)[RELATION]
         return reply_checks.relation(array, rows, field)
     arrays = reply_arrays(reply, KNOWLEDGE, RELATION, RELATION_INDEX)
@@ -156,12 +162,18 @@ def reply_prototypes(reply: Message, num_classes: int, dim: int,
                      cap: int = MAX_EXAMPLES) -> tuple[np.ndarray, np.ndarray]:
     """A reply's validated ``knowledge.prototypes`` (float32 [C, P], finite, bounded) and
     ``knowledge.prototype-counts`` (int64 [C], summing to at most `cap`)."""
-    arrays = reply_arrays(reply, KNOWLEDGE, PROTOTYPES, PROTOTYPE_COUNTS)
-    protos = reply_checks.logits(arrays[PROTOTYPES], (num_classes, dim),
-                                 f"{KNOWLEDGE}.{PROTOTYPES}")
-    counts = reply_checks.class_counts(arrays[PROTOTYPE_COUNTS], num_classes, cap,
-                                       f"{KNOWLEDGE}.{PROTOTYPE_COUNTS}")
-    return protos, counts
+    return reply_class_table(reply, KNOWLEDGE, PROTOTYPES, PROTOTYPE_COUNTS, dim, num_classes, cap)
+
+
+def reply_class_table(reply: Message, record: str, values: str, counts: str, width: int,
+                      num_classes: int, cap: int = MAX_EXAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """A reply's per-class table ``record.values`` (float32 [C, width], finite, bounded) and its
+    ``record.counts`` (int64 [C], whole numbers summing to at most `cap`): prototypes, FD's class
+    logits."""
+    arrays = reply_arrays(reply, record, values, counts)
+    table = reply_checks.logits(arrays[values], (num_classes, width), f"{record}.{values}")
+    sizes = reply_checks.class_counts(arrays[counts], num_classes, cap, f"{record}.{counts}")
+    return table, sizes
 
 
 def relation_targets(record: ArrayRecord, rows: int) -> np.ndarray | None:

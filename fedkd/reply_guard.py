@@ -38,7 +38,7 @@ from fedkd.protocol import (
     PROTOTYPE_COUNTS, PROTOTYPES, RELATION, RELATION_INDEX,
     METRICS, NODE, NODE_ARCH, NODE_ROLE, NUM_EXAMPLES, PARTITION_ID, QUERY, TRAIN, WHOAMI,
 )
-from fedkd.records import asked_rows
+from fedkd.records import asked_rows, relation_topk
 from fedkd.reply_checks import ReplyError
 from fedkd.settings import ClientSettings
 from fedkd.strategies.checkpointed import Nodes
@@ -184,8 +184,8 @@ class ReplyGuard:
         if train.relation_rows and rows is not None:
             r = min(rows, train.relation_rows)
             shapes[RELATION] = (r, max(r - 1, 0))
-            if 0 < train.relation_topk < r - 1:  # each row's k largest, and their columns
-                shapes[RELATION] = shapes[RELATION_INDEX] = (r, train.relation_topk)
+            if k := relation_topk(r, train.relation_topk):  # each row's k largest, their columns
+                shapes[RELATION] = shapes[RELATION_INDEX] = (r, k)
         if train.prototype_dim:
             shapes[PROTOTYPES], shapes[PROTOTYPE_COUNTS] = (c, train.prototype_dim), (c,)
         return shapes

@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 from fedkd import reply_checks
 from fedkd.protocol import CLASS_COUNTS, CLASS_LOGITS, FD_MESSAGE_TYPE, LOGITS, TARGETS
-from fedkd.records import reply_arrays
+from fedkd.records import reply_class_table
 from fedkd.reply_checks import MAX_EXAMPLES
 from fedkd.settings import ClientSettings
 from fedkd.strategies.base import KDStrategy, parse_replies, teacher_facts
@@ -65,12 +65,8 @@ def reply_class_logits(reply: Message, num_classes: int,
     record, wrong shapes, non-finite or out-of-bound logits, or counts that are not whole
     numbers >= 0 summing to at most `cap`.
     """
-    arrays = reply_arrays(reply, LOGITS, CLASS_LOGITS, CLASS_COUNTS)
-    logits = reply_checks.logits(arrays[CLASS_LOGITS], (num_classes, num_classes),
-                                 f"{LOGITS}.{CLASS_LOGITS}")
-    counts = reply_checks.class_counts(arrays[CLASS_COUNTS], num_classes, cap,
-                                       f"{LOGITS}.{CLASS_COUNTS}")
-    return logits, counts
+    return reply_class_table(reply, LOGITS, CLASS_LOGITS, CLASS_COUNTS, num_classes, num_classes,
+                             cap)
 
 
 class FD(KDStrategy):

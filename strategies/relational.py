@@ -18,10 +18,12 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from fedkd.aggregation import TeacherMeta
-from fedkd.aggregation.propagation import full_rows, propagate
+from fedkd.aggregation.propagation import propagate
+from fedkd.losses.relation_kd import full_relation
 from fedkd.errors import ConfigError, require_number
 from fedkd.protocol import RELATION, TARGETS
 from fedkd.records import reply_relation
@@ -125,7 +127,8 @@ class Relational(KDStrategy):
         record[RELATION_KEY] = Array(relation)
         if self.propagation:
             probs = record[f"{TARGETS}.probs"].numpy()
-            record[f"{TARGETS}.probs"] = Array(propagate(probs, full_rows(relation), self.propagation))
+            neighbours = full_relation(torch.from_numpy(relation)).numpy()
+            record[f"{TARGETS}.probs"] = Array(propagate(probs, neighbours, self.propagation))
         return record
 
     def build_transfer(self, server_round: int, arrays: ArrayRecord,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from fedkd.aggregation.propagation import full_rows, propagate
+from fedkd.aggregation.propagation import propagate
 from fedkd.errors import ConfigError
+from fedkd.losses.relation_kd import full_relation
 
 P = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
 A = np.array([[0.0, 0.75, 0.25], [0.5, 0.0, 0.5], [0.0, 0.0, 0.0]])  # row 2: no mass
@@ -53,8 +55,8 @@ def test_a_relation_larger_than_the_targets_is_refused():
         propagate(P, np.zeros((5, 5)), 0.5)
 
 
-def test_full_rows_inverts_the_wire_layout():
-    full = full_rows(np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+def test_full_relation_inverts_the_wire_layout():
+    full = full_relation(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])).numpy()
     np.testing.assert_array_equal(full, [[0, 1, 2], [3, 0, 4], [5, 6, 0]])
     with pytest.raises(ValueError, match=r"\[N, N - 1\]"):
-        full_rows(np.zeros((3, 3)))
+        full_relation(torch.zeros((3, 3)))

@@ -56,14 +56,3 @@ def propagate(probs: np.ndarray, relation: np.ndarray, weight: float, steps: int
     out[:r] = f / f.sum(axis=1, keepdims=True)
     return out.astype(np.float32)
 
-
-def full_rows(rows: np.ndarray) -> np.ndarray:
-    """The wire layout of a relation, ``[N, N - 1]`` (each row without its diagonal), as
-    ``[N, N]`` with a zero diagonal."""
-    rows = np.asarray(rows)
-    n = len(rows)
-    if rows.shape != (n, max(n - 1, 0)):
-        raise ValueError(f"full_rows: {rows.shape} must be [N, N - 1]")
-    out = np.zeros((n, n), dtype=rows.dtype)
-    out[~np.eye(n, dtype=bool)] = rows.reshape(-1)
-    return out

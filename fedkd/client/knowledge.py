@@ -22,7 +22,7 @@ from fedkd.losses import WeightedSum, class_prototypes, fixed_projection
 from fedkd.losses.relation_kd import full_relation, similarity_rows, top_similarities
 from fedkd.models.build import spec_tap
 from fedkd.protocol import PROTOTYPE_COUNTS, PROTOTYPES, RELATION, RELATION_INDEX
-from fedkd.records import prototype_targets, relation_targets
+from fedkd.records import prototype_targets, relation_targets, relation_topk
 from fedkd.settings import ClientSettings
 
 
@@ -100,8 +100,8 @@ def knowledge_reply(settings: ClientSettings, pid: int, model: nn.Module,
     if train.relation_rows and next_x is not None:
         head = next_x[:train.relation_rows]
         rows = similarity_rows(tap_of(model, tap, head))
-        if 0 < train.relation_topk < rows.shape[1]:  # each row's k nearest, with their columns
-            rows, index = top_similarities(rows, train.relation_topk)
+        if k := relation_topk(len(head), train.relation_topk):  # each row's k nearest, their columns
+            rows, index = top_similarities(rows, k)
             record[RELATION_INDEX] = Array(index.numpy())
         record[RELATION] = Array(rows.numpy())
     if train.prototype_dim:

@@ -38,8 +38,11 @@ def top_similarities(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 
 
 def full_relation(rows: torch.Tensor) -> torch.Tensor:
-    """Inverse layout of `similarity_rows`: ``[N, N - 1]`` -> ``[N, N]`` with a zero diagonal."""
+    """Inverse layout of `similarity_rows` (the wire's): ``[N, N - 1]`` -> ``[N, N]`` with a
+    zero diagonal."""
     n = len(rows)
+    if rows.shape != (n, max(n - 1, 0)):
+        raise ValueError(f"full_relation: {tuple(rows.shape)} must be [N, N - 1]")
     out = rows.new_zeros(n, n)
     out[~torch.eye(n, dtype=torch.bool, device=rows.device)] = rows.reshape(-1)
     return out

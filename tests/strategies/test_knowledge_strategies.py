@@ -198,7 +198,10 @@ def test_the_zoo_mixes_through_the_knowledge_strategies(flower_ids, zoo_run, nam
 
 
 def test_relational_propagation_sends_the_targets_smoothed_along_the_relations(flower_ids, small_run):
-    from fedkd.aggregation.propagation import full_rows, propagate
+    import torch
+
+    from fedkd.aggregation.propagation import propagate
+    from fedkd.losses.relation_kd import full_relation
 
     settings = _settings(small_run, **RELATIONAL)
     soft = []
@@ -214,7 +217,7 @@ def test_relational_propagation_sends_the_targets_smoothed_along_the_relations(f
                    settings, num_rounds=2)
     sent = next(req.content["transfer"] for rnd, req, _ in seen if rnd == 2)
     relation = sent["targets.relation"].numpy()
-    expected = propagate(soft[0], full_rows(relation), 0.5)
+    expected = propagate(soft[0], full_relation(torch.from_numpy(relation)).numpy(), 0.5)
     np.testing.assert_allclose(sent["targets.probs"].numpy(), expected, atol=1e-6)
     assert not np.allclose(expected, soft[0], atol=1e-4)  # the smoothing did something
 
