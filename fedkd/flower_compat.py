@@ -37,7 +37,10 @@ Still private, because Flower 1.42 has no public option for it:
 - `one_pass_dispatch`: the simulation's dispatcher (``add_messages_to_queue`` in
   ``flwr.server.superlink.fleet.vce.vce_api``) asks the LinkState for each node's next message
   with a scan of every stored message per node (N x M per 0.1 s sweep); it is replaced by one
-  pass per sweep that hands out the same messages in the same order.
+  pass per `SWEEP_S` sweep that hands out the same messages in the same order. Within the same
+  block the engine's queues (``vce_api.Queue``) are `PromptQueue`: Flower's worker and reply
+  threads wait on them 1 s at a time between looks at the stop event, which made every
+  simulation's end wait up to 1 s.
 - `replace_crashed_actors`: the simulation's Ray actor pool (``BasicActorPool`` in
   ``flwr.simulation.ray_transport.ray_actor``, used by ``RayBackend.process_message``) puts an
   actor whose process died back into the pool, where every later message sent to it fails at
@@ -63,6 +66,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Queue
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,10 @@ SUPPORTED_FLOWER = "1.42"
 """The Flower minor release whose internals this module patches (any 1.42.x)."""
 PULL_BACKOFF = 0.05
 """First retry of a missing object, seconds (Flower: 1)."""
+SWEEP_S = 0.02
+"""Seconds between two sweeps of the simulation's dispatcher (`one_pass_dispatch`)."""
+STOP_POLL_S = 0.05
+"""Longest wait of the simulation engine's queue reads (`PromptQueue`)."""
 TASK_FIELDS = ("runtime_api_address", "token", "insecure", "root_certificates_path")
 """What `serve_clientapp_task` needs of a SuperExec execution spec."""
 
@@ -540,12 +548,24 @@ def first_undelivered(state: Any, order: dict[int, int]) -> list[Any]:
 
 def _add_messages_to_queue(state: Any, queue: Any, nodes_mapping: dict[int, int],
                            f_stop: Any) -> None:
-    """Drop-in for Flower's ``add_messages_to_queue``: one pass over the store per sweep."""
+    """Drop-in for Flower's ``add_messages_to_queue``: one pass over the store per sweep, every
+    `SWEEP_S` (Flower: 0.1 s, which a pushed wave waited half of on average)."""
     order = {node: i for i, node in enumerate(nodes_mapping)}
     while not f_stop.is_set():
         for msg in first_undelivered(state, order):
             queue.put(msg)
-        f_stop.wait(0.1)
+        f_stop.wait(SWEEP_S)
+
+
+class PromptQueue(Queue):
+    """`queue.Queue` whose timed ``get`` waits at most `STOP_POLL_S` at a time.
+
+    Flower's engine threads (``worker``, ``put_message_into_state``) call ``get(timeout=1.0)``
+    in a loop that looks at the stop event in between; a shorter wait lets them see it sooner.
+    A ``get`` that times out raises ``Empty`` as before: the callers loop."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:  # noqa: D102
+        return super().get(block, timeout if timeout is None else min(timeout, STOP_POLL_S))
 
 
 @contextmanager
@@ -569,8 +589,11 @@ def one_pass_dispatch() -> Iterator[None]:
     if original is None or not hasattr(InMemoryLinkState, "_check_stored_messages"):
         raise _shape_error(f"{VCE_API}.add_messages_to_queue or "
                            "InMemoryLinkState._check_stored_messages")
-    vce_api.add_messages_to_queue = _add_messages_to_queue
+    if getattr(vce_api, "Queue", None) not in (Queue, PromptQueue):
+        raise _shape_error(f"{VCE_API} no longer makes its queues with queue.Queue")
+    queue_class = vce_api.Queue
+    vce_api.add_messages_to_queue, vce_api.Queue = _add_messages_to_queue, PromptQueue
     try:
         yield
     finally:
-        vce_api.add_messages_to_queue = original
+        vce_api.add_messages_to_queue, vce_api.Queue = original, queue_class

@@ -44,6 +44,7 @@ from fedkd.flower_compat import (
 from fedkd.server import PreparedRun, make_server_app
 from fedkd.simulations.engine import (
     EngineDied, EngineWatch, StopGrid, child_processes, engine_message, engine_processes,
+    stop_auxiliary,
 )
 from fedkd.simulations.audit import final_models_saver
 from fedkd.simulations.ray_cluster import (  # init_ray: tests replace it here
@@ -155,6 +156,7 @@ class _Outcome:
         self.server_running = False
         self.server_done = threading.Event()
         self.shipped: Any = None  # on a cluster: the actor shipping the data, kept while it runs
+        self.local_ray = False  # Ray started by this run (not a cluster joined)
 
 
 def guarded_app(inner: ServerApp, stop: StopSignals, outcome: _Outcome,
@@ -178,6 +180,8 @@ def guarded_app(inner: ServerApp, stop: StopSignals, outcome: _Outcome,
             if watch is not None:
                 watch.close()  # Flower shuts Ray down next, on purpose
             outcome.processes = child_processes(outcome.started)  # before Flower stops Ray
+            if outcome.local_ray:  # its helpers are not needed any more
+                stop_auxiliary(outcome.processes)
             outcome.server_running = False
             outcome.server_done.set()
 
@@ -210,6 +214,7 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
         os.environ.setdefault(key, value)
     stop, outcome, watch = active_stop() or StopSignals(), _Outcome(), None
     config = backend_config(sim)
+    outcome.local_ray = cluster_address(config["init_args"]) is None
     starting = RayStart(config["init_args"])  # Ray's processes start while the app is built
     try:
         checkpoints = Checkpointing(run, recorder)  # simulation.checkpoint_every, resume=

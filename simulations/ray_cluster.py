@@ -31,7 +31,21 @@ QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # Ray's per-task event records (its task timeline, ``ray list tasks``, the dashboard's task
+    # view): a simulation sends hundreds of tasks a round, and recording them cost the driver
+    # about 0.5 CPU s in a 35 s run of 1,000 clients. Set it in the environment to have them.
+    "RAY_task_events_report_interval_ms": "0",
 }
+
+LOCAL_ENV = {
+    # Replies up to this size (a client's Context comes back with every reply: its student and
+    # optimizer state, 600 KB for MNIST's MLP) travel inline with the task's answer instead of
+    # through the object store (Ray: 100 KB). At 1,000 clients that cut a 33.7 s run to 29.9 s:
+    # less raylet, driver and worker CPU per message. Only when Ray starts here: a cluster
+    # keeps its own settings.
+    "RAY_max_direct_call_object_size": str(4 * 2**20),
+}
+"""Environment of a Ray started by fedkd (set unless already set)."""
 
 KEY = "simulation.ray_init.address"
 LOCAL = (None, "", "local")
@@ -76,6 +90,8 @@ def init_ray(init_args: dict[str, Any]) -> None:
     env = {"PYTHONPATH": pythonpath, **{k: os.environ[k] for k in QUIET_ENV if k in os.environ}}
     if cluster_address(init_args) is None:  # its processes inherit this environment
         os.environ.update(env)  # no job runtime_env: Ray's prestarted workers stay usable
+        for key, value in LOCAL_ENV.items():
+            os.environ.setdefault(key, value)
         ray.init(**{"include_dashboard": False, **init_args})
         return
     args = connect_args(init_args)

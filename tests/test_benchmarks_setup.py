@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import queue
+import time
+
 import numpy as np
 import pytest
 
@@ -74,7 +77,21 @@ def test_one_pass_dispatch_patches_flowers_engine_within_the_block() -> None:
     original = vce_api.add_messages_to_queue
     with flower_compat.one_pass_dispatch():
         assert vce_api.add_messages_to_queue is flower_compat._add_messages_to_queue
+        assert vce_api.Queue is flower_compat.PromptQueue
     assert vce_api.add_messages_to_queue is original
+    assert vce_api.Queue is queue.Queue
+
+
+def test_the_engine_s_queues_wait_briefly_between_looks_at_the_stop_event() -> None:
+    from fedkd.flower_compat import STOP_POLL_S, PromptQueue
+
+    q = PromptQueue()
+    start = time.monotonic()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=1.0)  # Flower's engine threads wait 1 s at a time
+    assert time.monotonic() - start < 0.5 and STOP_POLL_S <= 0.1
+    q.put("message")
+    assert q.get(timeout=1.0) == "message" and q.empty()
 
 
 def test_flower_own_dispatch_turns_fedkds_dispatcher_off_within_the_block() -> None:

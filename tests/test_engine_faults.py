@@ -26,7 +26,7 @@ from flwr.serverapp import ServerApp
 
 from fedkd.server import compose_config
 from fedkd.simulations import engine, launch
-from fedkd.simulations.run import run
+from fedkd.simulations.run import StopSignals, run
 from tests.conftest import SMALL
 from tests.helpers import FakeGrid
 
@@ -88,6 +88,45 @@ def _run_timed(cfg, out: Path) -> tuple[BaseException, float, dict]:
     with pytest.raises(Exception) as raised:
         run(cfg, out)
     return raised.value, time.monotonic() - start, json.loads((out / "summary.json").read_text())
+
+
+# --- Ray's helpers end with the ServerApp -------------------------------------------------
+def test_ray_s_helpers_are_stopped_at_once_and_nothing_else():
+    from fedkd.simulations.engine import AUXILIARY_SCRIPTS, stop_auxiliary
+
+    sleep = "import sys, time; time.sleep(120)"
+    helpers = [subprocess.Popen([sys.executable, "-c", sleep, f"/x/site-packages/{script}"])
+               for script in AUXILIARY_SCRIPTS]
+    others = [subprocess.Popen([sys.executable, "-c", sleep, arg])
+              for arg in ("/x/site-packages/ray/core/src/ray/raylet/raylet", "ray::IDLE")]
+    try:
+        procs = [psutil.Process(p.pid) for p in helpers + others]
+        stopped = stop_auxiliary(procs)
+        assert sorted(p.pid for p in stopped) == sorted(p.pid for p in helpers)
+        assert all(p.wait(timeout=5) is not None for p in helpers)
+        assert all(p.poll() is None for p in others)
+    finally:
+        for p in helpers + others:
+            p.kill()
+            p.wait()
+
+
+def test_only_the_helpers_of_a_ray_started_here_are_stopped(monkeypatch):
+    stopped = []
+    monkeypatch.setattr(launch, "stop_auxiliary", stopped.append)
+    monkeypatch.setattr(launch, "child_processes", lambda since: ["helper"])
+    inner = ServerApp()
+
+    @inner.main()
+    def main(grid, context):
+        pass
+
+    for local in (True, False):  # False: a cluster joined; its head's helpers are not ours
+        outcome = launch._Outcome()
+        outcome.local_ray = local
+        launch.guarded_app(inner, StopSignals(), outcome)(grid=FakeGrid([1]), context=None)
+        assert outcome.server_done.is_set()
+    assert stopped == [["helper"]]
 
 
 # --- engine death: fast ---------------------------------------------------------------------

@@ -320,3 +320,20 @@ def test_a_two_node_cluster_gives_the_single_node_results(tmp_path):
                              "read through fedkd.data.ship.ensure_cache(settings.data)")
     assert _files(copied) == _files(tmp_path / "driver-cache" / key)
     assert not [p for n in nodes for p in n.tree if p.is_running()]
+
+
+@pytest.mark.parametrize(("address", "inline"), [(None, str(4 * 2**20)), ("10.0.0.1:6379", None)])
+def test_a_ray_started_here_answers_inline_and_a_cluster_keeps_its_settings(
+        monkeypatch, address, inline):
+    import ray
+
+    seen = {}
+    monkeypatch.delenv("RAY_max_direct_call_object_size", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(
+        inline=os.environ.get("RAY_max_direct_call_object_size"), kwargs=kwargs))
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the test's changes stay here
+
+    ray_cluster.init_ray({"address": address} if address else {})
+
+    assert seen["inline"] == inline

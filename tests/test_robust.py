@@ -62,7 +62,22 @@ def test_weiszfeld_is_vectorised_over_samples():
     points = rng.normal(size=(5, 4, 3))
     together = weiszfeld(points)
     alone = np.concatenate([weiszfeld(points[:, i:i + 1]) for i in range(4)])
-    np.testing.assert_allclose(together, alone, atol=1e-9)
+    np.testing.assert_array_equal(together, alone)  # each sample stops on its own
+
+
+def test_weiszfeld_equals_the_textbook_iteration_sample_by_sample():
+    rng = np.random.default_rng(3)
+    points = rng.dirichlet(np.ones(10), size=(30, 50))  # [K, N, D] probabilities
+    weights = rng.uniform(0.5, 2.0, size=30)
+    for n in range(0, 50, 7):
+        x, z = points[:, n], weights @ points[:, n] / weights.sum()
+        for _ in range(100):  # z <- sum_k b_k x_k / sum_k b_k, b_k = w_k / ||x_k - z||
+            b = weights / np.maximum(np.linalg.norm(x - z, axis=1), 1e-12)
+            new = b @ x / b.sum()
+            done, z = np.abs(new - z).max() <= 1e-9, new
+            if done:
+                break
+        np.testing.assert_allclose(weiszfeld(points, weights)[n], z, rtol=0, atol=1e-12)
 
 
 def test_weiszfeld_refuses_bad_weights():

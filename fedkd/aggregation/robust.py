@@ -38,8 +38,10 @@ def weiszfeld(points: np.ndarray, weights: np.ndarray | None = None, *, iters: i
 
     Smoothed Weiszfeld iterations (as in RFA, Pillutla et al. 2022, IEEE TSP), vectorised over
     the N samples: ``z <- sum_k b_k x_k / sum_k b_k`` with ``b_k = w_k / max(eps, ||x_k - z||)``,
-    from the weighted mean, until no sample moves more than `tol` (at most `iters` steps).
-    Fewer than half the total weight cannot move the result arbitrarily far (breakdown 1/2).
+    from the weighted mean. A sample stops once its step moves it no more than `tol` (at most
+    `iters` steps), so each sample's median is the one it would get alone, and the iterations
+    left run on the samples still moving only. Fewer than half the total weight cannot move the
+    result arbitrarily far (breakdown 1/2).
 
     Parameters
     ----------
@@ -55,16 +57,20 @@ def weiszfeld(points: np.ndarray, weights: np.ndarray | None = None, *, iters: i
     w = np.ones(x.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != x.shape[:1] or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights {w.shape} must be [K={x.shape[0]}], finite, >= 0, not all 0")
-    w = w[:, None]
-    z = (w[..., None] * x).sum(axis=0) / w.sum()
+    moving_x = np.ascontiguousarray(x.transpose(1, 0, 2))  # [N, K, D]: a sample's points together
+    z = np.einsum("k,nkd->nd", w, moving_x) / w.sum()
+    active, moving_z = np.arange(len(moving_x)), z
     for _ in range(iters):
-        distance = np.sqrt(((x - z) ** 2).sum(axis=-1))  # [K, N]
-        beta = w / np.maximum(distance, eps)
-        new = (beta[..., None] * x).sum(axis=0) / beta.sum(axis=0)[:, None]
-        moved = float(np.abs(new - z).max())
-        z = new
-        if moved <= tol:
+        diff = moving_x - moving_z[:, None, :]
+        beta = w / np.maximum(np.sqrt(np.einsum("nkd,nkd->nk", diff, diff)), eps)  # [A, K]
+        new = np.einsum("nk,nkd->nd", beta, moving_x) / beta.sum(axis=1)[:, None]
+        moving = np.abs(new - moving_z).max(axis=1) > tol
+        z[active] = new
+        if not moving.all():
+            active, moving_x, new = active[moving], moving_x[moving], new[moving]
+        if not len(active):
             break
+        moving_z = new
     return z
 
 

@@ -16,7 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedkd.client.data import partition_id_of
+from fedkd.client.data import partition_id_of, transfer_inputs
 from fedkd.client.dp_round import distill_plan, open_private, train_plan
 from fedkd.client.fd import fd_round
 from fedkd.client.report import report_mod
@@ -52,8 +52,8 @@ def distill(msg: Message, context: Context) -> Message:
     transfer = msg.content.array_records.get(TRANSFER, ArrayRecord())
     metrics: dict[str, float | int] = {PARTITION_ID: pid, NUM_EXAMPLES: len(data.x)}
 
-    target_x = rows_from(transfer, TARGETS, data.public_x)
-    next_x = rows_from(transfer, NEXT, data.public_x)
+    target_x = transfer_inputs(transfer, TARGETS, data)
+    next_x = transfer_inputs(transfer, NEXT, data)
     first = student.rounds_done == 0
     taught = settings.role_of(pid) == "student"  # teachers are never taught
     rows = next_x if next_x is not None else target_x  # the transfer rows a round digests

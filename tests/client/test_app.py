@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedkd.client import app as client_app
@@ -252,3 +253,35 @@ def test_without_revisit_a_digesting_client_trains_on_private_rows_only_in_the_d
     assert "train-loss" not in second.content["metrics"]
     third = client_app.distill(_msg(no_revisit, 3, transfer_record(next_rows=rows), 1), ctx)
     assert "train-loss" in third.content["metrics"]  # nothing to digest: the revisit runs
+
+
+def test_public_rows_are_gathered_once_per_process_and_left_as_they_were(flower_ids, small_run):
+    from fedkd.client.data import _gathered, client_data, transfer_inputs
+    from fedkd.records import rows_from
+
+    settings, info = small_run.settings, small_run.data
+    data = client_data(_context(0), settings)
+    rows = np.arange(info.num_public)[::-1].copy()
+    record = transfer_record(next_rows=rows)
+    first = transfer_inputs(record, "next", data)
+    assert first is transfer_inputs(transfer_record(next_rows=rows), "next", data)  # gathered once
+    assert torch.equal(first, rows_from(record, "next", data.public_x))
+    assert transfer_inputs(transfer_record(next_rows=rows[:5]), "next", data) is not first
+    other = dataclasses.replace(data, public_digest="another public set")
+    assert transfer_inputs(record, "next", other) is not first  # keyed by the public set too
+    assert len(_gathered) <= 4
+
+    soft = np.full((len(rows), info.num_classes), 0.1, dtype=np.float32)
+    for pid in (0, 1):  # two clients digest and answer on the shared rows
+        client_app.distill(_msg(settings, 2, transfer_record(soft, rows, rows), pid),
+                           _context(pid))
+    assert torch.equal(transfer_inputs(record, "next", data), data.public_x[rows])
+
+
+def test_synthetic_rows_are_not_kept(flower_ids, small_run):
+    from fedkd.client.data import client_data, transfer_inputs
+
+    data = client_data(_context(0), small_run.settings)
+    inputs = np.zeros((3, *small_run.data.input_shape), dtype=np.float32)
+    record = transfer_record(next_rows=inputs)
+    assert transfer_inputs(record, "next", data) is not transfer_inputs(record, "next", data)
