@@ -101,13 +101,15 @@ def check_faults(cfg: DictConfig) -> FaultPlan | None:
 
 def check_wire(simulation: DictConfig) -> None:
     """The round timeout and poll interval every wave on the wire uses (`fedkd.wire.WireGrid`),
-    and the rounds between checkpoints (`fedkd.strategies.checkpointed`)."""
+    the rounds between checkpoints (`fedkd.strategies.checkpointed`) and the messages a
+    ClientApp actor holds at once (`fedkd.simulations.launch.pipeline_depth`)."""
     timeout = require_number("simulation.round_timeout", simulation.round_timeout, 0.0,
                              low_open=True)
     require_number("simulation.poll_interval", simulation.poll_interval, 0.0, timeout,
                    low_open=True)
     require_bool("simulation.verbose", simulation.verbose)
     require_int("simulation.checkpoint_every", simulation.get("checkpoint_every", 0), 0)
+    require_int("simulation.pipeline", simulation.get("pipeline", 1), 1)
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:

@@ -20,6 +20,8 @@ Grid raises `EngineDied` with the engine's message at its next call (within a po
 instead of the ServerApp waiting out the round timeout for replies that can never come. A
 ClientApp worker (Ray actor) whose process dies is replaced
 (`fedkd.flower_compat.replace_crashed_actors`): the message it ran fails, the others go on.
+Each actor holds ``simulation.pipeline`` messages at once (`pipeline_depth`), so that it starts
+the next as soon as one ends.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
+from fedkd.checks import check_faults
 from fedkd.errors import ConfigError, is_number, require_int, require_keys
 from fedkd.flower_compat import (
-    UnsupportedFlowerError, one_pass_dispatch, replace_crashed_actors, require_supported_flower,
+    UnsupportedFlowerError, one_pass_dispatch, pipeline_actors, require_supported_flower,
 )
 from fedkd.server import PreparedRun, make_server_app
 from fedkd.simulations.engine import (
@@ -159,6 +162,19 @@ class _Outcome:
         self.local_ray = False  # Ray started by this run (not a cluster joined)
 
 
+def pipeline_depth(cfg: Any) -> int:
+    """Messages each ClientApp actor holds at once: ``simulation.pipeline``, but 1 when the run
+    injects hanging or dropped-out clients (``faults.hang``, ``faults.dropout``): a message
+    queued behind one that sleeps past the round would miss the round with it."""
+    depth = int(cfg.simulation.get("pipeline", 1))
+    plan = check_faults(cfg)
+    if depth > 1 and plan is not None and (plan.clients.get("hang") or plan.clients.get("dropout")):
+        log.info("faults make clients hang or drop out: ClientApp workers take one message at "
+                 "a time (simulation.pipeline=%d ignored)", depth)
+        return 1
+    return depth
+
+
 def guarded_app(inner: ServerApp, stop: StopSignals, outcome: _Outcome,
                 watch: EngineWatch | None = None) -> ServerApp:
     """`inner` on a `StopGrid`: a stop ends it quietly, an error is kept for the caller."""
@@ -242,9 +258,10 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
             starting.join()
             outcome.shipped = attach(run, config)  # a cluster: resources checked, data shipped
             try:
-                replace_crashed_actors()
+                pipeline_actors(pipeline_depth(run.cfg))  # crashed actors replaced, too
             except UnsupportedFlowerError as err:
-                log.warning("%s: a crashed ClientApp worker stays in Flower's pool", err)
+                log.warning("%s: a crashed ClientApp worker stays in Flower's pool, and each "
+                            "takes one message at a time", err)
             if stop.installed:
                 stop.install()  # over the SIGTERM handler ray.init installed
             stop.check()

@@ -24,6 +24,7 @@ import pytest
 import ray
 from flwr.serverapp import ServerApp
 
+from fedkd.errors import ConfigError
 from fedkd.server import compose_config
 from fedkd.simulations import engine, launch
 from fedkd.simulations.run import StopSignals, run
@@ -57,7 +58,7 @@ def sleeper(monkeypatch):
 def no_ray(monkeypatch, flower_ids):
     """`launch.simulate` without Ray: nothing started, nothing shut down (messages need ids)."""
     monkeypatch.setattr(launch, "init_ray", lambda _: None)
-    monkeypatch.setattr(launch, "replace_crashed_actors", lambda: None)
+    monkeypatch.setattr(launch, "pipeline_actors", lambda depth: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
 
 
@@ -337,6 +338,124 @@ def test_an_application_error_keeps_its_actor(backend, monkeypatch):
         _process(backend.engine)
 
     assert [a.name for a in backend.pool.pool] == ["ok"] and backend.killed == []
+
+
+# --- ClientApp actors that hold two messages (simulation.pipeline) ---------------------------
+class QueueActor:
+    """A fake actor handle whose ``run.remote`` returns a new future ``(name, n)`` each call;
+    `terminated` counts ``terminate.remote`` calls."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.calls, self.terminated = name, 0, 0
+
+        def remote(*args):
+            self.calls += 1
+            return (self.name, self.calls, args[2])  # args: app_fn, message, cid, context
+
+        def terminate():
+            self.terminated += 1
+
+        self.run = SimpleNamespace(remote=remote)
+        self.terminate = SimpleNamespace(remote=terminate)
+
+
+@pytest.fixture
+def slots(monkeypatch):
+    """Flower's RayBackend and pool with two slots per actor, on `QueueActor`s: a future of an
+    actor named in `dead` raises ActorDiedError; `killed` lists what `ray.kill` got."""
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    from fedkd.flower_compat import pipeline_actors
+
+    for name in ("fetch_result_and_return_actor_to_pool", "add_actor_back_to_pool",
+                 "add_actors_to_pool", "submit", "terminate_all_actors"):
+        monkeypatch.setattr(BasicActorPool, name, getattr(BasicActorPool, name))  # undone after
+    monkeypatch.setattr(BasicActorPool, "fedkd_depth", 1, raising=False)
+    pipeline_actors(2)
+    dead: set[str] = set()
+
+    def get(future):
+        if future[0] in dead:
+            raise ray.exceptions.ActorDiedError()
+        return "cid", f"reply to {future[2]} from {future[0]}", "context"
+
+    killed: list[str] = []
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart: killed.append(actor.name))
+    names = iter(["a", "b", "fresh", "fresh2"])
+    pool = BasicActorPool.__new__(BasicActorPool)
+    pool.pool, pool.num_actors, pool._future_to_actor = [], 0, {}
+    pool.create_actor_fn = lambda: QueueActor(next(names))
+    pool.add_actors_to_pool(2)
+    engine = RayBackend.__new__(RayBackend)
+    engine.pool, engine.app_fn = pool, lambda: None
+    return SimpleNamespace(engine=engine, pool=pool, killed=killed, dead=dead)
+
+
+def _message(engine, cid):
+    return engine.process_message(None, SimpleNamespace(node_config={"partition-id": cid}))
+
+
+def test_each_actor_has_two_slots_and_flower_a_worker_per_slot(slots):
+    assert [a.name for a in slots.pool.pool] == ["a", "b", "a", "b"]
+    assert slots.pool.num_actors == 4 and slots.engine.num_workers == 4
+    futures = [slots.pool.submit(lambda a, *job: a.run.remote(*job), (None, None, c, None))
+               for c in range(4)]
+    assert [f[0] for f in futures] == ["b", "a", "b", "a"]  # both actors first, then queued
+    assert slots.pool.pool == []
+    assert [slots.pool.fetch_result_and_return_actor_to_pool(f)[0] for f in futures] == [
+        "reply to 0 from b", "reply to 1 from a", "reply to 2 from b", "reply to 3 from a"]
+    assert sorted(a.name for a in slots.pool.pool) == ["a", "a", "b", "b"]
+    slots.pool.terminate_all_actors()
+    assert sorted(a.terminated for a in {id(a): a for a in slots.pool.pool}.values()) == [1, 1]
+
+
+def test_a_crash_fails_the_message_that_ran_and_reruns_the_one_queued_behind(slots):
+    run = lambda a, *job: a.run.remote(*job)  # noqa: E731
+    first = slots.pool.submit(run, (None, None, "ran", None))    # to b
+    other = slots.pool.submit(run, (None, None, "other", None))  # to a
+    queued = slots.pool.submit(run, (None, None, "queued", None))  # to b, behind "ran"
+    slots.dead.add("b")
+
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        slots.pool.fetch_result_and_return_actor_to_pool(first)
+    slots.pool.add_actor_back_to_pool(first)  # as Flower's process_message does on an error
+    assert slots.killed == ["b"]
+    assert slots.pool.fetch_result_and_return_actor_to_pool(queued)[0] == "reply to queued from fresh"
+    assert slots.pool.fetch_result_and_return_actor_to_pool(other)[0] == "reply to other from a"
+    assert sorted(a.name for a in slots.pool.pool) == ["a", "a", "fresh", "fresh"]  # b's: fresh's
+    assert not any(slots.pool.fedkd_lines.values()) and slots.pool.fedkd_jobs == {}
+
+
+def test_a_queued_message_that_crashes_the_fresh_actor_too_fails(slots):
+    run = lambda a, *job: a.run.remote(*job)  # noqa: E731
+    first = slots.pool.submit(run, (None, None, "ran", None))
+    slots.pool.submit(run, (None, None, "other", None))
+    queued = slots.pool.submit(run, (None, None, "queued", None))
+    slots.dead.update({"b", "fresh"})
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        slots.pool.fetch_result_and_return_actor_to_pool(queued)  # its turn comes first here
+    assert slots.killed == ["b", "fresh"]
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        slots.pool.fetch_result_and_return_actor_to_pool(first)
+    assert slots.killed == ["b", "fresh"]  # b is replaced once
+
+
+def test_pipeline_depth_is_one_with_hanging_or_dropped_out_clients(small_run):
+    base = [*SMALL, f"simulation.cache_dir={small_run.cfg.simulation.cache_dir}"]
+    assert launch.pipeline_depth(compose_config(base)) == 2
+    assert launch.pipeline_depth(compose_config([*base, "simulation.pipeline=3"])) == 3
+    for kind in ("hang", "dropout"):
+        assert launch.pipeline_depth(compose_config([*base, f"faults={kind}"])) == 1
+    assert launch.pipeline_depth(compose_config([*base, "faults=crash"])) == 2
+
+
+def test_a_pipeline_below_one_is_refused(small_run):
+    from fedkd.checks import check_wire
+
+    with pytest.raises(ConfigError, match="simulation.pipeline"):
+        check_wire(compose_config([*SMALL, "simulation.pipeline=0"]).simulation)
 
 
 # --- a crashed ClientApp worker: a real simulation -----------------------------------------
