@@ -526,8 +526,9 @@ def test_a_multirun_goes_on_past_failed_arms_and_exits_1_naming_them(tmp_path, m
 
 @pytest.mark.slow  # a fedkd-sim process with four arms (no Ray): about a minute on two cores
 def test_fedkd_sim_multirun_goes_on_past_failed_arms(tmp_path, small_run):
-    """Four arms of the pooled baseline: two config errors, a valid arm, a runner that raises.
-    The valid arm runs; each failure is in its own folder; the process exits 1 naming them."""
+    """Four arms of the pooled baseline: two config errors, a valid arm, a runner refused for an
+    option it does not take. The valid arm runs; each failure is in its own folder; the process
+    exits 1 naming them."""
     sweep = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "RAY_"))}
     env.update(FEDKD_CACHE_DIR=str(small_run.cfg.simulation.cache_dir), OMP_NUM_THREADS="1",
@@ -545,9 +546,10 @@ def test_fedkd_sim_multirun_goes_on_past_failed_arms(tmp_path, small_run):
     summaries = _summaries(sweep)
     assert {name: s["status"] for name, s in summaries.items()} == {
         "arm0": "failed", "arm1": "failed", "arm2": "ok", "arm3": "failed"}
-    assert summaries["arm0"]["error"].startswith(
-        "configuration error: num_clients and num_rounds must be >= 1")
-    assert summaries["arm3"]["error"].startswith("TypeError: len()")
+    assert summaries["arm0"]["error"] == "configuration error: num_clients=0: must be an int >= 1"
+    assert summaries["arm3"]["error"] == (  # refused before it runs, as any runner option is
+        "configuration error: strategy.runner.epochs_per_round=1: is not an option of "
+        "builtins.len; options: []")
     assert summaries["arm2"]["final_mean_accuracy"] > 0.5
     [last] = [line for line in output.splitlines() if "arm(s) of the multirun failed" in line]
     assert last.split("failed (summary.json in each): ")[1].split(", ") == [

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkd.client.app import app as client_app
@@ -78,6 +79,9 @@ def in_process(engine: Engine, kill_at: tuple[int, int] | None = None):
             TaskIdentity.node_id = msg.metadata.dst_node_id
             try:
                 return client_app(message=msg, context=engine.contexts[msg.metadata.dst_node_id])
+            except Exception as err:  # noqa: BLE001 - Flower's engine answers with an error reply
+                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                     reason=f"{type(err)}:<'{err}'>"), reply_to=msg)
             finally:
                 TaskIdentity.node_id = 1
 
