@@ -158,3 +158,21 @@ def test_a_wrong_direction_is_caught(tmp_path):
     names = imports("fedkd.client.x", path, {"fedkd.simulations.run"})
     assert "fedkd.simulations.run" in names
     assert layer_of("fedkd.simulations.run") not in ALLOWED[layer_of("fedkd.client.x")]
+
+
+def test_every_package_is_in_the_wheel():
+    """A package missing from pyproject's list works in the checkout and is absent from the
+    installed wheel (`.ci/run` installs the wheel)."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    dirs = {"fedkd": ROOT / "fedkd", **{name: ROOT / path
+                                       for name, path in config["package-dir"].items()}}
+    found = set()
+    for name, folder in dirs.items():
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            if "__pycache__" not in parts and not any(p.startswith(".") for p in parts):
+                found.add(".".join([name, *parts]))
+    assert found - listed == set()
