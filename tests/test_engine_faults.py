@@ -442,6 +442,41 @@ def test_a_queued_message_that_crashes_the_fresh_actor_too_fails(slots):
     assert slots.killed == ["b", "fresh"]  # b is replaced once
 
 
+def test_the_threads_of_a_dead_actor_s_messages_share_one_replacement(slots, monkeypatch):
+    """Flower fetches each message in its own thread: both failures of a dead actor must get the
+    same fresh actor (a second one would wait forever for a CPU)."""
+    run = lambda a, *job: a.run.remote(*job)  # noqa: E731
+    first = slots.pool.submit(run, (None, None, "ran", None))
+    slots.pool.submit(run, (None, None, "other", None))
+    queued = slots.pool.submit(run, (None, None, "queued", None))
+    slots.dead.add("b")
+    create = slots.pool.create_actor_fn
+    created = []
+
+    def slow_create():  # the window in which a second thread would create a second actor
+        time.sleep(0.2)
+        created.append(create())
+        return created[-1]
+
+    slots.pool.create_actor_fn = slow_create
+    results = {}
+
+    def fetch(name, future):
+        try:
+            results[name] = slots.pool.fetch_result_and_return_actor_to_pool(future)[0]
+        except ray.exceptions.ActorDiedError:
+            results[name] = "error"
+
+    threads = [threading.Thread(target=fetch, args=item)
+               for item in (("ran", first), ("queued", queued))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert [a.name for a in created] == ["fresh"]
+    assert results == {"ran": "error", "queued": "reply to queued from fresh"}
+
+
 def test_pipeline_depth_is_one_with_hanging_or_dropped_out_clients(small_run):
     base = [*SMALL, f"simulation.cache_dir={small_run.cfg.simulation.cache_dir}"]
     assert launch.pipeline_depth(compose_config(base)) == 2

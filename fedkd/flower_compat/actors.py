@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from typing import Any
 
 from fedkd.flower_compat.gate import _shape_error, require_supported_flower
@@ -142,9 +143,19 @@ def _waited_behind(pool: Any, actor: Any, future: Any) -> bool:
     return future in died_with and died_with[0] is not future
 
 
+_REPLACING = threading.Lock()
+"""Held while a dead actor is replaced: the threads of its failed messages see one replacement
+(two would wait for one CPU, the second forever)."""
+
+
 def _replace_dead(pool: Any, dead: Any, err: BaseException) -> Any:
     """The fresh actor that replaces `dead` (created at its first failure; its idle slots swapped),
     with the futures that were in flight on it then."""
+    with _REPLACING:
+        return _replace_dead_once(pool, dead, err)
+
+
+def _replace_dead_once(pool: Any, dead: Any, err: BaseException) -> Any:
     import ray
 
     replaced = pool.__dict__.setdefault("fedkd_replaced", {})
