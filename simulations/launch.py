@@ -39,8 +39,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
-from fedkd.checks import check_faults
 from fedkd.errors import ConfigError, is_number, require_int, require_keys
+from fedkd.faults import FaultPlan
 from fedkd.flower_compat import (
     UnsupportedFlowerError, one_pass_dispatch, pipeline_actors, require_supported_flower,
 )
@@ -162,12 +162,11 @@ class _Outcome:
         self.local_ray = False  # Ray started by this run (not a cluster joined)
 
 
-def pipeline_depth(cfg: Any) -> int:
-    """Messages each ClientApp actor holds at once: ``simulation.pipeline``, but 1 when the run
-    injects hanging or dropped-out clients (``faults.hang``, ``faults.dropout``): a message
-    queued behind one that sleeps past the round would miss the round with it."""
+def pipeline_depth(cfg: Any, plan: FaultPlan | None) -> int:
+    """Messages each ClientApp actor holds at once: ``simulation.pipeline``, but 1 when the run's
+    fault `plan` has hanging or dropped-out clients (``faults.hang``, ``faults.dropout``): a
+    message queued behind one that sleeps past the round would miss the round with it."""
     depth = int(cfg.simulation.get("pipeline", 1))
-    plan = check_faults(cfg)
     if depth > 1 and plan is not None and (plan.clients.get("hang") or plan.clients.get("dropout")):
         log.info("faults make clients hang or drop out: ClientApp workers take one message at "
                  "a time (simulation.pipeline=%d ignored)", depth)
@@ -253,12 +252,13 @@ def simulate(run: PreparedRun, recorder: Recorder) -> None:
             from fedkd.client.app import app as client_app
             from fedkd.simulations.faults import fault_plan, with_faults
 
-            client_app = with_faults(client_app, fault_plan(run.cfg))  # conf/faults (none: as is)
+            plan = fault_plan(run.cfg)
+            client_app = with_faults(client_app, plan)  # conf/faults (none: as is)
 
             starting.join()
             outcome.shipped = attach(run, config)  # a cluster: resources checked, data shipped
             try:
-                pipeline_actors(pipeline_depth(run.cfg))  # crashed actors replaced, too
+                pipeline_actors(pipeline_depth(run.cfg, plan))  # crashed actors replaced, too
             except UnsupportedFlowerError as err:
                 log.warning("%s: a crashed ClientApp worker stays in Flower's pool, and each "
                             "takes one message at a time", err)

@@ -478,12 +478,18 @@ def test_the_threads_of_a_dead_actor_s_messages_share_one_replacement(slots, mon
 
 
 def test_pipeline_depth_is_one_with_hanging_or_dropped_out_clients(small_run):
-    base = [*SMALL, f"simulation.cache_dir={small_run.cfg.simulation.cache_dir}"]
-    assert launch.pipeline_depth(compose_config(base)) == 2
-    assert launch.pipeline_depth(compose_config([*base, "simulation.pipeline=3"])) == 3
+    from fedkd.simulations.faults import fault_plan
+
+    def depth(*overrides: str) -> int:
+        cfg = compose_config([*SMALL, f"simulation.cache_dir={small_run.cfg.simulation.cache_dir}",
+                              *overrides])
+        return launch.pipeline_depth(cfg, fault_plan(cfg))
+
+    assert depth() == 2
+    assert depth("simulation.pipeline=3") == 3
     for kind in ("hang", "dropout"):
-        assert launch.pipeline_depth(compose_config([*base, f"faults={kind}"])) == 1
-    assert launch.pipeline_depth(compose_config([*base, "faults=crash"])) == 2
+        assert depth(f"faults={kind}") == 1
+    assert depth("faults=crash") == 2
 
 
 def test_a_pipeline_below_one_is_refused(small_run):

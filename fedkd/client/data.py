@@ -15,7 +15,6 @@ the process gathers them once, not once per client and message.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -97,9 +96,9 @@ def client_data(context: Context, settings: ClientSettings) -> ClientData:
         test_x, test_y = _test(cache_dir)
         data = ClientData(x=x, y=y, public_x=public_x, test_x=test_x, test_y=test_y,
                           own_test=_own_test(cache_dir, node.partition_id),
-                          public_digest=digest), digest
-    check_public(data[1], str(settings.data["public_fingerprint"]))
-    return data[0]
+                          public_digest=digest)
+    check_public(data.public_digest, str(settings.data["public_fingerprint"]))
+    return data
 
 
 def transfer_inputs(record: ArrayRecord, prefix: str, data: ClientData) -> torch.Tensor | None:
@@ -135,14 +134,13 @@ def check_public(digest: str, expected: str) -> None:
         )
 
 
-def _node_data(node: NodeConfig, settings: ClientSettings) -> tuple[ClientData, str]:
+def _node_data(node: NodeConfig, settings: ClientSettings) -> ClientData:
     from fedkd.client.node_data import load_node_arrays
 
     arrays = load_node_arrays(node, settings.data)
-    data = ClientData(
+    return ClientData(
         x=torch.from_numpy(arrays.x), y=torch.from_numpy(arrays.y),
         public_x=torch.from_numpy(np.ascontiguousarray(arrays.public_x)),
         test_x=torch.from_numpy(arrays.test_x), test_y=torch.from_numpy(arrays.test_y),
+        public_digest=fingerprint(arrays.public_x),
     )
-    digest = fingerprint(arrays.public_x)
-    return dataclasses.replace(data, public_digest=digest), digest

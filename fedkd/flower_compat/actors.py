@@ -151,21 +151,17 @@ _REPLACING = threading.Lock()
 def _replace_dead(pool: Any, dead: Any, err: BaseException) -> Any:
     """The fresh actor that replaces `dead` (created at its first failure; its idle slots swapped),
     with the futures that were in flight on it then."""
-    with _REPLACING:
-        return _replace_dead_once(pool, dead, err)
-
-
-def _replace_dead_once(pool: Any, dead: Any, err: BaseException) -> Any:
     import ray
 
-    replaced = pool.__dict__.setdefault("fedkd_replaced", {})
-    if id(dead) in replaced:
-        return replaced[id(dead)][1]
-    fresh = pool.create_actor_fn()
-    replaced[id(dead)] = (dead, fresh)  # `dead` is kept: its id stays its own
-    pool.__dict__.setdefault("fedkd_died_with", {})[id(dead)] = list(
-        _lines(pool).get(id(dead), []))
-    pool.pool[:] = [fresh if actor is dead else actor for actor in pool.pool]
+    with _REPLACING:
+        replaced = pool.__dict__.setdefault("fedkd_replaced", {})
+        if id(dead) in replaced:
+            return replaced[id(dead)][1]
+        fresh = pool.create_actor_fn()
+        replaced[id(dead)] = (dead, fresh)  # `dead` is kept: its id stays its own
+        pool.__dict__.setdefault("fedkd_died_with", {})[id(dead)] = list(
+            _lines(pool).get(id(dead), []))
+        pool.pool[:] = [fresh if actor is dead else actor for actor in pool.pool]
     try:
         ray.kill(dead, no_restart=True)  # gone already, or unreachable: make sure
     except Exception:  # noqa: BLE001 - a dead actor may refuse even this
@@ -181,16 +177,14 @@ def _run_again(pool: Any, future: Any, fresh: Any, job: tuple) -> Any:
 
     actor_fn, args = job
     again = actor_fn(fresh, *args)
-    line = _lines(pool).setdefault(id(fresh), [])
-    line.append(again)
+    _lines(pool).setdefault(id(fresh), []).append(again)
     try:
         _, message, context = ray.get(again)
     except ray.exceptions.RayActorError as err:  # it crashed the fresh actor too
         pool._future_to_actor[future] = _replace_dead(pool, fresh, err)
         raise
     finally:
-        if again in line:
-            line.remove(again)
+        _settle(pool, fresh, again)
     pool.add_actor_back_to_pool(future)
     return message, context
 
